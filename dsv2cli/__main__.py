@@ -1,0 +1,3 @@
+from dsv2cli.cli.main import main
+
+main()

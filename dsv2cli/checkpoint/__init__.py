@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the HF key table, file checks, loading (and later download and conversion)."""

@@ -1,0 +1,177 @@
+"""Finding and checking the weight files of a HF-layout checkpoint, without loading any weights.
+
+Every problem found (missing shard, truncated or corrupt file, index pointing outside
+the directory, pickled weights, missing / unexpected / wrongly shaped tensors) is
+collected and reported in one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsv2cli.checkpoint.hf_keys import IGNORABLE, hf_tensor_shapes
+from dsv2cli.config import ModelConfig
+from dsv2cli.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class CheckpointFiles:
+    """The tensors of a checkpoint: name -> where it is, with its dtype and shape."""
+
+    directory: Path
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that every tensor's bytes lie inside the file.
+
+    Raises ``ValueError`` with a short reason for a corrupt or truncated file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"header claims {header_len} bytes but the file has {size}: corrupt or truncated")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"header is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    data_size = size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"header entry for '{name}' is malformed") from exc
+        if dtype not in DTYPE_SIZES:
+            raise ValueError(f"tensor '{name}' has unsupported dtype {dtype}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
+            raise ValueError(f"tensor '{name}' has data offsets that do not match its shape")
+        if end > data_size:
+            raise ValueError(f"file is truncated: tensor '{name}' ends at byte {end} of {data_size} data bytes")
+        tensors[name] = TensorInfo(path, dtype, shape)
+    return tensors
+
+
+def _inside(directory: Path, relative: str) -> Path | None:
+    """The file ``relative`` inside ``directory``, or None when it would point elsewhere."""
+    if Path(relative).is_absolute():
+        return None
+    candidate = (directory / relative).resolve()
+    root = directory.resolve()
+    if candidate != root and root in candidate.parents:
+        return candidate
+    return None
+
+
+def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files to read, and the index's weight map if there is one."""
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            problems.append(f"{INDEX_NAME}: not a valid shard index (needs a 'weight_map' object)")
+            return [], None
+        shards: list[Path] = []
+        for relative in sorted(set(weight_map.values())):
+            shard = _inside(directory, str(relative))
+            if shard is None:
+                problems.append(f"{INDEX_NAME}: names '{relative}', which is outside the checkpoint directory")
+            elif not shard.is_file():
+                problems.append(f"missing shard '{relative}' (named by {INDEX_NAME})")
+            else:
+                shards.append(shard)
+        return shards, {k: str(v) for k, v in weight_map.items()}
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            problems.append(
+                f"weights only in pickle form ({', '.join(pickled)}); dsv2 never unpickles weights"
+            )
+        else:
+            problems.append("no safetensors weights (model.safetensors or a shard index) in the directory")
+    return shards, None
+
+
+def inspect_checkpoint(directory: str | Path, config: ModelConfig) -> CheckpointFiles:
+    """Check a HF-layout checkpoint against its config; raise one error listing every problem."""
+    directory = Path(directory)
+    problems: list[str] = []
+    shards, weight_map = _shard_list(directory, problems)
+    found = CheckpointFiles(directory)
+    for shard in shards:
+        try:
+            tensors = read_safetensors_header(shard)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{shard.name}: {exc}")
+            continue
+        for name, info in tensors.items():
+            if weight_map is not None and name in weight_map and _inside(directory, weight_map[name]) != shard.resolve():
+                continue  # the index assigns this tensor to another shard
+            found.tensors[name] = info
+    if weight_map is not None:
+        for name, relative in weight_map.items():
+            shard = _inside(directory, relative)
+            if shard is not None and shard.is_file() and name not in found.tensors and shard in shards:
+                problems.append(f"{relative}: has no tensor '{name}' although {INDEX_NAME} says so")
+    if shards:
+        _check_tensors(found, config, problems)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise CheckpointError(
+            f"checkpoint {directory} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n{lines}",
+            hint="re-download the files that are named, or check that config.json belongs to these weights",
+        )
+    return found
+
+
+def _check_tensors(found: CheckpointFiles, config: ModelConfig, problems: list[str]) -> None:
+    expected = hf_tensor_shapes(config)
+    missing = [name for name in expected if name not in found.tensors]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        problems.append(f"missing tensor{'s' if len(missing) > 1 else ''}: {shown}")
+    for name, info in found.tensors.items():
+        if name not in expected:
+            if not IGNORABLE.match(name):
+                problems.append(f"{info.file.name}: unexpected tensor '{name}' (not part of this config)")
+        elif info.shape != expected[name]:
+            problems.append(f"{info.file.name}: tensor '{name}' has shape {list(info.shape)}, config needs {list(expected[name])}")
+        elif info.dtype not in FLOAT_DTYPES:
+            problems.append(f"{info.file.name}: tensor '{name}' has dtype {info.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")

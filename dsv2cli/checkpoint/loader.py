@@ -1,0 +1,103 @@
+"""Load a HF-layout checkpoint into :class:`DeepseekV2` without allocating random weights first.
+
+The model is built on the meta device; tensors are read from memory-mapped safetensors
+files, per-expert tensors are packed into the stacked layout, and everything is assigned
+with ``load_state_dict(assign=True)``. Pickled weights are never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
+from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes
+from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.errors import CheckpointError, InputError
+from dsv2cli.model import DeepseekV2
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Router weights stay in float32 whatever the model dtype (the reference keeps gate.weight in fp32).
+_FP32_SUFFIX = ".mlp.gate.weight"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype '{name}'", hint=f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_empty(config: ModelConfig) -> DeepseekV2:
+    """The model with every parameter on the meta device (rotary tables are real)."""
+    with torch.device("meta"):
+        return DeepseekV2(config)
+
+
+def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name.endswith(_FP32_SUFFIX) else dtype
+
+
+def read_hf_state_dict(
+    files: CheckpointFiles,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """dsv2-named state dict from HF files: experts stacked, dtypes converted."""
+    shapes = native_shapes(config)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, info in files.tensors.items():
+        if not IGNORABLE.match(name):
+            by_file.setdefault(info.file, []).append(name)
+    intermediate = config.moe_intermediate_size
+    for path, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    expert = expert_slice(name)
+                    if expert is None:
+                        target = native_name(name)
+                        state[target] = tensor.to(device=device, dtype=_target_dtype(target, dtype))
+                    else:
+                        stacked = state.get(expert.native_name)
+                        if stacked is None:
+                            stacked = torch.empty(shapes[expert.native_name], dtype=dtype, device=device)
+                            state[expert.native_name] = stacked
+                        rows = {"gate": slice(0, intermediate), "up": slice(intermediate, 2 * intermediate), "down": slice(None)}
+                        stacked[expert.expert, rows[expert.part]] = tensor
+                    if on_tensor is not None:
+                        on_tensor(name)
+        except (OSError, RuntimeError) as exc:  # safetensors raises SafetensorError (a RuntimeError subclass) on bad bytes
+            raise CheckpointError(f"could not read {path.name}: {exc}", hint="the file may be corrupt; re-download it") from exc
+    return state
+
+
+def load_hf_checkpoint(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> DeepseekV2:
+    """Build a model from a HF-layout directory (one ``model.safetensors`` or an index with shards)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config = config or load_config(directory)
+    files = inspect_checkpoint(directory, config)
+    state = read_hf_state_dict(files, config, dtype, device, on_tensor)
+    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model = build_empty(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to(device)
+    return model.eval()

@@ -1,0 +1,156 @@
+"""Multi-head Latent Attention (spec §3), naive and absorbed.
+
+Shape legend: B batch, S new tokens, T attended slots (cached + new), H heads,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, D hidden size.
+
+* naive: expand every attended latent into per-head K ``[N | R]`` and V, then attend.
+* absorbed: fold W_UK into the query (``q~ = W_UK^T q_nope``, C wide) and attend over
+  ``[c_KV | k_pe]`` directly (one shared "head" of C + R); apply W_UV after attention.
+  Nothing per head is ever built for the cached tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dsv2cli.config import ModelConfig
+from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.norm import RMSNorm
+from dsv2cli.model.rope import apply_rope
+
+ATTENTION_IMPLS = ("absorbed", "naive")
+
+# Upper bound on the float32 score elements materialised at once (queries are chunked above it).
+_SCORE_BUDGET = 1 << 25
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        d, h, qk = config.hidden_size, config.num_attention_heads, config.qk_head_dim
+        self.q_lora_rank = config.q_lora_rank
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, S, D]`` -> q ``[B, S, H, N + R]``."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.num_heads, -1))
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK ``[H, N, C]`` and W_UV ``[H, V, C]`` as views of ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: LatentKVCache | None = None,
+        impl: str = "absorbed",
+    ) -> torch.Tensor:
+        """x ``[B, S, D]``; cos/sin ``[B, S, R/2]``; mask ``[B, S, T]`` bool or None (causal). Returns ``[B, S, D]``."""
+        batch, seq, _ = x.shape
+        q = self._query(x)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)  # [B, S, H, R]
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        entries = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [B, S, C + R]
+        kv = entries if cache is None else cache.write(self.layer_idx, entries)  # [B, T, C + R]
+        if impl == "absorbed":
+            out = self._absorbed(q_nope, q_pe, kv, mask)
+        elif impl == "naive":
+            out = self._naive(q_nope, q_pe, kv, mask)
+        else:
+            raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        w_uk, w_uv = self._kv_b_weights()
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+        query = torch.cat((q_latent, q_pe), dim=-1)  # [B, S, H, C + R]
+        latent = kv[..., : self.kv_lora_rank]  # [B, T, C]
+        out_latent = _attend_shared(query, kv, latent, mask, self.softmax_scale)  # [B, S, H, C]
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        expanded = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))  # [B, T, H, N + V]
+        k_nope, value = expanded.split([self.nope_dim, self.v_dim], dim=-1)
+        key = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [B, T, H, N + R]
+        query = torch.cat((q_nope, q_pe), dim=-1)  # [B, S, H, N + R]
+        return _attend_per_head(query, key, value, mask, self.softmax_scale)
+
+
+def _chunks(batch: int, seq: int, heads: int, keys: int) -> int:
+    """Queries per chunk so that one chunk's scores stay under the budget."""
+    return max(1, min(seq, _SCORE_BUDGET // max(1, batch * heads * keys)))
+
+
+def _causal_or(mask: torch.Tensor | None, seq: int, keys: int, device: torch.device) -> torch.Tensor | None:
+    """The explicit mask, or a causal one aligned to the last query when several queries are new."""
+    if mask is not None or seq == 1:
+        return mask
+    query = torch.arange(keys - seq, keys, device=device)[:, None]
+    return (torch.arange(keys, device=device)[None, :] <= query)[None]
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last dim in float32, cast back to the activation dtype (spec §3.7)."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+
+
+def _attend_shared(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MQA with one key/value shared by all heads.
+
+    query ``[B, S, H, C + R]``, keys ``[B, T, C + R]``, values ``[B, T, C]``, mask ``[B, S, T]`` -> ``[B, S, H, C]``.
+    """
+    batch, seq, heads, _ = query.shape
+    total = keys.shape[1]
+    mask = _causal_or(mask, seq, total, query.device)
+    step = _chunks(batch, seq, heads, total)
+    keys_t = keys.transpose(1, 2)  # [B, C + R, T]
+    outputs = []
+    for start in range(0, seq, step):
+        q = query[:, start : start + step]
+        s = q.shape[1]
+        scores = torch.matmul(q.reshape(batch, s * heads, -1), keys_t).view(batch, s, heads, total) * scale
+        m = None if mask is None else mask[:, start : start + step, None, :]  # [B, s, 1, T]
+        probs = _softmax(scores, m, query.dtype)  # [B, s, H, T]
+        outputs.append(torch.matmul(probs.view(batch, s * heads, total), values).view(batch, s, heads, -1))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _attend_per_head(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Standard attention. query ``[B, S, H, N + R]``, key ``[B, T, H, N + R]``, value ``[B, T, H, V]`` -> ``[B, S, H, V]``."""
+    seq, total = query.shape[1], key.shape[1]
+    mask = _causal_or(mask, seq, total, query.device)
+    attn_mask = None if mask is None else mask[:, None]  # [B, 1, S, T]
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask, scale=scale
+    )
+    return out.transpose(1, 2)

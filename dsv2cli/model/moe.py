@@ -1,0 +1,171 @@
+"""DeepSeekMoE (spec §4): fine-grained routed experts stacked per layer, shared experts, softmax router.
+
+Shape legend: N tokens (B * S flattened), D hidden size, E routed experts, K experts per token,
+I moe_intermediate_size, G expert groups.
+
+Routing decisions pass through one explicit hook (:class:`RoutingHook`): expert statistics,
+token dropping and training losses observe or alter them there, without touching this file.
+A dropped assignment has expert id ``-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dsv2cli.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate x) * up x)``; the dense layers and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What the router chose for one MoE layer and one forward pass.
+
+    ``scores`` are the float32 softmax affinities ``[N, E]``; ``expert_ids`` ``[N, K]`` (-1 =
+    dropped) and ``weights`` ``[N, K]`` (float32) are what the experts will use.
+    ``batch_shape`` is ``(B, S)`` so observers can tell sequences apart.
+    """
+
+    layer_idx: int
+    batch_shape: tuple[int, int]
+    logits: torch.Tensor
+    scores: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+    def with_assignments(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> RoutingDecision:
+        return replace(self, expert_ids=expert_ids, weights=weights)
+
+
+# Called once per MoE layer per forward; returning a decision replaces the router's, None keeps it.
+RoutingHook = Callable[[RoutingDecision], "RoutingDecision | None"]
+
+
+def select_experts(
+    scores: torch.Tensor,
+    top_k: int,
+    method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k selection on affinities ``scores [N, E]`` -> ``(values [N, K], ids [N, K])``.
+
+    ``group_limited_greedy`` keeps the ``topk_group`` groups with the highest max score and
+    picks the top-k inside them (spec §4.2); with groups = devices it is the paper's
+    device-limited routing.
+    """
+    if method == "group_limited_greedy":
+        tokens, experts = scores.shape
+        group_scores = scores.view(tokens, n_group, experts // n_group).max(dim=-1).values  # [N, G]
+        group_ids = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+        expert_mask = group_mask[:, :, None].expand(-1, -1, experts // n_group).reshape(tokens, experts)
+        scores = scores.masked_fill(~expert_mask, 0.0)
+    values, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    return values, ids
+
+
+class Router(nn.Module):
+    """Softmax gate in float32 (``mlp.gate`` in HF checkpoints)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.n_routed_experts is not None
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.top_k = config.num_experts_per_tok
+        self.method = config.topk_method
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        values, ids = select_experts(scores, self.top_k, self.method, self.n_group, self.topk_group)
+        if self.top_k > 1 and self.norm_topk_prob:
+            # The V2 remote code normalises and does not scale in this branch (spec §4.2).
+            weights = values / (values.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = values * self.routed_scaling_factor
+        return logits, scores, ids, weights
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: ``gate_up_proj [E, 2I, D]`` (gate rows first), ``down_proj [E, D, I]``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        e, d, i = config.n_routed_experts or 0, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32).
+
+        Assignments are sorted by expert so each active expert runs one matmul over its
+        tokens; experts nobody chose are never touched.
+        """
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        sorted_ids = flat_ids[order]
+        token_of = order // top_k
+        weight_of = weights.reshape(-1)[order]
+        counts = torch.bincount(sorted_ids + 1, minlength=self.num_experts + 1).tolist()  # slot 0 = dropped (-1)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = counts[0]
+        for expert, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [count, D]
+            out.index_add_(0, rows, y.float() * weight_of[start : start + count, None])
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    """Routed experts plus shared experts: ``y = sum_k w_k E_k(x) + Shared(x)`` (spec §4.3)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        shared = config.shared_intermediate_size
+        self.shared_experts = MLP(config.hidden_size, shared) if shared > 0 else None
+
+    def forward(self, x: torch.Tensor, routing_hook: RoutingHook | None = None) -> torch.Tensor:
+        """x ``[B, S, D]`` -> ``[B, S, D]``."""
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        logits, scores, ids, weights = self.gate(flat)
+        if routing_hook is not None:
+            decision = RoutingDecision(self.layer_idx, (batch, seq), logits, scores, ids, weights)
+            changed = routing_hook(decision)
+            if changed is not None:
+                ids, weights = changed.expert_ids, changed.weights
+        out = self.experts(flat, ids, weights).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(batch, seq, dim)

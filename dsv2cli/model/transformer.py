@@ -1,0 +1,107 @@
+"""The DeepSeek-V2 decoder: embedding, blocks of MLA + (dense MLP | DeepSeekMoE), final norm, head.
+
+Shape legend: B batch, S new tokens, T attended slots, D hidden size, V vocabulary.
+Module names follow the HF checkpoint without the ``model.`` prefix, except the routed
+experts, which are stacked per layer (see ``dsv2cli/checkpoint/hf_keys.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv2cli.config import ModelConfig
+from dsv2cli.model.attention import MultiHeadLatentAttention
+from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.moe import MLP, MoE, RoutingHook
+from dsv2cli.model.norm import RMSNorm
+from dsv2cli.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """``h = x + Attn(norm(x)); out = h + FFN(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: MLP | MoE
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config, layer_idx)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: LatentKVCache | None,
+        attention: str,
+        routing_hook: RoutingHook | None,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attention)
+        normed = self.post_attention_layernorm(h)
+        ffn = self.mlp(normed, routing_hook) if isinstance(self.mlp, MoE) else self.mlp(normed)
+        return h + ffn
+
+
+class DeepseekV2(nn.Module):
+    """DeepSeek-V2 causal LM working on token ids."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        pad: torch.Tensor | list[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LatentKVCache:
+        """A latent cache for ``batch_size`` rows of ``capacity`` tokens on this model's device and dtype."""
+        weight = self.embed_tokens.weight
+        return LatentKVCache.for_model(self.config, batch_size, capacity, dtype or weight.dtype, weight.device, pad)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        attention: str = "absorbed",
+        routing_hook: RoutingHook | None = None,
+        positions: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``).
+
+        With a cache, the new tokens go after the cached ones and positions come from the
+        cache (per row, after its left padding); without one, the tokens form whole causal
+        sequences at positions ``0..S-1`` unless ``positions`` says otherwise.
+        """
+        seq = tokens.shape[1]
+        if cache is not None:
+            positions = cache.positions(seq)
+            mask = cache.attention_mask(seq) if (cache.has_padding or seq > 1) else None
+        else:
+            if positions is None:
+                positions = torch.arange(seq, device=tokens.device)[None].expand(tokens.shape[0], -1)
+            mask = None
+        cos, sin = self.rotary.cos_sin(positions)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, attention, routing_hook)
+        if cache is not None:
+            cache.advance(seq)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
