@@ -276,7 +276,9 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     for key in _REQUIRED:
         _require(key, hf)
-    _check(hf.get("scoring_func", "softmax") == "softmax", "scoring_func", hf.get("scoring_func"), "DeepSeek-V2 routes with softmax")
+    _check(
+        hf.get("scoring_func", "softmax") == "softmax", "scoring_func", hf.get("scoring_func"), "DeepSeek-V2 routes with softmax"
+    )
     _check(hf.get("hidden_act", "silu") == "silu", "hidden_act", hf.get("hidden_act"), "DeepSeek-V2 uses silu")
     _check(not hf.get("attention_bias", False), "attention_bias", hf.get("attention_bias"), "DeepSeek-V2 has no biases")
     _check(not hf.get("mlp_bias", False), "mlp_bias", hf.get("mlp_bias"), "DeepSeek-V2 has no biases")
@@ -313,18 +315,30 @@ def _validate(c: ModelConfig) -> None:
         _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
     _check(c.q_lora_rank is None or c.q_lora_rank > 0, "q_lora_rank", c.q_lora_rank, "must be positive or null")
     _check(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", c.qk_rope_head_dim, "rotary pairs need an even size")
-    _check(c.topk_method in TOPK_METHODS, "topk_method", c.topk_method, f"expected one of {', '.join(TOPK_METHODS)} (or 'gready')")
+    _check(
+        c.topk_method in TOPK_METHODS, "topk_method", c.topk_method, f"expected one of {', '.join(TOPK_METHODS)} (or 'gready')"
+    )
     _check(c.moe_layer_freq >= 1, "moe_layer_freq", c.moe_layer_freq, "must be at least 1")
     _check(c.first_k_dense_replace >= 0, "first_k_dense_replace", c.first_k_dense_replace, "must not be negative")
     if c.n_routed_experts:
         e = c.n_routed_experts
         _check(c.moe_intermediate_size > 0, "moe_intermediate_size", c.moe_intermediate_size, "MoE layers need it")
-        _check(1 <= c.num_experts_per_tok <= e, "num_experts_per_tok", c.num_experts_per_tok, f"must be between 1 and n_routed_experts={e}")
+        _check(
+            1 <= c.num_experts_per_tok <= e,
+            "num_experts_per_tok",
+            c.num_experts_per_tok,
+            f"must be between 1 and n_routed_experts={e}",
+        )
         _check(c.n_group >= 1 and e % c.n_group == 0, "n_group", c.n_group, f"n_routed_experts={e} must be divisible by it")
         _check(1 <= c.topk_group <= c.n_group, "topk_group", c.topk_group, f"must be between 1 and n_group={c.n_group}")
         if c.topk_method == "group_limited_greedy":
             reachable = c.topk_group * (e // c.n_group)
-            _check(c.num_experts_per_tok <= reachable, "num_experts_per_tok", c.num_experts_per_tok, f"only {reachable} experts are reachable in {c.topk_group} groups")
+            _check(
+                c.num_experts_per_tok <= reachable,
+                "num_experts_per_tok",
+                c.num_experts_per_tok,
+                f"only {reachable} experts are reachable in {c.topk_group} groups",
+            )
     if c.rope_scaling is not None:
         _check(c.rope_scaling.factor > 0, "rope_scaling.factor", c.rope_scaling.factor, "must be positive")
 
@@ -378,7 +392,9 @@ def load_config(path: str | Path) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"no config.json at {path}", hint="pass a checkpoint directory or a preset name (see `dsv2 info --help`)")
+        raise ConfigError(
+            f"no config.json at {path}", hint="pass a checkpoint directory or a preset name (see `dsv2 info --help`)"
+        )
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

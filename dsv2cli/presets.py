@@ -116,7 +116,7 @@ _BENCH_300M: dict[str, Any] = {
     "num_key_value_heads": 16,
     "q_lora_rank": 384,
     "intermediate_size": 2816,
-    "moe_intermediate_size": 704,
+    "moe_intermediate_size": 352,
     "n_routed_experts": 64,
     "topk_method": "greedy",
     "n_group": 1,

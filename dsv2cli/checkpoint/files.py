@@ -121,9 +121,7 @@ def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[
     if not shards:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
-            problems.append(
-                f"weights only in pickle form ({', '.join(pickled)}); dsv2 never unpickles weights"
-            )
+            problems.append(f"weights only in pickle form ({', '.join(pickled)}); dsv2 never unpickles weights")
         else:
             problems.append("no safetensors weights (model.safetensors or a shard index) in the directory")
     return shards, None
@@ -172,6 +170,10 @@ def _check_tensors(found: CheckpointFiles, config: ModelConfig, problems: list[s
             if not IGNORABLE.match(name):
                 problems.append(f"{info.file.name}: unexpected tensor '{name}' (not part of this config)")
         elif info.shape != expected[name]:
-            problems.append(f"{info.file.name}: tensor '{name}' has shape {list(info.shape)}, config needs {list(expected[name])}")
+            problems.append(
+                f"{info.file.name}: tensor '{name}' has shape {list(info.shape)}, config needs {list(expected[name])}"
+            )
         elif info.dtype not in FLOAT_DTYPES:
-            problems.append(f"{info.file.name}: tensor '{name}' has dtype {info.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
+            problems.append(
+                f"{info.file.name}: tensor '{name}' has dtype {info.dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+            )

@@ -124,7 +124,9 @@ def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
     return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
 
 
-def _attend_shared(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _attend_shared(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """MQA with one key/value shared by all heads.
 
     query ``[B, S, H, C + R]``, keys ``[B, T, C + R]``, values ``[B, T, C]``, mask ``[B, S, T]`` -> ``[B, S, H, C]``.
@@ -145,7 +147,9 @@ def _attend_shared(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
-def _attend_per_head(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _attend_per_head(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """Standard attention. query ``[B, S, H, N + R]``, key ``[B, T, H, N + R]``, value ``[B, T, H, V]`` -> ``[B, S, H, V]``."""
     seq, total = query.shape[1], key.shape[1]
     mask = _causal_or(mask, seq, total, query.device)

@@ -48,7 +48,9 @@ class LatentKVCache:
         device: torch.device | str = "cpu",
         pad: torch.Tensor | list[int] | None = None,
     ) -> LatentKVCache:
-        return cls(config.num_hidden_layers, batch_size, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device, pad)
+        return cls(
+            config.num_hidden_layers, batch_size, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device, pad
+        )
 
     @property
     def batch_size(self) -> int:

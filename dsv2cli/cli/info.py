@@ -1,0 +1,75 @@
+"""`dsv2 info`: architecture, parameter counts and KV-cache size of a model."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from dsv2cli.analysis.model_info import ModelInfo, describe_model
+from dsv2cli.cli.common import TextOrJson, emit_json, handle_errors, human_bytes, human_count, out
+from dsv2cli.resolve import resolve_config
+
+EPILOG = (
+    "Examples:\n\n"
+    "  dsv2 info deepseek-v2-lite\n\n"
+    "  dsv2 info ./DeepSeek-V2-Lite --format json\n\n"
+    "MODEL is a preset name (deepseek-v2, deepseek-v2-lite, deepseek-v2.5, ...), a checkpoint directory or a config.json."
+)
+
+
+@handle_errors
+def info(
+    model: str = typer.Argument(..., help="Preset name, checkpoint directory or config.json."),
+    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+) -> None:
+    """Show a model's architecture, total and activated parameters, and KV-cache bytes per token."""
+    resolved = resolve_config(model)
+    report = describe_model(resolved.config, name=resolved.name, source=resolved.source)
+    if format == TextOrJson.json:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+
+
+def _render(r: ModelInfo) -> None:
+    c = r.config
+    table = Table(title=f"{r.name}  ({r.source})", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("layers", f"{c.num_hidden_layers} ({len(r.dense_layers)} dense, {len(r.moe_layers)} MoE)")
+    table.add_row("hidden size", str(c.hidden_size))
+    table.add_row("vocabulary", str(c.vocab_size))
+    table.add_row(
+        "attention", f"MLA, {c.num_attention_heads} heads, q_lora_rank {c.q_lora_rank or 'none'}, kv_lora_rank {c.kv_lora_rank}"
+    )
+    table.add_row("head dims", f"nope {c.qk_nope_head_dim} + rope {c.qk_rope_head_dim}, value {c.v_head_dim}")
+    if c.n_routed_experts:
+        routing = c.topk_method + (
+            f" ({c.n_group} groups, {c.topk_group} kept)" if c.topk_method == "group_limited_greedy" else ""
+        )
+        table.add_row(
+            "experts",
+            f"{c.n_routed_experts} routed (top-{c.num_experts_per_tok}, {routing}, scale {c.routed_scaling_factor:g}) "
+            f"+ {c.n_shared_experts or 0} shared, intermediate {c.moe_intermediate_size}",
+        )
+    table.add_row("dense MLP", f"intermediate {c.intermediate_size}")
+    yarn = c.rope_scaling
+    rope = f"theta {c.rope_theta:g}" + (
+        "" if yarn is None else f", YaRN x{yarn.factor:g} from {yarn.original_max_position_embeddings}"
+    )
+    table.add_row("rotary", rope)
+    table.add_row("context", f"{c.max_position_embeddings} positions")
+    table.add_row("parameters", f"{r.params.total:,} ({human_count(r.params.total)})")
+    table.add_row(
+        "activated / token",
+        f"{r.params.active:,} ({human_count(r.params.active)}; {human_count(r.params.active_without_embedding)} without the embedding)",
+    )
+    per_token = r.kv_cache_elements_per_token
+    table.add_row(
+        "KV cache / token",
+        f"{per_token:,} elements = {c.kv_cache_elements_per_token_per_layer} x {c.num_hidden_layers} layers; "
+        f"{human_bytes(per_token * 2)} in bfloat16",
+    )
+    out.print(table)
+    if c.extra:
+        out.print(f"[dim]config keys kept but not used: {', '.join(sorted(c.extra))}[/]")

@@ -1,0 +1,38 @@
+"""Entry point of the `dsv2` command."""
+
+from __future__ import annotations
+
+import typer
+
+from dsv2cli import __version__
+from dsv2cli.cli import info
+
+app = typer.Typer(
+    name="dsv2",
+    help="Run, convert, measure and understand DeepSeek-V2-family models (MLA + DeepSeekMoE).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsv2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Run, convert, measure and understand DeepSeek-V2-family models (MLA + DeepSeekMoE)."""
+
+
+app.command("info", epilog=info.EPILOG)(info.info)
+
+
+def main() -> None:
+    app()
