@@ -101,3 +101,13 @@ def load_hf_checkpoint(
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)
     return model.eval()
+
+
+def load_checkpoint(
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    on_tensor: Callable[[str], None] | None = None,
+) -> DeepseekV2:
+    """Load any checkpoint directory dsv2 understands; ``dtype=None`` keeps float32 (the parity dtype)."""
+    return load_hf_checkpoint(directory, dtype or torch.float32, device, on_tensor=on_tensor)
