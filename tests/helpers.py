@@ -91,5 +91,41 @@ def assert_close_relative(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-
 
 
 def greedy_reference(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    mask = torch.ones_like(prompt)  # explicit: transformers would otherwise treat token 0 as padding
+    out = model.generate(
+        prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out[:, prompt.shape[1] :]
+
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for item in items:\n    print(item)\n",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "User: hello there\n\nAssistant: hi, how can I help?\n",
+] * 20
+
+
+def save_tokenizer(directory: Path, vocab_size: int = 300, chat_template: str | None = None) -> None:
+    """Train a small byte-level BPE and write tokenizer.json + tokenizer_config.json (BOS/EOS as in DeepSeek-V2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = {
+        "bos_token": {"content": "<｜begin▁of▁sentence｜>"},
+        "eos_token": {"content": "<｜end▁of▁sentence｜>"},
+        "add_bos_token": True,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))

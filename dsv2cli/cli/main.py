@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dsv2cli import __version__
-from dsv2cli.cli import info
+from dsv2cli.cli import generate, info
 
 app = typer.Typer(
     name="dsv2",
@@ -31,6 +31,7 @@ def _root(
     """Run, convert, measure and understand DeepSeek-V2-family models (MLA + DeepSeekMoE)."""
 
 
+app.command("generate", epilog=generate.EPILOG)(generate.generate)
 app.command("info", epilog=info.EPILOG)(info.info)
 
 

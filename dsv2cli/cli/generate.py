@@ -1,0 +1,233 @@
+"""`dsv2 generate`: text generation with the latent KV cache — streaming, sampling, chat, batches."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from dsv2cli.cli.common import err, handle_errors, human_bytes, out
+from dsv2cli.errors import InputError
+from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
+from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
+from dsv2cli.inference.sampling import SamplingParams
+from dsv2cli.inference.session import LoadedModel, load_for_generation
+from dsv2cli.model.attention import ATTENTION_IMPLS
+
+EPILOG = (
+    "Examples:\n\n"
+    '  dsv2 generate "def fibonacci(n):"\n\n'
+    '  dsv2 generate "import os" -n 64 --temperature 0.8 --top-p 0.95 --seed 1\n\n'
+    '  dsv2 generate --model ./DeepSeek-V2-Lite-Chat --chat "Write a haiku about caches"\n\n'
+    "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
+    "  echo 'class Stack:' | dsv2 generate -\n\n"
+    "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
+    "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
+    "(the bundled model, the default)."
+)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class Attention(str, Enum):
+    absorbed = "absorbed"
+    naive = "naive"
+
+
+assert tuple(a.value for a in Attention) == ATTENTION_IMPLS
+
+
+@handle_errors
+def generate(
+    prompts: list[str] = typer.Argument(None, help="Prompts (several decode together as a batch); '-' reads stdin."),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Checkpoint directory, Hub repo id, or 'demo' (default: the bundled model)."
+    ),
+    input_file: Path = typer.Option(
+        None, "--input-file", "-i", help="One prompt per line, or JSON lines with prompt / messages / prompt_token_ids."
+    ),
+    token_ids: str = typer.Option(None, "--token-ids", help='A prompt given as token ids, e.g. "1,2,3" (no tokenizer needed).'),
+    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user message in the checkpoint's chat template."),
+    system: str = typer.Option(None, "--system", help="System message for --chat and --interactive."),
+    interactive: bool = typer.Option(
+        False, "--interactive", help="Chat in the terminal (/exit, /clear; Ctrl-C stops an answer)."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate per prompt."),
+    temperature: float = typer.Option(
+        None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's generation_config, else 0."
+    ),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(
+        None, "--top-p", help="Nucleus sampling mass in (0, 1] (default: generation_config, else 1 = off)."
+    ),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for sampling: the same seed gives the same output."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the text is cut before it."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating after the end-of-sequence token."),
+    format: OutputFormat = typer.Option(
+        OutputFormat.text, "--format", "-f", help="text (streamed), json (one document) or jsonl (a record per result)."
+    ),
+    attention: Attention = typer.Option(
+        Attention.absorbed, "--attention", help="absorbed (fast, default) or naive (re-expands K/V; for comparison)."
+    ),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
+) -> None:
+    """Generate text from a DeepSeek-V2-family model, streaming it as it is produced."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    inputs = _gather_inputs(prompts or [], input_file, token_ids, interactive)
+    loaded = load_for_generation(model, device, dtype, threads)
+    defaults = loaded.tokenizer.special.generation_defaults if loaded.tokenizer else {}
+    sampled = bool(defaults.get("do_sample"))
+    sampling = SamplingParams(
+        temperature=temperature if temperature is not None else (float(defaults.get("temperature", 1.0)) if sampled else 0.0),
+        top_k=top_k,
+        top_p=top_p if top_p is not None else (float(defaults.get("top_p", 1.0)) if sampled else 1.0),
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=loaded.eos_token_ids,
+        ignore_eos=ignore_eos,
+        stop=tuple(stop or ()),
+        attention=attention.value,
+    )
+    if interactive:
+        _interactive(loaded, options, system)
+        return
+    requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
+    _run_batches(loaded, requests, options, format, batch_size)
+
+
+def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:
+    inputs: list[PromptInput] = []
+    for prompt in prompts:
+        if prompt == "-":
+            inputs.append(PromptInput(text=sys.stdin.read()))
+        else:
+            inputs.append(PromptInput(text=prompt))
+    if input_file is not None:
+        inputs.extend(read_input_file(input_file))
+    if token_ids is not None:
+        inputs.append(PromptInput(token_ids=parse_token_ids(token_ids)))
+    if not inputs and not interactive and not sys.stdin.isatty():
+        inputs.append(PromptInput(text=sys.stdin.read()))
+    if interactive and inputs:
+        raise InputError("--interactive reads prompts from the terminal; do not pass prompts as well")
+    if not inputs and not interactive:
+        raise InputError(
+            "no prompt given", hint='pass a prompt ("def fib(n):"), --input-file, --token-ids, - for stdin, or --interactive'
+        )
+    for item in inputs:
+        if item.text is not None and not item.text.strip():
+            raise InputError("the prompt is empty")
+    return inputs
+
+
+def _run_batches(
+    loaded: LoadedModel, requests: list[GenerationRequest], options: GenerationOptions, fmt: OutputFormat, batch_size: int
+) -> None:
+    results: list[GenerationResult] = []
+    cache_bytes = 0
+    stream_text = fmt == OutputFormat.text and len(requests) == 1
+    for start in range(0, len(requests), batch_size):
+        generation = Generation(loaded.model, requests[start : start + batch_size], options, loaded.tokenizer)
+        for event in generation:
+            if stream_text and event.text:
+                out.file.write(event.text)
+                out.file.flush()
+        cache_bytes = max(cache_bytes, generation.cache_bytes)
+        batch_results = generation.results
+        results.extend(batch_results)
+        for result in batch_results:
+            if fmt == OutputFormat.jsonl:
+                sys.stdout.write(json.dumps(result.to_json()) + "\n")
+                sys.stdout.flush()
+            elif fmt == OutputFormat.text and not stream_text:
+                out.rule(f"[{result.index + 1}] {_short(result.prompt or str(result.prompt_token_ids))}")
+                out.print(result.text if result.text is not None else str(result.token_ids), markup=False, highlight=False)
+    if fmt == OutputFormat.json:
+        document = {
+            "model": loaded.name,
+            "results": [r.to_json() for r in results],
+            "cache": {"scheme": "mla-latent", "bytes": cache_bytes},
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif stream_text:
+        if results[0].text is None:  # no tokenizer: show the ids
+            out.file.write(" ".join(map(str, results[0].token_ids)))
+        out.file.write("\n")
+    _summary(results, cache_bytes, loaded)
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedModel) -> None:
+    tokens = sum(len(r.token_ids) for r in results)
+    decode_s = max((r.timings.decode_s for r in results), default=0.0)
+    prefill = results[0].timings if results else None
+    rate = f"{tokens / decode_s:.1f} tokens/s" if decode_s > 0 else "-"
+    prefill_rate = f", prefill {prefill.prefill_tokens_per_s:.0f} tokens/s" if prefill and prefill.prefill_s > 0 else ""
+    reasons = ", ".join(sorted({r.finish_reason or "?" for r in results}))
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    err.print(
+        f"[dim]{tokens} tokens, {rate}{prefill_rate} · latent cache {human_bytes(cache_bytes)} · {dtype} on {loaded.device} · finished: {reasons}[/]",
+        soft_wrap=True,
+    )
+
+
+def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | None) -> None:
+    if loaded.tokenizer is None:
+        raise InputError("--interactive needs a checkpoint with a tokenizer")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    err.print("[dim]Chat with the model. /clear forgets the conversation, /exit quits, Ctrl-C stops an answer.[/]")
+    while True:
+        try:
+            if sys.stdin.isatty():
+                line = input(">>> ")
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+        except (EOFError, KeyboardInterrupt):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/clear":
+            history = history[:1] if system else []
+            err.print("[dim]Conversation cleared.[/]")
+            continue
+        history.append({"role": "user", "content": line})
+        text = chat_prompt(loaded.tokenizer, history)
+        request = GenerationRequest(loaded.tokenizer.encode(text, add_bos=False), text, 0)
+        generation = Generation(loaded.model, [request], options, loaded.tokenizer)
+        answer = []
+        try:
+            for event in generation:
+                answer.append(event.text)
+                out.file.write(event.text)
+                out.file.flush()
+        except KeyboardInterrupt:
+            err.print("\n[dim](stopped)[/]")
+        out.file.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})

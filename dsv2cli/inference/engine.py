@@ -1,0 +1,234 @@
+"""The generation engine: token ids in, records out, streaming as an iterator.
+
+Prompts of different lengths decode together in one batch: they are left-padded into one latent
+cache sized ``longest prompt + max_new_tokens``; each row keeps its own positions, so a row
+computes what it would alone. Attention runs absorbed on the cached latents (never re-expanded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv2cli.errors import InputError
+from dsv2cli.inference.sampling import SamplingParams, choose_tokens, row_generators
+from dsv2cli.inference.tokenizer import StreamDecoder, TextTokenizer
+from dsv2cli.model import DeepseekV2
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    prompt: str | None = None
+    index: int = 0  # position in the whole input; seeds per-row sampling
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    attention: str = "absorbed"
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+
+@dataclass
+class GenerationResult:
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log p(token) under the raw logits
+    finish_reason: str | None = None  # "eos", "stop" or "length"
+    text: str | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "prompt_token_ids": self.prompt_token_ids,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one row; ``text`` is the newly printable text (may be empty)."""
+
+    index: int
+    token_id: int
+    logprob: float
+    text: str
+    finished: str | None
+
+
+class _RowText:
+    """Incremental text of one row, holding back what might be the start of a stop string."""
+
+    def __init__(self, decoder: StreamDecoder, stop: tuple[str, ...]) -> None:
+        self.decoder = decoder
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Append a token; return ``(printable delta, stop string found)``."""
+        search_from = max(0, len(self.text) - self.hold)
+        self.text += self.decoder.step(token_id)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.flush(), True
+        safe = max(self.emitted, len(self.text) - self.hold)
+        delta, self.emitted = self.text[self.emitted : safe], safe
+        return delta, False
+
+    def flush(self) -> str:
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta
+
+
+class Generation:
+    """A batch being generated: iterate for :class:`TokenEvent` s, then read ``results``."""
+
+    def __init__(
+        self,
+        model: DeepseekV2,
+        requests: list[GenerationRequest],
+        options: GenerationOptions,
+        tokenizer: TextTokenizer | None = None,
+    ) -> None:
+        if not requests:
+            raise InputError("no prompts to generate from")
+        context = model.config.max_position_embeddings
+        for r in requests:
+            if not r.prompt_token_ids:
+                raise InputError(f"prompt {r.index + 1} is empty")
+            if len(r.prompt_token_ids) >= context:
+                raise InputError(
+                    f"prompt {r.index + 1} has {len(r.prompt_token_ids)} tokens; the model's context is {context}",
+                    hint="shorten the prompt",
+                )
+            bad = [t for t in r.prompt_token_ids if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise InputError(
+                    f"prompt {r.index + 1} has token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {bad[:5]}"
+                )
+        if options.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
+        if tokenizer is None and options.stop:
+            raise InputError(
+                "stop strings need a tokenizer, and this checkpoint has none", hint="use token-id prompts without --stop"
+            )
+        self.model = model
+        self.requests = requests
+        self.options = options
+        self.tokenizer = tokenizer
+        self.results = [GenerationResult(r.index, r.prompt, list(r.prompt_token_ids)) for r in requests]
+        self.limits = [min(options.max_new_tokens, context - len(r.prompt_token_ids)) for r in requests]
+        self.cache_bytes = 0
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        with torch.inference_mode():
+            yield from self._run()
+
+    def run(self) -> list[GenerationResult]:
+        for _ in self:
+            pass
+        return self.results
+
+    def _run(self) -> Iterator[TokenEvent]:
+        model, options = self.model, self.options
+        device = model.embed_tokens.weight.device
+        lengths = [len(r.prompt_token_ids) for r in self.requests]
+        longest, rows = max(lengths), len(self.requests)
+        pad = [longest - n for n in lengths]
+        tokens = torch.zeros(rows, longest, dtype=torch.long)
+        for row, r in enumerate(self.requests):
+            tokens[row, pad[row] :] = torch.tensor(r.prompt_token_ids)
+        cache = model.new_cache(rows, longest + max(self.limits), pad=pad)
+        self.cache_bytes = cache.nbytes()
+        generators = row_generators(options.sampling.seed, [r.index for r in self.requests])
+        seen = None
+        if options.sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)
+            for row, r in enumerate(self.requests):
+                seen[row, torch.tensor(r.prompt_token_ids, device=device)] = True
+        texts = [_RowText(self.tokenizer.stream_decoder(), options.stop) if self.tokenizer else None for _ in range(rows)]
+        eos = set() if options.ignore_eos else set(options.eos_token_ids)
+        active = list(range(rows))
+
+        start = time.perf_counter()
+        logits = model(tokens.to(device), cache=cache, attention=options.attention, last_only=True)
+        prefill_s = time.perf_counter() - start
+        for row, result in enumerate(self.results):
+            result.timings.prefill_s, result.timings.prefill_tokens = prefill_s, lengths[row]
+        decode_start = time.perf_counter()
+        step = 0
+        while active:
+            last = logits[:, -1].float()
+            logprobs = torch.log_softmax(last, dim=-1)
+            chosen = choose_tokens(last, options.sampling, generators, seen)
+            if seen is not None:
+                seen.scatter_(1, chosen[:, None], True)
+            chosen_list = chosen.tolist()
+            step += 1
+            still_active = []
+            for row in active:
+                token, result = chosen_list[row], self.results[row]
+                result.token_ids.append(token)
+                result.logprobs.append(float(logprobs[row, token]))
+                delta, hit_stop = texts[row].add(token) if texts[row] is not None else ("", False)
+                finished = None
+                if hit_stop:
+                    finished = "stop"
+                elif token in eos:
+                    finished = "eos"
+                elif len(result.token_ids) >= self.limits[row]:
+                    finished = "length"
+                if finished is not None:
+                    result.finish_reason = finished
+                    if texts[row] is not None:
+                        delta += texts[row].flush()
+                        result.text = texts[row].text
+                    result.timings.decode_s = time.perf_counter() - decode_start
+                    result.timings.decode_tokens = len(result.token_ids)
+                else:
+                    still_active.append(row)
+                yield TokenEvent(result.index, token, result.logprobs[-1], delta, finished)
+            active = still_active
+            if active:
+                logits = model(chosen[:, None], cache=cache, attention=options.attention)

@@ -1,0 +1,131 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dsv2cli.cli.main import app
+from tests.helpers import reference_model, save_reference, save_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli_gen")
+    save_reference(reference_model(vocab_size=320), directory)
+    save_tokenizer(directory)
+    return directory
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _one_error(result) -> str:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_json_contract(model_dir):
+    doc = _json(runner.invoke(app, ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "5", "-f", "json"]))
+    assert doc["model"] == model_dir.name
+    assert doc["cache"]["scheme"] == "mla-latent" and doc["cache"]["bytes"] > 0
+    assert len(doc["results"]) == 2
+    for r in doc["results"]:
+        assert set(r) >= {"prompt", "prompt_token_ids", "text", "token_ids", "logprobs", "finish_reason", "timings"}
+        assert set(r["timings"]) == {"prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+        assert len(r["token_ids"]) == len(r["logprobs"]) == 5
+        assert all(lp <= 0 for lp in r["logprobs"])
+        assert r["finish_reason"] == "length"
+    assert doc["results"][0]["prompt"] == "def add(a, b):"
+
+
+def test_streams_text_and_summary_on_stderr(model_dir):
+    result = runner.invoke(app, ["generate", "-m", str(model_dir), "class Stack:", "-n", "6"])
+    assert result.exit_code == 0, result.output
+    doc = _json(runner.invoke(app, ["generate", "-m", str(model_dir), "class Stack:", "-n", "6", "-f", "json"]))
+    assert result.stdout.rstrip("\n") == doc["results"][0]["text"]
+    assert "tokens/s" in result.stderr
+
+
+def test_input_file_jsonl_with_messages_and_token_ids(model_dir, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "def add"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hello there"}]})
+        + "\n"
+        + json.dumps({"prompt_token_ids": [0, 5, 6]})
+        + "\n"
+    )
+    doc = _json(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(path), "-n", "3", "-f", "json"]))
+    prompts = [r["prompt"] for r in doc["results"]]
+    assert prompts[0] == "def add"
+    assert prompts[1] == "<｜begin▁of▁sentence｜>User: hello there\n\nAssistant:"
+    assert prompts[2] is None and doc["results"][2]["prompt_token_ids"] == [0, 5, 6]
+
+
+def test_jsonl_output_and_stdin(model_dir):
+    result = runner.invoke(app, ["generate", "-m", str(model_dir), "-", "-n", "2", "-f", "jsonl"], input="for item in")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 1 and records[0]["prompt"] == "for item in"
+
+
+def test_chat_with_system(model_dir):
+    doc = _json(
+        runner.invoke(app, ["generate", "-m", str(model_dir), "--chat", "--system", "Be brief.", "hi", "-n", "2", "-f", "json"])
+    )
+    assert doc["results"][0]["prompt"] == "<｜begin▁of▁sentence｜>Be brief.\n\nUser: hi\n\nAssistant:"
+
+
+def test_same_seed_same_output(model_dir):
+    args = ["generate", "-m", str(model_dir), "def", "-n", "8", "-t", "1.0", "--seed", "5", "-f", "json"]
+    assert (
+        _json(runner.invoke(app, args))["results"][0]["token_ids"] == _json(runner.invoke(app, args))["results"][0]["token_ids"]
+    )
+
+
+def test_interactive_session(model_dir):
+    result = runner.invoke(
+        app, ["generate", "-m", str(model_dir), "--interactive", "-n", "3"], input="hello\n/clear\nagain\n/exit\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert "Conversation cleared" in result.stderr
+
+
+def test_token_ids_without_tokenizer(tmp_path):
+    save_reference(reference_model(), tmp_path)
+    doc = _json(runner.invoke(app, ["generate", "-m", str(tmp_path), "--token-ids", "0,5,6", "-n", "3", "-f", "json"]))
+    assert doc["results"][0]["text"] is None and len(doc["results"][0]["token_ids"]) == 3
+    assert "token ids" in _one_error(runner.invoke(app, ["generate", "-m", str(tmp_path), "hello"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["-t", "-1", "x"], "temperature"),
+        (["--top-p", "0", "x"], "top-p"),
+        (["--top-p", "1.5", "x"], "top-p"),
+        (["-n", "0", "x"], "max-new-tokens"),
+    ],
+)
+def test_bad_options(model_dir, args, words):
+    assert words in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), *args]))
+
+
+def test_bad_inputs(model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert "no prompts" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(empty)]))
+    assert "not found" in _one_error(runner.invoke(app, ["generate", "-m", str(tmp_path / "missing"), "x"]))
+    long_prompt = "def add " * 400
+    assert "context" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), long_prompt]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    assert "bad.jsonl:1" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(bad)]))
+    assert "preset" in _one_error(runner.invoke(app, ["generate", "-m", "deepseek-v2", "x"]))
