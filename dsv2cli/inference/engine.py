@@ -36,6 +36,18 @@ class GenerationOptions:
     attention: str = "absorbed"
 
 
+# A prefill this long is compute-bound: expanding K/V once for the new tokens is cheaper than attending in the
+# 576-wide latent space (vLLM does the same). Decode steps always attend on the latent directly.
+PREFILL_EXPAND_MIN_TOKENS = 64
+
+
+def prefill_attention(requested: str, new_tokens: int) -> str:
+    """The attention path for a prefill of ``new_tokens`` when the user asked for ``requested``."""
+    if requested == "absorbed" and new_tokens >= PREFILL_EXPAND_MIN_TOKENS:
+        return "naive"
+    return requested
+
+
 @dataclass
 class Timings:
     prefill_s: float = 0.0
@@ -192,7 +204,7 @@ class Generation:
         active = list(range(rows))
 
         start = time.perf_counter()
-        logits = model(tokens.to(device), cache=cache, attention=options.attention, last_only=True)
+        logits = model(tokens.to(device), cache=cache, attention=prefill_attention(options.attention, longest), last_only=True)
         prefill_s = time.perf_counter() - start
         for row, result in enumerate(self.results):
             result.timings.prefill_s, result.timings.prefill_tokens = prefill_s, lengths[row]
