@@ -8,6 +8,7 @@ collected and reported in one :class:`CheckpointError`.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,17 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors file; ``begin``/``end`` are absolute byte positions in the file."""
+
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 @dataclass
@@ -63,6 +72,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     data_size = size - 8 - header_len
+    data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -80,16 +90,20 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(f"tensor '{name}' has data offsets that do not match its shape")
         if end > data_size:
             raise ValueError(f"file is truncated: tensor '{name}' ends at byte {end} of {data_size} data bytes")
-        tensors[name] = TensorInfo(path, dtype, shape)
+        tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     return tensors
 
 
 def _inside(directory: Path, relative: str) -> Path | None:
-    """The file ``relative`` inside ``directory``, or None when it would point elsewhere."""
+    """The file ``relative`` inside ``directory``, or None when it would point elsewhere.
+
+    The check is on the path as written (``..`` and absolute paths are refused), not on where
+    symlinks lead: in the HF cache every file is a symlink into ``blobs/``.
+    """
     if Path(relative).is_absolute():
         return None
-    candidate = (directory / relative).resolve()
-    root = directory.resolve()
+    root = Path(os.path.normpath(directory.absolute()))
+    candidate = Path(os.path.normpath(root / relative))
     if candidate != root and root in candidate.parents:
         return candidate
     return None
@@ -130,6 +144,27 @@ def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[
 def inspect_checkpoint(directory: str | Path, config: ModelConfig) -> CheckpointFiles:
     """Check a HF-layout checkpoint against its config; raise one error listing every problem."""
     directory = Path(directory)
+    found, problems = find_problems(directory, config)
+    if problems:
+        raise problems_error(directory, problems)
+    return found
+
+
+def problems_error(directory: Path, problems: list[str]) -> CheckpointError:
+    """One error that lists every problem found in ``directory``."""
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return CheckpointError(
+        f"checkpoint {directory} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n{lines}",
+        hint="re-download the files that are named, or check that config.json belongs to these weights",
+    )
+
+
+def find_problems(directory: Path, config: ModelConfig, strict_index: bool = False) -> tuple[CheckpointFiles, list[str]]:
+    """The tensors of a HF-layout checkpoint and every problem with its files (empty when it is sound).
+
+    ``strict_index`` also reports what loading can ignore: tensors and ``*.safetensors`` files that the
+    index does not name.
+    """
     problems: list[str] = []
     shards, weight_map = _shard_list(directory, problems)
     found = CheckpointFiles(directory)
@@ -140,7 +175,7 @@ def inspect_checkpoint(directory: str | Path, config: ModelConfig) -> Checkpoint
             problems.append(f"{shard.name}: {exc}")
             continue
         for name, info in tensors.items():
-            if weight_map is not None and name in weight_map and _inside(directory, weight_map[name]) != shard.resolve():
+            if weight_map is not None and name in weight_map and _inside(directory, weight_map[name]) != shard:
                 continue  # the index assigns this tensor to another shard
             found.tensors[name] = info
     if weight_map is not None:
@@ -148,15 +183,16 @@ def inspect_checkpoint(directory: str | Path, config: ModelConfig) -> Checkpoint
             shard = _inside(directory, relative)
             if shard is not None and shard.is_file() and name not in found.tensors and shard in shards:
                 problems.append(f"{relative}: has no tensor '{name}' although {INDEX_NAME} says so")
+    if weight_map is not None and strict_index:
+        for name, info in found.tensors.items():
+            if name not in weight_map and not IGNORABLE.match(name):
+                problems.append(f"{info.file.name}: tensor '{name}' is not listed in {INDEX_NAME}")
+        listed = {shard.name for shard in shards}
+        for stray in sorted(p.name for p in directory.glob("*.safetensors") if p.name not in listed):
+            problems.append(f"{stray}: not named by {INDEX_NAME}")
     if shards:
         _check_tensors(found, config, problems)
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise CheckpointError(
-            f"checkpoint {directory} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n{lines}",
-            hint="re-download the files that are named, or check that config.json belongs to these weights",
-        )
-    return found
+    return found, problems
 
 
 def _check_tensors(found: CheckpointFiles, config: ModelConfig, problems: list[str]) -> None:

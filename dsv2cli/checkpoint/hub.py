@@ -1,10 +1,21 @@
-"""Hugging Face Hub access through huggingface_hub (cache, offline mode, token from the usual places).
+"""Hugging Face Hub access through huggingface_hub (cache or local dir, offline mode, token from the usual places).
 
-Only the files dsv2 needs are fetched: safetensors shards and index, configs and tokenizer files.
+Only the files dsv2 needs are fetched: safetensors shards and index, configs, tokenizer and chat
+template files. The token is huggingface_hub's: ``HF_TOKEN`` or a saved ``hf auth login``.
+``HF_ENDPOINT`` is read when a function is called (not only when huggingface_hub is imported),
+``HF_HUB_OFFLINE=1`` (or ``offline=True``) uses the cache only.
+
+Resuming: files already complete (in the cache or the local dir) are never fetched again, and a
+transfer cut off half-way is resumed by huggingface_hub with an HTTP ``Range`` request from the
+byte it stopped at.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dsv2cli.errors import CheckpointError
@@ -16,46 +27,169 @@ NEEDED_FILES = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "tokenizer.model",
     "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
 ]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
+
+_NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "TimeoutException", "ReadTimeout")
 
 
-def _hub_error(repo_id: str, exc: Exception) -> CheckpointError:
+@dataclass
+class DownloadReport:
+    repo_id: str
+    revision: str | None
+    directory: str
+    files: dict[str, int]  # name -> bytes on disk
+    seconds: float
+    offline: bool
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+    def to_json(self) -> dict:
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "directory": self.directory,
+            "offline": self.offline,
+            "files": self.files,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _offline(offline: bool) -> bool:
+    from huggingface_hub import constants
+
+    return offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    return any(cls.__name__ in _NETWORK_ERRORS for cls in type(exc).__mro__)
+
+
+def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
         return CheckpointError(
             f"{repo_id} is gated and this token has no access", hint="accept the terms on the Hub and log in (HF_TOKEN)"
         )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return CheckpointError(f"{repo_id} has no revision by that name", hint="check --revision (a branch, tag or commit)")
     if isinstance(exc, errors.RepositoryNotFoundError):
         return CheckpointError(
             f"repository {repo_id} not found on the Hub", hint="check the spelling, or log in if it is private"
         )
-    if isinstance(exc, errors.LocalEntryNotFoundError):
+    if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or _is_network_error(exc):
+        where = _endpoint() or "https://huggingface.co"
         return CheckpointError(
-            f"{repo_id} is not in the local Hugging Face cache and it cannot be downloaded now (offline or no network)",
+            f"{repo_id} is not (completely) in the local Hugging Face cache and cannot be downloaded now "
+            f"(offline, or {where} cannot be reached)",
             hint="run `dsv2 download` with network access, or unset HF_HUB_OFFLINE",
         )
     if isinstance(exc, errors.EntryNotFoundError):
         return CheckpointError(f"{repo_id} has no such file: {exc}")
-    return CheckpointError(f"could not fetch {repo_id}: {exc}")
+    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
+        return CheckpointError(
+            f"the Hub refused access to {repo_id} (HTTP {exc.response.status_code})",
+            hint="check your token (HF_TOKEN or `hf auth login`) and that it may read this repository",
+        )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(f"could not fetch {repo_id}: {first_line}")
+
+
+def _hub_call(repo_id: str, call):
+    """Run a huggingface_hub call, turning every expected failure into one CheckpointError."""
+    from huggingface_hub import errors
+
+    try:
+        return call()
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, OSError, ValueError) as exc:
+        raise _hub_error(repo_id, exc) from exc
+    except Exception as exc:
+        if _is_network_error(exc) or isinstance(exc, errors.OfflineModeIsEnabled):
+            raise _hub_error(repo_id, exc) from exc
+        raise
+
+
+def select_files(repo_files: list[str], repo_id: str) -> list[str]:
+    """The repo files dsv2 needs; a repo with pickled weights only (or none) is refused here."""
+    needed = sorted(f for f in repo_files if any(fnmatch.fnmatch(f, p) for p in NEEDED_FILES))
+    if not any(f.endswith(".safetensors") for f in needed):
+        pickled = sorted(f for f in repo_files if any(fnmatch.fnmatch(f, p) for p in PICKLE_PATTERNS))
+        if pickled:
+            shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
+            raise CheckpointError(
+                f"{repo_id} has weights only in pickle form ({shown}); dsv2 never unpickles weights",
+                hint="use a repository that ships .safetensors files",
+            )
+        raise CheckpointError(f"{repo_id} has no safetensors weights", hint="is this a model repository?")
+    if "config.json" not in needed:
+        raise CheckpointError(f"{repo_id} has no config.json", hint="is this a DeepSeek-V2 model repository?")
+    return needed
+
+
+def download_checkpoint(
+    repo_id: str,
+    revision: str | None = None,
+    local_dir: str | Path | None = None,
+    offline: bool = False,
+) -> DownloadReport:
+    """Fetch the files dsv2 needs from ``repo_id`` into the HF cache (or ``local_dir``)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    offline = _offline(offline)
+    start = time.perf_counter()
+    patterns = NEEDED_FILES
+    if not offline:
+        api = HfApi(endpoint=_endpoint())
+        patterns = select_files(_hub_call(repo_id, lambda: api.list_repo_files(repo_id, revision=revision)), repo_id)
+    directory = Path(
+        _hub_call(
+            repo_id,
+            lambda: snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=local_dir,
+                allow_patterns=patterns,
+                local_files_only=offline,
+                endpoint=_endpoint(),
+            ),
+        )
+    )
+    files = {
+        name: (directory / name).stat().st_size
+        for name in sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+        if any(fnmatch.fnmatch(name, pattern) for pattern in NEEDED_FILES) and not name.startswith(".cache")
+    }
+    if offline and not any(name.endswith(".safetensors") for name in files):
+        select_files(list(files), repo_id)
+    return DownloadReport(repo_id, revision, str(directory), files, time.perf_counter() - start, offline)
 
 
 def fetch_config(repo_id: str, revision: str | None = None) -> Path:
     """Local path of the repo's ``config.json`` (cache first, download when allowed)."""
-    from huggingface_hub import errors, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, OSError, ValueError) as exc:
-        raise _hub_error(repo_id, exc) from exc
+    return Path(
+        _hub_call(
+            repo_id,
+            lambda: hf_hub_download(
+                repo_id, "config.json", revision=revision, endpoint=_endpoint(), local_files_only=_offline(False)
+            ),
+        )
+    )
 
 
 def fetch_checkpoint(repo_id: str, download: bool = True, revision: str | None = None) -> Path:
     """Local snapshot directory of a repo with the files dsv2 needs."""
-    from huggingface_hub import errors, snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_FILES, local_files_only=not download))
-    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, OSError, ValueError) as exc:
-        raise _hub_error(repo_id, exc) from exc
+    return Path(download_checkpoint(repo_id, revision=revision, offline=not download).directory)

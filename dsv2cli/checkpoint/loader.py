@@ -1,4 +1,7 @@
-"""Load a HF-layout checkpoint into :class:`DeepseekV2` without allocating random weights first.
+"""Load a checkpoint into :class:`DeepseekV2` without allocating random weights first.
+
+``load_checkpoint`` is the one entry point: a native directory (``native.py``) is mapped as it is;
+a HF-layout one goes through ``load_hf_checkpoint`` below.
 
 The model is built on the meta device; tensors are read from memory-mapped safetensors
 files, per-expert tensors are packed into the stacked layout, and everything is assigned
@@ -15,6 +18,7 @@ from safetensors import safe_open
 
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes
+from dsv2cli.checkpoint.native import is_native, load_native
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
@@ -109,5 +113,13 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     on_tensor: Callable[[str], None] | None = None,
 ) -> DeepseekV2:
-    """Load any checkpoint directory dsv2 understands; ``dtype=None`` keeps float32 (the parity dtype)."""
+    """Load any checkpoint directory dsv2 understands: HF layout, or native (``manifest.json``, float or int8).
+
+    ``dtype=None`` keeps float32 for a HF checkpoint (the parity dtype) and the stored dtype for a
+    native one (its files are mapped, not copied). An int8 checkpoint keeps int8 weights; ``dtype`` is
+    then the dtype of its activations and remaining float tensors.
+    """
+    directory = Path(directory)
+    if is_native(directory):
+        return load_native(directory, dtype, device)
     return load_hf_checkpoint(directory, dtype or torch.float32, device, on_tensor=on_tensor)

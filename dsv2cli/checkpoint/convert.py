@@ -1,0 +1,408 @@
+"""`dsv2 convert`: HF <-> native layout, dtype changes and int8, streamed and committed atomically.
+
+The conversion is a plan (output files, each an ordered list of output tensors, each made of
+source byte ranges) and one loop that executes it. Source bytes are read with ``pread`` into one
+reused buffer of :data:`CHUNK_BYTES`, a few rows at a time, converted (copy, cast or int8) and
+appended to the output file, so peak memory is a few chunks plus the int8 scales of one tensor,
+whatever the model's size. Everything is written into a staging directory beside OUTPUT and
+renamed into place only when complete (``writer.staged_directory``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo
+from dsv2cli.checkpoint.hf_keys import expert_slice, native_name, native_shapes
+from dsv2cli.checkpoint.native import (
+    MANIFEST_NAME,
+    QUANTIZATIONS,
+    ROUTER_SUFFIX,
+    ST_TO_TORCH,
+    Manifest,
+    expected_tensors,
+    file_for,
+)
+from dsv2cli.checkpoint.probe import ProbeReport, probe_quality
+from dsv2cli.checkpoint.source import Source, open_source
+from dsv2cli.checkpoint.writer import (
+    SafetensorsWriter,
+    TensorSpec,
+    WrittenFile,
+    check_output,
+    hash_file,
+    staged_directory,
+    write_error,
+    write_text_file,
+)
+from dsv2cli.errors import CheckpointError, InputError, UnsupportedError
+from dsv2cli.model.quantized import quantize_rows
+
+TARGETS = ("native", "hf")
+DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
+ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_NAME = {v: k for k, v in ST_DTYPE.items()}
+CHUNK_BYTES = 32 << 20
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class OutputTensor:
+    """One tensor to write: its spec and the source ranges whose rows it concatenates.
+
+    ``quantize``: int8 rows (scales kept for the scale tensor that follows); ``scale_of``: the
+    float32 scales of that int8 tensor (no source ranges of its own).
+    """
+
+    spec: TensorSpec
+    pieces: list[TensorInfo] = field(default_factory=list)
+    quantize: bool = False
+    scale_of: str | None = None
+
+
+@dataclass
+class OutputFile:
+    name: str
+    tensors: list[OutputTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    output: str
+    source_layout: str
+    target_layout: str
+    dtype: str
+    quantization: str | None
+    tensors: int
+    files: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    quality: ProbeReport | None = None
+
+    @property
+    def throughput_bytes_per_s(self) -> float:
+        return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "output": self.output,
+            "source_layout": self.source_layout,
+            "target_layout": self.target_layout,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "tensors": self.tensors,
+            "files": self.files,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "throughput_bytes_per_s": round(self.throughput_bytes_per_s),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "quality": self.quality.to_json() if self.quality else None,
+        }
+
+
+def resolve_source(spec: str) -> Path:
+    """SOURCE as typed: a directory, or a Hub repo id fetched through the HF cache."""
+    from dsv2cli.resolve import looks_like_repo_id
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if looks_like_repo_id(spec):
+        from dsv2cli.checkpoint.hub import fetch_checkpoint
+
+        return fetch_checkpoint(spec, download=os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""))
+    raise InputError(f"SOURCE '{spec}' is not a checkpoint directory or a Hugging Face repo id (owner/name)")
+
+
+def convert_checkpoint(
+    source: str,
+    output: str | Path,
+    to: str = "native",
+    dtype: str = "keep",
+    quantize: str | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    probe: bool | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
+) -> ConvertReport:
+    """Convert ``source`` into ``output``; see the module docstring. ``probe=None`` probes when values change."""
+    output = Path(output).expanduser()
+    if to not in TARGETS:
+        raise InputError(f"unknown target layout '{to}'", hint=f"choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPE_CHOICES:
+        raise InputError(f"unknown dtype '{dtype}'", hint=f"choose one of {', '.join(DTYPE_CHOICES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise InputError(f"unknown quantization '{quantize}'", hint=f"choose one of {', '.join(QUANTIZATIONS)}")
+    if quantize and to == "hf":
+        raise UnsupportedError("int8 weights have no HF layout", hint="use --to native with --quantize int8")
+    source_dir = resolve_source(source)
+    check_output(output, overwrite, protect=source_dir)
+    src = open_source(source_dir)
+    if src.quantization:
+        raise UnsupportedError(
+            f"{source_dir} is already quantized ({src.quantization}); dsv2 does not convert quantized checkpoints",
+            hint="convert from the floating-point checkpoint it was made from",
+        )
+    files, float_dtype = plan_native(src, dtype, quantize) if to == "native" else plan_hf(src, dtype, shard_bytes)
+    aux = src.aux_files()
+    needed = sum(f.nbytes for f in files) + sum(p.stat().st_size for p in aux)
+    free = shutil.disk_usage(output.parent).free
+    if needed > free:
+        raise InputError(
+            f"OUTPUT needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on its disk",
+            hint="free some space or choose an OUTPUT on another disk",
+        )
+    if on_start is not None:
+        on_start(src.nbytes)
+    if probe is None:
+        probe = quantize is not None or dtype != "keep"
+    start = time.perf_counter()
+    with staged_directory(output, overwrite) as staging:
+        written = _write_all(files, staging, on_progress)
+        written += [_copy(path, staging, float_dtype if dtype != "keep" else None) for path in aux]
+        if to == "native":
+            written.append(_write_manifest(staging, files, written, float_dtype, quantize))
+        else:
+            written.append(_write_index(staging, files))
+        seconds = time.perf_counter() - start
+        quality = probe_quality(source_dir, staging) if probe else None
+    return ConvertReport(
+        source=str(source_dir),
+        output=str(output),
+        source_layout=src.layout,
+        target_layout=to,
+        dtype=float_dtype,
+        quantization=quantize,
+        tensors=sum(len(f.tensors) for f in files),
+        files=len(written),
+        bytes_read=src.nbytes + sum(p.stat().st_size for p in aux),
+        bytes_written=sum(w.bytes for w in written),
+        seconds=seconds,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        quality=quality,
+    )
+
+
+def _target_dtype(name: str, stored: str, dtype: str) -> str:
+    if dtype == "keep":
+        return stored
+    return "F32" if name.endswith(ROUTER_SUFFIX) else ST_DTYPE[dtype]
+
+
+def _float_dtype(tensors: list[OutputTensor], dtype: str) -> str:
+    """The one float dtype of the result (the router may differ); a mixed source needs --dtype."""
+    if dtype != "keep":
+        return dtype
+    kinds = {
+        t.spec.dtype
+        for t in tensors
+        if t.spec.dtype in ST_NAME and t.scale_of is None and not t.spec.name.endswith(ROUTER_SUFFIX)
+    }
+    if len(kinds) != 1:
+        raise InputError(
+            f"the source mixes dtypes ({', '.join(sorted(kinds))})", hint="pass --dtype bfloat16, float16 or float32"
+        )
+    return ST_NAME[kinds.pop()]
+
+
+def plan_native(src: Source, dtype: str, quantize: str | None) -> tuple[list[OutputFile], str]:
+    """Output files of the native layout: experts stacked, one file per layer (see ``native.py``)."""
+    config = src.config
+    pieces: dict[str, list[TensorInfo]] = {name: [] for name in native_shapes(config)}
+    for hf, info in src.tensors.items():
+        expert = expert_slice(hf)
+        # HF order is expert-major with gate, up, down per expert: stacking keeps [gate_0, up_0, gate_1, ...].
+        pieces[native_name(hf) if expert is None else expert.native_name].append(info)
+    expected = expected_tensors(config, quantize)
+    shapes = native_shapes(config)
+    groups: dict[str, list[OutputTensor]] = {}
+    for name, parts in pieces.items():
+        shape = shapes[name]
+        group = groups.setdefault(file_for(name, config.num_hidden_layers), [])
+        if expected.get(name, ((), None))[1] == "I8":
+            scale = name.removesuffix("weight") + "scale" if name.endswith(".weight") else f"{name}_scale"
+            assert scale in expected, scale
+            group.append(OutputTensor(TensorSpec(name, "I8", shape), parts, quantize=True))
+            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), scale_of=name))
+        else:
+            group.append(OutputTensor(TensorSpec(name, _target_dtype(name, parts[0].dtype, dtype), shape), parts))
+    files = [OutputFile(name, tensors) for name, tensors in groups.items()]
+    return files, _float_dtype([t for f in files for t in f.tensors], dtype)
+
+
+def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile], str]:
+    """Output shards of the HF layout: per-expert tensors in checkpoint order, at most ``shard_bytes`` each."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for name, info in src.tensors.items():
+        tensor = OutputTensor(TensorSpec(name, _target_dtype(name, info.dtype, dtype), info.shape), [info])
+        if shards[-1] and size + tensor.spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.spec.nbytes
+    files = [OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", tensors) for i, tensors in enumerate(shards)]
+    return files, _float_dtype([t for shard in shards for t in shard], dtype)
+
+
+class _Reader:
+    """Reads byte ranges of source files into one reused buffer."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._buffer = bytearray(CHUNK_BYTES)
+
+    def read(self, info: TensorInfo, offset: int, length: int) -> memoryview:
+        if length > len(self._buffer):
+            self._buffer = bytearray(length)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(self._buffer)[:length]
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], info.begin + offset + done)
+            if n == 0:
+                raise OSError(f"unexpected end of file at byte {info.begin + offset + done}")
+            done += n
+        return view
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def _write_all(files: list[OutputFile], staging: Path, on_progress: Progress | None) -> list[WrittenFile]:
+    reader = _Reader()
+    written: list[WrittenFile] = []
+    try:
+        for file in files:
+            written.append(_write_file(file, staging / file.name, reader, on_progress))
+    finally:
+        reader.close()
+    return written
+
+
+def _write_file(file: OutputFile, path: Path, reader: _Reader, on_progress: Progress | None) -> WrittenFile:
+    writer: SafetensorsWriter | None = None
+    tensor = file.tensors[0]
+    try:
+        writer = SafetensorsWriter(path, [t.spec for t in file.tensors])
+        scales: dict[str, list[torch.Tensor]] = {}
+        for tensor in file.tensors:
+            if tensor.scale_of is not None:
+                writer.write(_as_bytes(torch.cat(scales.pop(tensor.scale_of))))
+                continue
+            for piece in tensor.pieces:
+                _write_piece(writer, tensor, piece, reader, scales)
+                if on_progress is not None:
+                    on_progress(piece.nbytes)
+        return writer.close()
+    except OSError as exc:
+        if writer is not None:
+            writer.abort()
+        if isinstance(exc, _ReadError):
+            raise CheckpointError(
+                f"could not read tensor '{exc.tensor}' from {exc.file.name}: {exc.reason}",
+                hint="the source file may be damaged; run `dsv2 verify` on SOURCE",
+            ) from exc
+        raise write_error(path, tensor.spec.name, exc) from exc
+
+
+class _ReadError(OSError):
+    def __init__(self, file: Path, tensor: str, reason: str) -> None:
+        super().__init__(reason)
+        self.file, self.tensor, self.reason = file, tensor, reason
+
+
+def _write_piece(
+    writer: SafetensorsWriter, tensor: OutputTensor, piece: TensorInfo, reader: _Reader, scales: dict[str, list[torch.Tensor]]
+) -> None:
+    """Stream one source range into ``writer`` a few rows at a time: copy, cast or quantize."""
+    rows = piece.shape[0] if piece.shape else 1
+    row_bytes = piece.nbytes // max(rows, 1)
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    source_dtype, target = ST_TO_TORCH[piece.dtype], tensor.spec.dtype
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        try:
+            view = reader.read(piece, first * row_bytes, count * row_bytes)
+        except OSError as exc:
+            raise _ReadError(piece.file, tensor.spec.name, str(exc)) from exc
+        if tensor.quantize:
+            values = torch.frombuffer(view, dtype=source_dtype).view(count, -1)  # [rows, I]
+            q, scale = quantize_rows(values)
+            scales.setdefault(tensor.spec.name, []).append(scale)
+            writer.write(_as_bytes(q))
+        elif target == piece.dtype:
+            writer.write(view)
+        else:
+            writer.write(_as_bytes(torch.frombuffer(view, dtype=source_dtype).to(ST_TO_TORCH[target])))
+
+
+def _copy(path: Path, staging: Path, dtype: str | None) -> WrittenFile:
+    """Copy a config / tokenizer file byte for byte (following the HF cache's symlinks).
+
+    When the dtype changes, ``config.json`` gets the new one (``torch_dtype`` / ``dtype``) so that
+    transformers loads the weights as they are stored.
+    """
+    try:
+        if path.name == "config.json" and dtype is not None:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = dtype
+            return write_text_file(staging / path.name, json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(path, staging / path.name)
+    except OSError as exc:
+        raise write_error(staging / path.name, None, exc) from exc
+    return hash_file(staging / path.name)
+
+
+def _write_manifest(
+    staging: Path, files: list[OutputFile], written: list[WrittenFile], dtype: str, quantize: str | None
+) -> WrittenFile:
+    tensors = {
+        t.spec.name: {"file": f.name, "dtype": t.spec.dtype, "shape": list(t.spec.shape)} for f in files for t in f.tensors
+    }
+    records = {w.name: {"bytes": w.bytes, "sha256": w.sha256} for w in sorted(written, key=lambda w: w.name)}
+    manifest = Manifest(dtype, quantize, tensors, records)
+    try:
+        return write_text_file(staging / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1) + "\n")
+    except OSError as exc:
+        raise write_error(staging / MANIFEST_NAME, None, exc) from exc
+
+
+def _write_index(staging: Path, files: list[OutputFile]) -> WrittenFile:
+    weight_map = {t.spec.name: f.name for f in files for t in f.tensors}
+    index = {"metadata": {"total_size": sum(f.nbytes for f in files)}, "weight_map": dict(sorted(weight_map.items()))}
+    try:
+        return write_text_file(staging / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    except OSError as exc:
+        raise write_error(staging / INDEX_NAME, None, exc) from exc

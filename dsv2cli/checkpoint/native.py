@@ -1,0 +1,223 @@
+"""dsv2's native checkpoint layout: stacked experts, one safetensors file per layer, and a manifest.
+
+A native directory holds ``config.json`` (and tokenizer / generation files), ``embed.safetensors``
+(the embedding), ``layer-NN.safetensors`` (everything of layer NN, routed experts stacked as
+``layers.NN.mlp.experts.gate_up_proj [E, 2I, D]`` and ``down_proj [E, D, I]``), ``head.safetensors``
+(final norm and ``lm_head``), and ``manifest.json``::
+
+    {"format": "dsv2-native", "format_version": 1, "dtype": "bfloat16", "quantization": null | "int8",
+     "tensors": {name: {"file", "dtype", "shape"}}, "files": {name: {"bytes", "sha256"}}}
+
+Tensor names are dsv2 module names, so loading is: build on the meta device, map each file
+(``safetensors.torch.load_file`` memory-maps it), ``load_state_dict(assign=True)``. Nothing is copied
+unless a different dtype or device is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dsv2cli.checkpoint.files import read_safetensors_header
+from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.errors import CheckpointError
+from dsv2cli.model import DeepseekV2
+from dsv2cli.model.quantized import quantize_int8
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "dsv2-native"
+FORMAT_VERSION = 1
+QUANTIZATIONS = ("int8",)
+
+TORCH_TO_ST = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int8: "I8",
+}
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Router weights are computed in float32 whatever the model dtype (spec §4.2).
+ROUTER_SUFFIX = ".mlp.gate.weight"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dtype: str
+    quantization: str | None
+    tensors: dict[str, dict]
+    files: dict[str, dict]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "tensors": self.tensors,
+            "files": self.files,
+        }
+
+
+def is_native(directory: Path) -> bool:
+    return (directory / MANIFEST_NAME).is_file()
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse ``manifest.json``; a malformed or newer manifest is a :class:`CheckpointError`."""
+    path = directory / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path} is not a dsv2 manifest (format {raw.get('format')!r})")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has format version {raw.get('format_version')}; this dsv2 reads version {FORMAT_VERSION}",
+                hint="convert the checkpoint again with this version of dsv2",
+            )
+        manifest = Manifest(raw["dtype"], raw.get("quantization"), dict(raw["tensors"]), dict(raw["files"]))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}", hint="the manifest is damaged; convert again") from exc
+    if manifest.dtype not in DTYPE_BY_NAME:
+        raise CheckpointError(f"{path}: unknown dtype {manifest.dtype!r}", hint=f"expected one of {', '.join(DTYPE_BY_NAME)}")
+    if manifest.quantization not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"{path}: unknown quantization {manifest.quantization!r}")
+    return manifest
+
+
+def layer_file(index: int, num_layers: int) -> str:
+    return f"layer-{index:0{max(2, len(str(num_layers - 1)))}d}.safetensors"
+
+
+def file_for(native_name: str, num_layers: int) -> str:
+    """Which native file holds a tensor: ``embed``, ``layer-NN`` or ``head``."""
+    if native_name.startswith("layers."):
+        return layer_file(int(native_name.split(".", 2)[1]), num_layers)
+    return "embed.safetensors" if native_name.startswith("embed_tokens.") else "head.safetensors"
+
+
+def expected_tensors(config: ModelConfig, quantization: str | None) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """Every tensor a native checkpoint of ``config`` holds: name -> (shape, required dtype or None = any float).
+
+    Built from the model itself on the meta device (after the int8 transform when quantized),
+    so names can never drift from the modules they are assigned to.
+    """
+    model = build_structure(config, quantization)
+    expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
+    for name, tensor in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if tensor.dtype == torch.int8:
+            expected[name] = (tuple(tensor.shape), "I8")
+        elif quantization and name.endswith("scale"):
+            expected[name] = (tuple(tensor.shape), "F32")
+        else:
+            expected[name] = (tuple(tensor.shape), None)
+    return expected
+
+
+def build_structure(config: ModelConfig, quantization: str | None) -> DeepseekV2:
+    """The model on the meta device, with int8 modules installed for an int8 checkpoint."""
+    with torch.device("meta"):
+        model = DeepseekV2(config)
+    if quantization == "int8":
+        quantize_int8(model)
+    return model
+
+
+def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) -> list[str]:
+    """Problems visible from the headers alone: files, names, shapes and dtypes (no hashing)."""
+    problems: list[str] = []
+    expected = expected_tensors(config, manifest.quantization)
+    stored: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for file in sorted({str(t.get("file")) for t in manifest.tensors.values()}):
+        path = directory / file
+        if "/" in file or "\\" in file or not file.endswith(".safetensors"):
+            problems.append(f"{MANIFEST_NAME}: names '{file}', which is not a safetensors file in the checkpoint directory")
+            continue
+        if not path.is_file():
+            problems.append(f"missing file '{file}' (named by {MANIFEST_NAME})")
+            continue
+        try:
+            header = read_safetensors_header(path)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{file}: {exc}")
+            continue
+        for name, info in header.items():
+            stored[name] = (file, info.shape, info.dtype)
+    for name, entry in manifest.tensors.items():
+        where = stored.get(name)
+        if where is None:
+            if (directory / str(entry.get("file"))).is_file():
+                problems.append(f"{entry.get('file')}: has no tensor '{name}' although {MANIFEST_NAME} says so")
+        elif where[0] != entry.get("file") or list(where[1]) != list(entry.get("shape", [])) or where[2] != entry.get("dtype"):
+            problems.append(f"{where[0]}: tensor '{name}' ({where[2]} {list(where[1])}) differs from {MANIFEST_NAME}")
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        problems.append(f"missing tensor{'s' if len(missing) > 1 else ''}: {shown}")
+    float_dtype = TORCH_TO_ST[DTYPE_BY_NAME[manifest.dtype]]
+    for name, (file, shape, dtype) in stored.items():
+        if name not in expected:
+            problems.append(f"{file}: unexpected tensor '{name}' (not part of this config)")
+            continue
+        want_shape, want_dtype = expected[name]
+        if shape != want_shape:
+            problems.append(f"{file}: tensor '{name}' has shape {list(shape)}, config needs {list(want_shape)}")
+        allowed = {want_dtype} if want_dtype else {float_dtype, "F32"} if name.endswith(ROUTER_SUFFIX) else {float_dtype}
+        if dtype not in allowed:
+            problems.append(f"{file}: tensor '{name}' has dtype {dtype}; expected {' or '.join(sorted(allowed))}")
+        elif name not in manifest.tensors:
+            problems.append(f"{file}: tensor '{name}' is not listed in {MANIFEST_NAME}")
+    return problems
+
+
+def load_native(
+    directory: Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+) -> DeepseekV2:
+    """Build a model from a native directory by mapping its files (no copy unless dtype/device change).
+
+    ``dtype=None`` keeps the stored float dtype; int8 weights always stay int8 (the float tensors and
+    the scales take ``dtype``, which is then the activation dtype).
+    """
+    manifest = read_manifest(directory)
+    config = config or load_config(directory)
+    problems = header_problems(directory, manifest, config)
+    if problems:
+        from dsv2cli.checkpoint.files import problems_error
+
+        raise problems_error(directory, problems)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted({t["file"] for t in manifest.tensors.values()}):
+        try:
+            state.update(load_file(str(directory / file)))
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"could not read {file}: {exc}", hint="run `dsv2 verify` on the directory") from exc
+    activation = dtype or DTYPE_BY_NAME[manifest.dtype]
+    for name, tensor in state.items():
+        if tensor.dtype == torch.int8:
+            want = torch.int8
+        elif name.endswith(ROUTER_SUFFIX):
+            want = torch.float32 if dtype is not None else tensor.dtype
+        elif manifest.quantization and name.endswith("scale"):
+            want = activation  # stored in float32; int8 matmuls take the scale in the activation dtype
+        else:
+            want = dtype or tensor.dtype
+        if tensor.dtype != want or torch.device(device) != tensor.device:
+            state[name] = tensor.to(device=device, dtype=want)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model = build_structure(config, manifest.quantization)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to(device)
+    return model.eval()

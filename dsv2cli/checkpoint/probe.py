@@ -1,0 +1,150 @@
+"""What a conversion costs in quality: next-token log-likelihood of a fixed probe, source vs result.
+
+Both checkpoints run the same probe tokens layer by layer (one layer's weights in memory at a
+time, read as they are stored: a bfloat16 checkpoint runs in bfloat16, an int8 one through its int8
+matmuls), and the report compares the mean log-probability of each next token, the top-1
+agreement and the largest logit difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
+
+from dsv2cli.checkpoint.files import CheckpointFiles, find_problems, problems_error
+from dsv2cli.checkpoint.loader import read_hf_state_dict
+from dsv2cli.checkpoint.native import ST_TO_TORCH, file_for, is_native, read_manifest
+from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.model.norm import RMSNorm
+from dsv2cli.model.quantized import quantize_int8
+from dsv2cli.model.rope import RotaryEmbedding
+from dsv2cli.model.transformer import Block
+
+PROBE_TEXT = (
+    "DeepSeek-V2 compresses keys and values into a small latent vector, so the cache it keeps for each token "
+    "is much smaller than in multi-head attention, and its feed-forward layers route every token to a few "
+    "of many small experts. The quick brown fox jumps over the lazy dog; 1, 2, 3, 5, 8, 13, 21."
+)
+PROBE_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    tokens: int
+    token_source: str  # "tokenizer" or "seeded ids"
+    source_logprob: float  # mean log p(next token), nats
+    result_logprob: float
+    top1_agreement: float
+    max_logit_diff: float
+
+    @property
+    def delta(self) -> float:
+        return self.result_logprob - self.source_logprob
+
+    def to_json(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_source": self.token_source,
+            "source_mean_logprob": round(self.source_logprob, 6),
+            "result_mean_logprob": round(self.result_logprob, 6),
+            "delta_mean_logprob": round(self.delta, 6),
+            "top1_agreement": round(self.top1_agreement, 4),
+            "max_logit_diff": round(self.max_logit_diff, 6),
+        }
+
+
+def probe_tokens(directory: Path, config: ModelConfig) -> tuple[torch.Tensor, str]:
+    """``[1, S]`` probe ids: :data:`PROBE_TEXT` through the checkpoint's tokenizer, else seeded ids."""
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(path)).encode(PROBE_TEXT, add_special_tokens=False).ids[: PROBE_LENGTH - 1]
+        if config.bos_token_id is not None:
+            ids = [config.bos_token_id, *ids]
+        if len(ids) > 2 and max(ids) < config.vocab_size:
+            return torch.tensor([ids]), "tokenizer"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, config.vocab_size, (1, PROBE_LENGTH), generator=generator), "seeded ids"
+
+
+class LayerwiseWeights:
+    """The weights of one checkpoint (HF or native, float or int8), one part at a time."""
+
+    def __init__(self, directory: Path, config: ModelConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self.quantization: str | None = None
+        self.files: CheckpointFiles | None = None
+        if is_native(directory):
+            self.quantization = read_manifest(directory).quantization
+        else:
+            self.files, problems = find_problems(directory, config)
+            if problems:
+                raise problems_error(directory, problems)
+
+    def part(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose dsv2 name starts with ``prefix`` (in its stored dtype; experts stacked)."""
+        if self.files is None:
+            name = file_for(prefix, self.config.num_hidden_layers)
+            return {k: v for k, v in load_file(str(self.directory / name)).items() if k.startswith(prefix)}
+        subset = CheckpointFiles(self.directory)
+        subset.tensors = {k: v for k, v in self.files.tensors.items() if k.removeprefix("model.").startswith(prefix)}
+        stored = next(iter(subset.tensors.values())).dtype
+        return read_hf_state_dict(subset, self.config, ST_TO_TORCH[stored])
+
+    def block(self, index: int) -> Block:
+        prefix = f"layers.{index}."
+        state = {k.removeprefix(prefix): v for k, v in self.part(prefix).items()}
+        with torch.device("meta"):
+            block = Block(self.config, index)
+        if self.quantization == "int8":
+            quantize_int8(block)
+            dtype = next(v.dtype for k, v in state.items() if k.endswith("layernorm.weight"))
+            state = {k: v.to(dtype) if k.endswith("scale") else v for k, v in state.items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        return block.eval()
+
+
+@torch.no_grad()
+def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    config = weights.config
+    embed = weights.part("embed_tokens.")["embed_tokens.weight"]
+    x = F.embedding(tokens, embed)  # [1, S, D]
+    positions = torch.arange(tokens.shape[1])[None]
+    cos, sin = rotary.cos_sin(positions)
+    for index in range(config.num_hidden_layers):
+        block = weights.block(index)
+        x = block(x, cos, sin, None, None, "absorbed", None)
+        del block
+    head = weights.part("norm.") | ({} if config.tie_word_embeddings else weights.part("lm_head."))
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    norm.weight = torch.nn.Parameter(head["norm.weight"], requires_grad=False)
+    lm_head = embed if config.tie_word_embeddings else head["lm_head.weight"]
+    return F.linear(norm(x), lm_head.to(x.dtype)).float()[0]  # [S, V]
+
+
+def probe_quality(source: Path, result: Path) -> ProbeReport:
+    """Run the probe through ``source`` and ``result`` (same config) and compare."""
+    config = load_config(source)
+    tokens, kind = probe_tokens(source, config)
+    rotary = RotaryEmbedding(config)
+    reference = _logits(LayerwiseWeights(source, config), tokens, rotary)
+    converted = _logits(LayerwiseWeights(result, config), tokens, rotary)
+    targets = tokens[0, 1:]
+
+    def mean_logprob(logits: torch.Tensor) -> float:
+        return logits[:-1].log_softmax(-1).gather(1, targets[:, None]).mean().item()
+
+    return ProbeReport(
+        tokens=int(tokens.shape[1]),
+        token_source=kind,
+        source_logprob=mean_logprob(reference),
+        result_logprob=mean_logprob(converted),
+        top1_agreement=(reference.argmax(-1) == converted.argmax(-1)).float().mean().item(),
+        max_logit_diff=(reference - converted).abs().max().item(),
+    )

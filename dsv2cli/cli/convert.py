@@ -1,0 +1,129 @@
+"""`dsv2 convert`: HF <-> native layout, dtype changes and int8, with a progress bar by bytes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from dsv2cli.checkpoint.convert import DEFAULT_SHARD_BYTES, ConvertReport, convert_checkpoint
+from dsv2cli.cli.common import TextOrJson, emit_json, err, handle_errors, human_bytes, out
+from dsv2cli.errors import InputError
+
+EPILOG = (
+    "Examples:\n\n"
+    "  dsv2 convert deepseek-ai/DeepSeek-V2-Lite ./lite-native\n\n"
+    "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int8 --quantize int8 --format json\n\n"
+    "  dsv2 convert ./lite-native ./lite-hf --to hf --dtype float32\n\n"
+    "SOURCE is a Hub repo id (fetched like `dsv2 download`), a HF-layout directory or a native one. "
+    "OUTPUT appears only when the conversion is complete; an existing OUTPUT is replaced only with --overwrite."
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class Target(str, Enum):
+    native = "native"
+    hf = "hf"
+
+
+class DtypeChoice(str, Enum):
+    keep = "keep"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise InputError(f"cannot read the size '{text}'", hint="write it like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[tuple]:
+    """A rich progress bar by bytes on stderr; yields ``(on_start(total), on_bytes(n))``."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield (lambda total: progress.update(task, total=total), lambda n: progress.advance(task, n))
+
+
+@handle_errors
+def convert(
+    source: str = typer.Argument(..., help="Hub repo id, HF-layout directory or native directory."),
+    output: Path = typer.Argument(..., help="Directory to create (must not exist unless --overwrite)."),
+    to: Target = typer.Option(Target.native, "--to", help="native (stacked experts, mapped at load) or hf."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice.keep, "--dtype", help="Float dtype of the result; the router stays float32."),
+    quantize: Quantization | None = typer.Option(
+        None, "--quantize", help="int8: weight-only, symmetric, per output channel (native only)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete)."),
+    shard_size: str = typer.Option(
+        f"{DEFAULT_SHARD_BYTES // 10**9}GB", "--shard-size", help="Largest shard for --to hf (5GB, 500MB, ...)."
+    ),
+    probe: bool | None = typer.Option(
+        None, "--probe/--no-probe", help="Measure the quality cost on a probe text (default: when values change)."
+    ),
+    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+) -> None:
+    """Convert a checkpoint: HF <-> native layout, another dtype, or int8; streamed, memory-bounded and atomic."""
+    with byte_progress("converting") as (on_start, on_bytes):
+        report = convert_checkpoint(
+            source,
+            output,
+            to=to.value,
+            dtype=dtype.value,
+            quantize=quantize.value if quantize else None,
+            overwrite=overwrite,
+            shard_bytes=parse_size(shard_size),
+            probe=probe,
+            on_start=on_start,
+            on_progress=on_bytes,
+        )
+    if format == TextOrJson.json:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+
+
+def _render(r: ConvertReport) -> None:
+    table = Table(title=f"{r.source} -> {r.output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("layout", f"{r.source_layout} -> {r.target_layout}")
+    table.add_row("dtype", r.dtype + (f", {r.quantization} weights" if r.quantization else ""))
+    table.add_row("tensors / files", f"{r.tensors} / {r.files}")
+    table.add_row("read / written", f"{human_bytes(r.bytes_read)} / {human_bytes(r.bytes_written)}")
+    table.add_row("time", f"{r.seconds:.2f} s ({human_bytes(r.throughput_bytes_per_s)}/s)")
+    table.add_row("peak memory (RSS)", human_bytes(r.peak_rss_bytes))
+    if r.quality is not None:
+        q = r.quality
+        table.add_row(
+            "quality (probe)",
+            f"mean log p(next token) {q.source_logprob:.4f} -> {q.result_logprob:.4f} (change {q.delta:+.4f}) "
+            f"over {q.tokens} tokens ({q.token_source}); top-1 agreement {q.top1_agreement:.1%}",
+        )
+    out.print(table)

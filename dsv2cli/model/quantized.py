@@ -1,0 +1,144 @@
+"""Weight-only int8 (symmetric, per output channel): modules and the transform that installs them.
+
+Shape legend: N tokens, D hidden size, O output features, I input features, E routed experts,
+M moe_intermediate_size.
+
+A weight ``W [O, I]`` is stored as ``q [O, I]`` int8 and ``scale [O]`` with ``W ~ q * scale[:, None]``
+and ``scale = max|W[o, :]| / 127``. Activations stay in floating point.
+
+Like gpt-fast's ``quantize.py`` this is a transform applied to a built model (``quantize_int8``);
+the model files do not know about it. Embeddings, norms, the router and ``lm_head`` stay in
+floating point, and so does ``kv_b_proj``: absorbed attention reads its weight directly as
+W_UK / W_UV (``attention.py``), and it is small (H * (N + V) * C values per layer).
+
+On CPU with bfloat16 activations the matmul is ``torch._weight_int8pack_mm`` (an int8 kernel that
+reads a quarter of float32's bytes); with other activation dtypes the weight is dequantized on
+the fly, one matrix (or one expert) at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dsv2cli.model.moe import RoutedExperts
+
+# Linear layers that stay in floating point (see the module docstring for why).
+FLOAT_LINEARS = ("lm_head", "kv_b_proj")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [..., O, I]`` (any float dtype) -> ``(q [..., O, I] int8, scale [..., O] float32)``.
+
+    Symmetric: ``q = round(w / scale)`` in ``[-127, 127]``; an all-zero row gets scale 1.
+    """
+    w = weight.float()
+    amax = w.abs().amax(dim=-1)  # [..., O]
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q [..., O, I]`` int8, ``scale [..., O]`` -> the float weight ``[..., O, I]`` in ``dtype``."""
+    return (q.to(dtype) * scale.to(dtype)[..., None]).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch._weight_int8pack_mm(flat, q, scale.to(torch.bfloat16))  # [N, O]
+        return out.reshape(*x.shape[:-1], q.shape[0])
+    # Multiplying the output by the scale is exact in real arithmetic and avoids a scaled weight copy.
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` (no bias) with an int8 ``weight [O, I]`` and a float32 ``scale [O]``."""
+
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, device=linear.weight.device)
+        if linear.weight.is_meta:
+            return module
+        module.weight, module.scale = quantize_rows(linear.weight.detach())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8RoutedExperts(nn.Module):
+    """:class:`RoutedExperts` with int8 stacked weights.
+
+    ``gate_up_proj [E, 2M, D]`` int8 with ``gate_up_proj_scale [E, 2M]``, ``down_proj [E, D, M]`` int8
+    with ``down_proj_scale [E, D]``; the same forward contract as ``RoutedExperts``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, device: torch.device | str | None = None):
+        super().__init__()
+        e, d, m = num_experts, hidden_size, intermediate_size
+        self.num_experts = e
+        self.register_buffer("gate_up_proj", torch.empty(e, 2 * m, d, dtype=torch.int8, device=device))
+        self.register_buffer("gate_up_proj_scale", torch.ones(e, 2 * m, dtype=torch.float32, device=device))
+        self.register_buffer("down_proj", torch.empty(e, d, m, dtype=torch.int8, device=device))
+        self.register_buffer("down_proj_scale", torch.ones(e, d, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts) -> Int8RoutedExperts:
+        e, two_m, d = experts.gate_up_proj.shape
+        module = cls(e, d, two_m // 2, device=experts.gate_up_proj.device)
+        if experts.gate_up_proj.is_meta:
+            return module
+        module.gate_up_proj, module.gate_up_proj_scale = quantize_rows(experts.gate_up_proj.detach())
+        module.down_proj, module.down_proj_scale = quantize_rows(experts.down_proj.detach())
+        return module
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``)."""
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // top_k
+        weight_of = weights.reshape(-1)[order]
+        counts = torch.bincount(flat_ids[order] + 1, minlength=self.num_experts + 1).tolist()  # slot 0 = dropped (-1)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = counts[0]
+        for expert, count in enumerate(counts[1:]):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            gate, up = int8_linear(x[rows], self.gate_up_proj[expert], self.gate_up_proj_scale[expert]).chunk(2, dim=-1)
+            y = int8_linear(F.silu(gate) * up, self.down_proj[expert], self.down_proj_scale[expert])  # [count, D]
+            out.index_add_(0, rows, y.float() * weight_of[start : start + count, None])
+            start += count
+        return out
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace the quantizable linears and every ``RoutedExperts`` of ``model`` in place; returns it.
+
+    On a meta-device model this only installs the int8 structure (to assign an int8 checkpoint);
+    on a loaded model it quantizes the weights.
+    """
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, RoutedExperts):
+                setattr(module, child_name, Int8RoutedExperts.from_experts(child))
+            elif isinstance(child, nn.Linear) and child_name not in FLOAT_LINEARS and child.bias is None:
+                setattr(module, child_name, Int8Linear.from_linear(child))
+    return model

@@ -1,0 +1,112 @@
+"""Weight-only int8: the row quantizer, the int8 modules against their float counterparts, the transform."""
+
+import torch
+from torch.nn import functional as F
+
+from dsv2cli.checkpoint.loader import load_hf_checkpoint
+from dsv2cli.config import ModelConfig
+from dsv2cli.model import DeepseekV2
+from dsv2cli.model.moe import RoutedExperts
+from dsv2cli.model.quantized import (
+    Int8Linear,
+    Int8RoutedExperts,
+    dequantize_rows,
+    int8_linear,
+    quantize_int8,
+    quantize_rows,
+)
+from tests.helpers import TINY_HF, reference_model, save_reference
+
+
+def _config() -> ModelConfig:
+    return ModelConfig.from_hf(dict(TINY_HF))
+
+
+def test_quantize_rows_is_symmetric_per_row_and_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40) * torch.tensor([0.01, 0.1, 1.0, 10.0, 3.0, 0.0])[:, None]
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (6,)
+    assert q[:5].abs().amax(dim=1).tolist() == [127] * 5  # each row's largest |w| lands on ±127
+    assert torch.equal(q[5], torch.zeros(40, dtype=torch.int8)) and scale[5] == 1.0  # zero row
+    error = (dequantize_rows(q, scale, torch.float32) - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_quantize_rows_on_stacked_experts_matches_each_expert():
+    w = torch.randn(3, 8, 16)
+    q, scale = quantize_rows(w)
+    for e in range(3):
+        qe, se = quantize_rows(w[e])
+        assert torch.equal(q[e], qe) and torch.equal(scale[e], se)
+
+
+def test_int8_linear_float32_equals_the_dequantized_matmul():
+    torch.manual_seed(1)
+    x, w = torch.randn(5, 32), torch.randn(24, 32)
+    q, scale = quantize_rows(w)
+    expected = F.linear(x, dequantize_rows(q, scale, torch.float32))
+    torch.testing.assert_close(int8_linear(x, q, scale), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_bfloat16_uses_the_int8_kernel():
+    torch.manual_seed(2)
+    x, w = torch.randn(2, 3, 64, dtype=torch.bfloat16), torch.randn(48, 64)
+    q, scale = quantize_rows(w)
+    got = int8_linear(x, q, scale)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.bfloat16
+    kernel = torch._weight_int8pack_mm(x.reshape(6, 64), q, scale.to(torch.bfloat16)).reshape(2, 3, 48)
+    assert torch.equal(got, kernel)
+    reference = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
+    assert (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights():
+    config = _config()
+    torch.manual_seed(3)
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    int8 = Int8RoutedExperts.from_experts(experts)
+    dequantized = RoutedExperts(config)
+    with torch.no_grad():
+        dequantized.gate_up_proj.copy_(dequantize_rows(int8.gate_up_proj, int8.gate_up_proj_scale, torch.float32))
+        dequantized.down_proj.copy_(dequantize_rows(int8.down_proj, int8.down_proj_scale, torch.float32))
+    x = torch.randn(7, config.hidden_size)
+    ids = torch.tensor([[0, 3], [3, -1], [5, 1], [7, 0], [2, 2], [6, 4], [1, 5]])
+    weights = torch.rand(7, 2)
+    torch.testing.assert_close(int8(x, ids, weights), dequantized(x, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_transform_keeps_embeddings_norms_router_head_and_kv_b_in_float():
+    torch.manual_seed(4)
+    model = DeepseekV2(_config())
+    quantize_int8(model)
+    int8 = {name for name, t in model.state_dict().items() if t.dtype == torch.int8}
+    assert "layers.1.mlp.experts.gate_up_proj" in int8 and "layers.0.mlp.down_proj.weight" in int8
+    assert "layers.1.self_attn.q_a_proj.weight" in int8 and "layers.1.mlp.shared_experts.up_proj.weight" in int8
+    for kept in ("embed_tokens.weight", "lm_head.weight", "norm.weight", "layers.1.mlp.gate.weight"):
+        assert kept not in int8
+    assert "layers.1.self_attn.kv_b_proj.weight" not in int8
+    assert not any(isinstance(m, RoutedExperts) for m in model.modules())
+
+
+def test_quantized_model_stays_close_to_float(tmp_path):
+    save_reference(reference_model(), tmp_path)
+    float_model = load_hf_checkpoint(tmp_path)
+    int8_model = quantize_int8(load_hf_checkpoint(tmp_path))
+    tokens = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, got = float_model(tokens), int8_model(tokens)
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_meta_transform_only_installs_structure():
+    with torch.device("meta"):
+        model = DeepseekV2(_config())
+    quantize_int8(model)
+    linear = model.layers[1].self_attn.o_proj
+    assert isinstance(linear, Int8Linear) and linear.weight.is_meta and linear.weight.dtype == torch.int8
+    assert isinstance(model.layers[1].mlp.experts, Int8RoutedExperts)
