@@ -5,7 +5,10 @@ from __future__ import annotations
 import typer
 
 from dsv2cli import __version__
+from dsv2cli.cli import convert as convert_cmd
+from dsv2cli.cli import download as download_cmd
 from dsv2cli.cli import generate, info
+from dsv2cli.cli import verify as verify_cmd
 
 app = typer.Typer(
     name="dsv2",
@@ -33,6 +36,9 @@ def _root(
 
 app.command("generate", epilog=generate.EPILOG)(generate.generate)
 app.command("info", epilog=info.EPILOG)(info.info)
+app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)
+app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
+app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
 
 
 def main() -> None:
