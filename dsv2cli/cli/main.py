@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from dsv2cli import __version__
+from dsv2cli.cli import cache_report, generate, info
 from dsv2cli.cli import convert as convert_cmd
 from dsv2cli.cli import download as download_cmd
-from dsv2cli.cli import cache_report, generate, info
 from dsv2cli.cli import verify as verify_cmd
 
 app = typer.Typer(
