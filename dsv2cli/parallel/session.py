@@ -1,0 +1,43 @@
+"""Loading a model for a command: one process as before, or this rank's shard under torchrun."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv2cli.errors import InputError
+from dsv2cli.inference.session import LoadedModel, choose_dtype, load_for_generation
+from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.parallel.group import ParallelGroup, agree
+from dsv2cli.parallel.loading import load_sharded
+from dsv2cli.parallel.memory import ShardReport, gather_report
+from dsv2cli.resolve import resolve_checkpoint
+
+
+def load_model(
+    spec: str | None,
+    group: ParallelGroup | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int | None = None,
+) -> tuple[LoadedModel, ShardReport | None]:
+    """The whole model without a group; with one, this rank's shard and every rank's memory numbers.
+
+    Under a group every rank loads, then all check together (:func:`agree`): a rank that failed (a
+    missing file, no memory) makes every rank raise the same error instead of leaving the others
+    waiting in their first collective.
+    """
+    if group is None:
+        return load_for_generation(spec, device, dtype, threads), None
+
+    def load_shard() -> LoadedModel:
+        if threads is not None:
+            if threads < 1:
+                raise InputError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        name, directory = resolve_checkpoint(spec)
+        torch_dtype = choose_dtype(dtype, group.device, directory)
+        model = load_sharded(directory, group, torch_dtype)
+        return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype)
+
+    loaded = agree(group, load_shard)
+    return loaded, gather_report(group, loaded.model, loaded.dtype)
