@@ -221,3 +221,19 @@ def test_plan_rejects_uneven_splits_naming_the_field():
     assert "across 3 ranks" in info.value.message
     assert info.value.hint.endswith("1, 2, 4, 8, 16")
     assert ShardPlan.world_sizes(preset_config("deepseek-v2"))[-1] == 32
+
+
+def _seed_worker(rank: int) -> int | None:
+    from dsv2cli.parallel.group import shared_seed, start, stop
+
+    group = start("cpu", "gloo")
+    try:
+        assert shared_seed(group, 7) == 7
+        return shared_seed(group, None)
+    finally:
+        stop()
+
+
+def test_unseeded_sampling_gets_one_seed_for_every_rank():
+    seeds = _ok(run_ranks(2, _seed_worker), 2)
+    assert seeds[0] is not None and seeds == [seeds[0]] * 2

@@ -14,8 +14,10 @@ from dsv2cli.errors import InputError
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
 from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.sampling import SamplingParams
-from dsv2cli.inference.session import LoadedModel, load_for_generation
+from dsv2cli.inference.session import LoadedModel
 from dsv2cli.model.attention import ATTENTION_IMPLS
+from dsv2cli.parallel import ParallelGroup, distributed_run, from_main_rank, shared_seed
+from dsv2cli.parallel.session import load_model
 
 EPILOG = (
     "Examples:\n\n"
@@ -25,6 +27,7 @@ EPILOG = (
     "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
     "  echo 'class Stack:' | dsv2 generate -\n\n"
     "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
+    "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default)."
 )
@@ -82,35 +85,45 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
+    ),
 ) -> None:
-    """Generate text from a DeepSeek-V2-family model, streaming it as it is produced."""
+    """Generate text from a DeepSeek-V2-family model, streaming it as it is produced.
+
+    Under torchrun the model is split across the processes (docs/distributed.md); rank 0 reads and prints.
+    """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    inputs = _gather_inputs(prompts or [], input_file, token_ids, interactive)
-    loaded = load_for_generation(model, device, dtype, threads)
-    defaults = loaded.tokenizer.special.generation_defaults if loaded.tokenizer else {}
-    sampled = bool(defaults.get("do_sample"))
-    sampling = SamplingParams(
-        temperature=temperature if temperature is not None else (float(defaults.get("temperature", 1.0)) if sampled else 0.0),
-        top_k=top_k,
-        top_p=top_p if top_p is not None else (float(defaults.get("top_p", 1.0)) if sampled else 1.0),
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-    options = GenerationOptions(
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        eos_token_ids=loaded.eos_token_ids,
-        ignore_eos=ignore_eos,
-        stop=tuple(stop or ()),
-        attention=attention.value,
-    )
-    if interactive:
-        _interactive(loaded, options, system)
-        return
-    requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
-    _run_batches(loaded, requests, options, format, batch_size)
+    with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
+        inputs = from_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
+        loaded, shards = load_model(model, group, device, dtype, threads)
+        if shards is not None:
+            for line in shards.lines():
+                err.print(f"[dim]{line}[/]", soft_wrap=True)
+        defaults = loaded.tokenizer.special.generation_defaults if loaded.tokenizer else {}
+        sampled = bool(defaults.get("do_sample"))
+        sampling = SamplingParams(
+            temperature=temperature if temperature is not None else (float(defaults.get("temperature", 1.0)) if sampled else 0.0),
+            top_k=top_k,
+            top_p=top_p if top_p is not None else (float(defaults.get("top_p", 1.0)) if sampled else 1.0),
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=shared_seed(group, seed),
+        )
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_token_ids=loaded.eos_token_ids,
+            ignore_eos=ignore_eos,
+            stop=tuple(stop or ()),
+            attention=attention.value,
+        )
+        if interactive:
+            _interactive(loaded, options, system, group)
+            return
+        requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
+        _run_batches(loaded, requests, options, format, batch_size)
 
 
 def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:
@@ -193,20 +206,24 @@ def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedMo
     )
 
 
-def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | None) -> None:
+def _read_line() -> str | None:
+    """The next line the user typed; None at the end of input or on Ctrl-C."""
+    try:
+        if sys.stdin.isatty():
+            return input(">>> ")
+        return sys.stdin.readline() or None
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | None, group: ParallelGroup | None = None) -> None:
     if loaded.tokenizer is None:
         raise InputError("--interactive needs a checkpoint with a tokenizer")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     err.print("[dim]Chat with the model. /clear forgets the conversation, /exit quits, Ctrl-C stops an answer.[/]")
     while True:
-        try:
-            if sys.stdin.isatty():
-                line = input(">>> ")
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    break
-        except (EOFError, KeyboardInterrupt):
+        line = from_main_rank(group, _read_line)  # under torchrun rank 0 reads and every rank gets the line
+        if line is None:
             break
         line = line.strip()
         if not line:

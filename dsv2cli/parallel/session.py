@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsv2cli.errors import InputError
 from dsv2cli.inference.session import LoadedModel, choose_dtype, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.parallel.group import ParallelGroup, agree
+from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
 from dsv2cli.resolve import resolve_checkpoint
+
+# Makes the named rank fail after loading its shard: a way to check that a launch reports failures and stops.
+FAIL_RANK_ENV = "DSV2_FAIL_RANK"
 
 
 def load_model(
@@ -37,6 +42,8 @@ def load_model(
         name, directory = resolve_checkpoint(spec)
         torch_dtype = choose_dtype(dtype, group.device, directory)
         model = load_sharded(directory, group, torch_dtype)
+        if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
+            raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
         return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype)
 
     loaded = agree(group, load_shard)
