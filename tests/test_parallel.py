@@ -237,3 +237,26 @@ def _seed_worker(rank: int) -> int | None:
 def test_unseeded_sampling_gets_one_seed_for_every_rank():
     seeds = _ok(run_ranks(2, _seed_worker), 2)
     assert seeds[0] is not None and seeds == [seeds[0]] * 2
+
+
+def _loads_worker(rank: int, differ: bool) -> list | str:
+    from dsv2cli.parallel.expert_loads import gather_expert_loads
+    from dsv2cli.parallel.group import CollectiveFailure, start, stop
+
+    group = start("cpu", "gloo")
+    config = preset_config("tiny")  # 16 routed experts
+    counts = [[1] * 16, [2] * 8 + [0] * 8]
+    if differ and rank == 1:
+        counts[1][0] += 1
+    try:
+        return [r.assignments for r in gather_expert_loads(group, config, counts).ranks]
+    except CollectiveFailure as exc:
+        return exc.message
+    finally:
+        stop()
+
+
+def test_expert_loads_are_split_by_owning_rank_and_checked():
+    assert _ok(run_ranks(2, _loads_worker, False), 2) == [[8 + 16, 8 + 0]] * 2
+    messages = _ok(run_ranks(2, _loads_worker, True), 2)
+    assert messages == ["the ranks computed different expert counts (rank 1 differs from rank 0)"] * 2

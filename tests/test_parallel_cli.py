@@ -100,3 +100,27 @@ def test_bad_input_is_reported_once_by_rank_zero(model_dir, tmp_path):
     assert [code for code, _, _ in ranks] == [1, 1]
     assert ranks[0][2].startswith("Error: token ids must be integers")
     assert ranks[1][2] == ""
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_stats_counts_on_ranks_equal_one_process(model_dir, tmp_path, world):
+    text = tmp_path / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 6 + "for item in items:\n    print(item)\n" * 4)
+    output = tmp_path / "stats.json"
+    args = ["expert-stats", str(text), "-m", str(model_dir), "--seq-len", "32", "--apply-drop", "1.0", "-f", "json"]
+    single = runner.invoke(app, args)
+    assert single.exit_code == 0, single.output
+    expected = json.loads(single.stdout)
+
+    ranks = run_cli(world, [*args, "--output", str(output)], tmp_path)
+    assert [code for code, _, _ in ranks] == [0] * world
+    assert all(out == "" and err == "" for _, out, err in ranks[1:])
+    doc = json.loads(output.read_text())  # written once, by rank 0
+    assert [layer["counts"] for layer in doc["layers"]] == [layer["counts"] for layer in expected["layers"]]
+    assert doc["drop_overall"] == expected["drop_overall"]
+    assert doc["apply_drop"]["perplexity"] == pytest.approx(expected["apply_drop"]["perplexity"], rel=1e-5)
+    # the load each rank's experts carried, gathered across ranks, adds up to every assignment
+    loads = [line for line in ranks[0][2].splitlines() if "assignments" in line]
+    assert len(loads) == world
+    total = sum(int(line.split(": ")[1].split()[0]) for line in loads)
+    assert total == sum(sum(layer["counts"]) for layer in expected["layers"])

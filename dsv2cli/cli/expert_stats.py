@@ -28,7 +28,9 @@ from dsv2cli.analysis.expert_stats import (
 from dsv2cli.analysis.text_inputs import read_sequences
 from dsv2cli.cli.common import err, handle_errors, out
 from dsv2cli.errors import InputError, UnsupportedError
-from dsv2cli.inference.session import load_for_generation
+from dsv2cli.parallel import distributed_run, from_main_rank
+from dsv2cli.parallel.expert_loads import gather_expert_loads
+from dsv2cli.parallel.session import load_model
 from dsv2cli.resolve import DEMO_NAME, bundled_model_dir
 
 EPILOG = (
@@ -39,6 +41,7 @@ EPILOG = (
     "  dsv2 expert-stats notes.txt --apply-drop 1.0 --top-tokens 5\n\n"
     "  dsv2 expert-stats corpus/ --plan-devices 8 --redundant 8 --save-loads loads.json --plot loads.png\n\n"
     "  dsv2 expert-stats corpus/ --format json --output stats.json\n\n"
+    "  torchrun --nproc-per-node 8 -m dsv2cli expert-stats corpus/ --model ./DeepSeek-V2\n\n"
     "INPUT is text files or directories (each file tokenised and cut into --seq-len sequences) or .jsonl files with "
     "'text' or 'prompt_token_ids' per line. With no INPUT the bundled demo model reads its bundled sample text."
 )
@@ -115,63 +118,75 @@ def expert_stats(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
+    ),
 ) -> None:
     """Per-layer expert load of a DeepSeek-V2-family model on your own text: histograms, balance metrics (incl. the
     paper's expert/device/communication balance), token-drop rates per capacity factor, and a device placement."""
-    document_format = _document_format(format, output)
-    for path in (save_loads, plot):
-        if path is not None and not path.parent.is_dir():
-            raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
-        raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
-    paths = list(inputs or []) or [_default_sample(model)]
-    loaded = load_for_generation(model, device, dtype, threads)
-    config = loaded.model.config
-    length = seq_len if seq_len is not None else min(512, config.max_position_embeddings)
-    if length > config.max_position_embeddings:
-        raise InputError(f"--seq-len {length} is longer than the model's context ({config.max_position_embeddings})")
-    sequences = read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens)
-    options = StatsOptions(
-        batch_size=batch_size,
-        batch_tokens=batch_tokens,
-        capacity_factors=tuple(capacity_factors) if capacity_factors else DEFAULT_CAPACITY_FACTORS,
-        drop_order=drop_order.value,
-        devices=devices,
-        placement_file=placement,
-        max_devices=max_devices,
-        apply_drop=apply_drop,
-        apply_policy=apply_policy.value,
-        top_tokens=top_tokens,
-        plan_devices=plan_devices,
-        redundant=redundant,
-    )
-    passes = 2 if apply_drop is not None else 1
-    with _progress(sequences.tokens, passes) as advance:
-        report = collect_expert_stats(loaded.model, loaded.tokenizer, loaded.name, sequences, options, advance)
-    if sequences.truncated:
-        err.print(f"[dim]--max-tokens stopped the input at {sequences.tokens} tokens[/]")
-    err.print(
-        f"[dim]{report.tokens} tokens in {report.sequences} sequences, {report.seconds:.2f} s "
-        f"({report.tokens_per_second:.0f} tokens/s)[/]"
-    )
+    with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
+        document_format = _document_format(format, output)
+        for path in (save_loads, plot):
+            if path is not None and not path.parent.is_dir():
+                raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+        if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
+            raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
+        paths = from_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
+        loaded, shards = load_model(model, group, device, dtype, threads)
+        if shards is not None:
+            for line in shards.lines():
+                err.print(f"[dim]{line}[/]", soft_wrap=True)
+        config = loaded.model.config
+        length = seq_len if seq_len is not None else min(512, config.max_position_embeddings)
+        if length > config.max_position_embeddings:
+            raise InputError(f"--seq-len {length} is longer than the model's context ({config.max_position_embeddings})")
+        sequences = from_main_rank(group, lambda: read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens))
+        options = StatsOptions(
+            batch_size=batch_size,
+            batch_tokens=batch_tokens,
+            capacity_factors=tuple(capacity_factors) if capacity_factors else DEFAULT_CAPACITY_FACTORS,
+            drop_order=drop_order.value,
+            devices=devices,
+            placement_file=placement,
+            max_devices=max_devices,
+            apply_drop=apply_drop,
+            apply_policy=apply_policy.value,
+            top_tokens=top_tokens,
+            plan_devices=plan_devices,
+            redundant=redundant,
+        )
+        passes = 2 if apply_drop is not None else 1
+        with _progress(sequences.tokens, passes) as advance:
+            report = collect_expert_stats(loaded.model, loaded.tokenizer, loaded.name, sequences, options, advance)
+        if group is not None:
+            for line in gather_expert_loads(group, config, report.load_matrix()).lines():
+                err.print(f"[dim]{line}[/]", soft_wrap=True)
+            if not group.is_main:
+                return  # rank 0 renders the report and writes the files
+        if sequences.truncated:
+            err.print(f"[dim]--max-tokens stopped the input at {sequences.tokens} tokens[/]")
+        err.print(
+            f"[dim]{report.tokens} tokens in {report.sequences} sequences, {report.seconds:.2f} s "
+            f"({report.tokens_per_second:.0f} tokens/s)[/]"
+        )
 
-    document = None
-    if document_format is not None:
-        document = json.dumps(report.to_json(), indent=2) + "\n" if document_format == "json" else _csv(report)
-    if output is not None and document is not None:
-        _write_atomic(output, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
-        err.print(f"wrote {output}")
-    if format == StatsFormat.text:
-        _render(report, view)
-    elif output is None and document is not None:
-        sys.stdout.write(document)
-        sys.stdout.flush()
-    if save_loads is not None:
-        LOAD_WRITERS[save_loads.suffix.lower()](report, save_loads)
-        err.print(f"wrote {save_loads}")
-    if plot is not None:
-        _plot(report, plot)
-        err.print(f"wrote {plot}")
+        document = None
+        if document_format is not None:
+            document = json.dumps(report.to_json(), indent=2) + "\n" if document_format == "json" else _csv(report)
+        if output is not None and document is not None:
+            _write_atomic(output, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+            err.print(f"wrote {output}")
+        if format == StatsFormat.text:
+            _render(report, view)
+        elif output is None and document is not None:
+            sys.stdout.write(document)
+            sys.stdout.flush()
+        if save_loads is not None:
+            LOAD_WRITERS[save_loads.suffix.lower()](report, save_loads)
+            err.print(f"wrote {save_loads}")
+        if plot is not None:
+            _plot(report, plot)
+            err.print(f"wrote {plot}")
 
 
 def _document_format(format: StatsFormat, output: Path | None) -> str | None:
