@@ -167,7 +167,7 @@ def gather_report(group: ParallelGroup, model: torch.nn.Module, dtype: torch.dty
 
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+        if n < 1000 or unit == "TiB":  # 1000 MiB reads better as 0.98 GiB
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
