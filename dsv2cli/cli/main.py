@@ -9,6 +9,7 @@ from dsv2cli.cli import cache_report, generate, info
 from dsv2cli.cli import convert as convert_cmd
 from dsv2cli.cli import download as download_cmd
 from dsv2cli.cli import expert_stats as expert_stats_cmd
+from dsv2cli.cli import train as train_cmd
 from dsv2cli.cli import verify as verify_cmd
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ def _root(
 
 app.command("generate", epilog=generate.EPILOG)(generate.generate)
 app.command("info", epilog=info.EPILOG)(info.info)
+app.command("train", epilog=train_cmd.EPILOG)(train_cmd.train_command)
 app.command("cache-report", epilog=cache_report.EPILOG)(cache_report.cache_report)
 app.command("expert-stats", epilog=expert_stats_cmd.EPILOG)(expert_stats_cmd.expert_stats)
 app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)

@@ -1,0 +1,90 @@
+"""A byte-level BPE tokenizer for training from scratch, saved in the Hugging Face layout.
+
+Special tokens use DeepSeek-V2's spellings (spec §7) at ids 0 and 1; ``tokenizer.json`` prepends BOS
+through its post-processor like the released tokenizers, and ``tokenizer_config.json`` carries the
+DeepSeek-V2 chat template, so ``dsv2 generate --chat`` and transformers' ``AutoTokenizer`` both work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from dsv2cli.errors import InputError
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+
+# DeepSeek-V2-Chat's template (spec §7).
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+MIN_VOCAB = 256 + 2  # every byte plus the two special tokens
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with ``vocab_size`` entries (BOS = 0, EOS = 1, then the 256 bytes, then merges)."""
+    if vocab_size < MIN_VOCAB:
+        raise InputError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + BOS + EOS), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
+    )
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path, model_max_length: int) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (BOS/EOS, add_bos_token, chat template)."""
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """An existing ``tokenizer.json`` (a directory holding one, or the file)."""
+    path = directory / "tokenizer.json" if directory.is_dir() else directory
+    if not path.is_file():
+        raise InputError(f"no tokenizer.json at {path}", hint="pass the directory of a trained model or a tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise InputError(f"could not read {path}: {exc}") from exc
+
+
+def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
+    """``(bos_id, eos_id)`` of a tokenizer, looking for DeepSeek's spellings first, then common ones."""
+
+    def find(*names: str) -> int | None:
+        for name in names:
+            token_id = tokenizer.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    return find(BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>"), find(EOS, "</s>", "<|end_of_text|>", "<|endoftext|>")

@@ -1,0 +1,426 @@
+"""`dsv2 train`'s core: build a DeepSeek-V2 model, train it on local text, evaluate, checkpoint, resume.
+
+AdamW with linear warm-up then cosine decay, gradient clipping, the paper's balance losses and device-level
+token dropping through the routing hook (spec §5). A resumed run continues bit-identically: the data order
+is a function of ``(seed, step)``, and weights, optimizer moments and the RNG state are restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from dsv2cli.analysis.balance import max_over_mean
+from dsv2cli.analysis.token_drop import protected_sequences
+from dsv2cli.checkpoint.loader import parse_dtype
+from dsv2cli.config import ModelConfig
+from dsv2cli.errors import InputError
+from dsv2cli.model import DeepseekV2
+from dsv2cli.presets import preset_hf_config
+from dsv2cli.training import checkpointing
+from dsv2cli.training.data import batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
+from dsv2cli.training.routing import BalanceSettings, TrainingRoutingHook
+from dsv2cli.training.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that defines a run; stored in the checkpoint so ``--resume`` repeats it exactly."""
+
+    inputs: list[str]
+    output: str
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # HF config.json fields on top of the preset
+    vocab_size: int = 4096
+    tokenizer: str | None = None  # reuse this tokenizer instead of training one
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    held_out: float = 0.05
+    seq_len: int = 256
+    batch_size: int = 16
+    max_steps: int = 1000
+    max_time: float | None = None  # seconds of this invocation
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    save_dtype: str | None = None  # dtype of the exported model.safetensors (default: dtype)
+    init_std: float = 0.02
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_tokens: int = 32768
+    save_every: int = 200
+    balance: BalanceSettings = field(default_factory=BalanceSettings)
+    protect_fraction: float = 0.1
+    drop_at_eval: bool = False
+    command: str | None = None
+    stop_after: int | None = None  # stop (with a checkpoint) after this step, as an interruption would
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainSettings:
+        return cls(**{**data, "balance": BalanceSettings(**data["balance"])})
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the progress display shows after a logging window."""
+
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    tokens_per_second: float
+    expert_balance: float
+    device_balance: float | None
+    comm_balance: float | None
+    drop_rate: float | None
+    load_max_over_mean: dict[int, float]  # MoE layer -> max/mean expert load in the window
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    kind: str  # "info", "start", "step", "eval", "save"
+    message: str = ""
+    step: int = 0
+    max_steps: int = 0
+    report: StepReport | None = None
+    eval_loss: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: str
+    steps: int
+    max_steps: int
+    stopped_by: str  # "max_steps", "max_time" or "stop_after"
+    tokens_seen: int
+    seconds: float
+    parameters: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_perplexity: float | None
+    unigram_loss: float
+    eval_tokens: int
+    expert_balance: float | None
+    device_balance: float | None
+    comm_balance: float | None
+    drop_rate: float | None
+    load_max_over_mean: dict[int, float]
+    eval_history: list[tuple[int, float]]
+    resumed_from: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["load_max_over_mean"] = {str(k): v for k, v in self.load_max_over_mean.items()}
+        return data
+
+
+def build_config(settings: TrainSettings, vocab_size: int, bos_id: int | None, eos_id: int | None) -> ModelConfig:
+    """Preset + overrides + tokenizer ids + device-limited routing (``group_limited_greedy`` with D groups, M kept)."""
+    hf = preset_hf_config(settings.preset)
+    hf.update(settings.overrides)
+    hf.update(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id)
+    hf["max_position_embeddings"] = max(int(hf.get("max_position_embeddings") or 0), settings.seq_len)
+    b = settings.balance
+    if b.devices > 1:
+        hf.update(topk_method="group_limited_greedy", n_group=b.devices, topk_group=b.max_devices_per_token)
+    hf["torch_dtype"] = settings.save_dtype or settings.dtype
+    return ModelConfig.from_hf(hf)
+
+
+def initialise(model: DeepseekV2, std: float, generator: torch.Generator) -> None:
+    """Normal(0, std) for matrices, ones for RMSNorm weights."""
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    s = settings
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    floor = s.lr * s.min_lr_ratio
+    return floor + (s.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def validate(settings: TrainSettings) -> None:
+    s, b = settings, settings.balance
+    checks = [
+        (s.seq_len >= 2, "--seq-len must be at least 2"),
+        (s.batch_size >= 1, "--batch-size must be at least 1"),
+        (s.max_steps >= 1, "--max-steps must be at least 1"),
+        (s.max_time is None or s.max_time > 0, "--max-time must be positive"),
+        (s.lr > 0, "--lr must be positive"),
+        (0 <= s.min_lr_ratio <= 1, "--min-lr-ratio must be between 0 and 1"),
+        (s.warmup_steps >= 0, "--warmup-steps must not be negative"),
+        (s.grad_clip >= 0, "--grad-clip must not be negative (0 turns clipping off)"),
+        (s.eval_every >= 1 and s.save_every >= 1 and s.log_every >= 1, "--eval-every, --save-every, --log-every must be >= 1"),
+        (s.eval_tokens >= s.seq_len, "--eval-tokens must be at least --seq-len"),
+        (min(b.expert_alpha, b.device_alpha, b.comm_alpha) >= 0, "balance loss weights must not be negative"),
+        (b.devices >= 1, "--devices must be at least 1"),
+        (1 <= b.max_devices_per_token <= b.devices, "--max-devices-per-token must be between 1 and --devices"),
+        (b.capacity_factor is None or b.capacity_factor > 0, "--capacity-factor must be positive"),
+        (0 <= s.protect_fraction <= 1, "--protect-fraction must be between 0 and 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    parse_dtype(s.dtype)
+    if s.save_dtype:
+        parse_dtype(s.save_dtype)
+
+
+def train(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None = None, resume: bool = False) -> TrainResult:
+    """Train (or continue training) and return the final numbers; the output directory is checkpointed on the way."""
+    emit = on_event or (lambda event: None)
+    output = Path(settings.output)
+    resumed_state = None
+    if resume:
+        resumed_state = checkpointing.read_trainer_state(output)
+        settings = dataclasses.replace(
+            TrainSettings.from_json(resumed_state["settings"]), max_time=settings.max_time, stop_after=settings.stop_after
+        )
+    elif output.exists() and any(output.iterdir()):
+        raise InputError(f"output directory {output} exists and is not empty", hint="pass --resume to continue it or --overwrite")
+    validate(settings)
+    build_config(settings, max(settings.vocab_size, 2), 0, 1)  # config errors before any slow work
+
+    corpus = load_corpus(settings.inputs, settings.held_out, settings.seed, settings.include, settings.exclude)
+    emit(TrainEvent("info", f"{len(corpus.train)} training files, {len(corpus.held_out)} held out, {corpus.skipped} skipped"))
+    if resumed_state is not None and resumed_state["data_fingerprint"] != corpus.fingerprint():
+        raise InputError("the training files changed since the checkpoint was written", hint="resume needs the same text")
+    if resumed_state is not None:
+        tokenizer = load_tokenizer(output)
+    elif settings.tokenizer:
+        tokenizer = load_tokenizer(Path(settings.tokenizer))
+    else:
+        emit(TrainEvent("info", f"training a byte-level BPE tokenizer ({settings.vocab_size} entries)"))
+        tokenizer = train_bpe([f.text for f in corpus.train], settings.vocab_size)
+    bos_id, eos_id = special_ids(tokenizer)
+
+    def encode(files: list) -> torch.Tensor:
+        docs = [e.ids for e in tokenizer.encode_batch([f.text for f in files], add_special_tokens=False)]
+        return pack(docs, settings.seq_len, bos_id, eos_id)
+
+    train_rows, held_rows = encode(corpus.train), encode(corpus.held_out)
+    if len(held_rows) == 0:
+        raise InputError("the held-out files are shorter than one sequence", hint="raise --held-out or lower --seq-len")
+    eval_rows = held_rows[evaluation_rows(len(held_rows), settings.eval_tokens, settings.seq_len)]
+    unigram = unigram_cross_entropy(train_rows, eval_rows[:, 1:], tokenizer.get_vocab_size())
+    emit(TrainEvent("info", f"{train_rows.numel():,} training tokens, {eval_rows[:, 1:].numel():,} evaluation tokens"))
+
+    config = build_config(settings, tokenizer.get_vocab_size(), bos_id, eos_id)
+    dtype = parse_dtype(settings.dtype)
+    export_name = settings.save_dtype or settings.dtype
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = DeepseekV2(config)
+    initialise(model, settings.init_std, generator)
+    model.to(dtype)
+    for layer in model.layers:  # router weights stay float32 (spec §4.2)
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None:
+            gate.weight.data = gate.weight.data.float()
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    vectors = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+    )
+    start, history, elapsed_before = 0, [], 0.0
+    if resumed_state is not None:
+        checkpointing.restore_training(output, model, optimizer, resumed_state)
+        start, elapsed_before = resumed_state["step"], resumed_state["seconds"]
+        history = [tuple(x) for x in resumed_state["eval_history"]]
+    parameters = sum(p.numel() for p in model.parameters())
+    run = _Run(settings, model, optimizer, tokenizer, train_rows, eval_rows, corpus, unigram, parameters, emit)
+    return run.loop(
+        start,
+        history,
+        elapsed_before,
+        resumed_from=start if resumed_state else None,
+        export=(parse_dtype(export_name), export_name),
+    )
+
+
+class _Run:
+    """The training loop and its bookkeeping (kept apart from :func:`train`, which only prepares things)."""
+
+    def __init__(self, settings, model, optimizer, tokenizer, train_rows, eval_rows, corpus, unigram, parameters, emit) -> None:
+        self.s, self.model, self.optimizer, self.tokenizer = settings, model, optimizer, tokenizer
+        self.train_rows, self.eval_rows, self.corpus, self.unigram = train_rows, eval_rows, corpus, unigram
+        self.parameters, self.emit = parameters, emit
+        self.window: list[Any] = []
+
+    def loop(self, start, history, elapsed_before, resumed_from, export) -> TrainResult:
+        s, model = self.s, self.model
+        self.emit(TrainEvent("start", f"{self.parameters:,} parameters", step=start, max_steps=s.max_steps))
+        began = time.perf_counter()
+        last_report: StepReport | None = None
+        eval_loss = history[-1][1] if history else None
+        totals = {"dropped": 0, "assignments": 0}
+        stopped_by, done = "max_steps", start
+        window_start = time.perf_counter()
+        for step in range(start, s.max_steps):
+            model.train()
+            lr = learning_rate(step, s)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = self.train_rows[batch_indices(len(self.train_rows), s.batch_size, step, s.seed)]  # [B, S+1]
+            hook = self._hook(step, batch.shape[0], drop=True)
+            logits = model(batch[:, :-1], routing_hook=hook)  # [B, S, V]
+            ce = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss = ce if hook.record.aux_loss is None else ce + hook.record.aux_loss
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            totals["dropped"] += hook.record.dropped
+            totals["assignments"] += hook.record.assignments
+            self.window.append((float(ce.detach()), hook.record))
+            done = step + 1
+            if done % s.log_every == 0 or done == s.max_steps:
+                now = time.perf_counter()
+                last_report = self._report(done, lr, now - window_start)
+                window_start = now
+                self.emit(TrainEvent("step", step=done, max_steps=s.max_steps, report=last_report))
+            out_of_time = s.max_time is not None and time.perf_counter() - began >= s.max_time
+            stop_here = s.stop_after is not None and done >= s.stop_after
+            if done % s.eval_every == 0 or done == s.max_steps or out_of_time or stop_here:
+                eval_loss = self.evaluate()
+                history.append((done, eval_loss))
+                self.emit(TrainEvent("eval", step=done, max_steps=s.max_steps, eval_loss=eval_loss))
+            if out_of_time or stop_here:
+                stopped_by = "max_time" if out_of_time else "stop_after"
+                break
+            if done % s.save_every == 0 and done != s.max_steps:
+                self._save(done, elapsed_before + time.perf_counter() - began, history, last_report, totals, export, None)
+        if self.window:  # steps since the last log line (a stop between logging points)
+            last_report = self._report(done, learning_rate(done - 1, s), time.perf_counter() - window_start)
+        seconds = elapsed_before + time.perf_counter() - began
+        result = self._result(done, stopped_by, seconds, history, eval_loss, last_report, totals, resumed_from)
+        self._save(done, seconds, history, last_report, totals, export, result)
+        return result
+
+    def _hook(self, step: int, batch_size: int, drop: bool) -> TrainingRoutingHook:
+        s = self.s
+        protected = None
+        if drop and s.balance.capacity_factor is not None:
+            generator = torch.Generator().manual_seed(s.seed * 7_919 + step)
+            protected = protected_sequences(batch_size, s.protect_fraction, generator).repeat_interleave(s.seq_len)
+        return TrainingRoutingHook(s.balance, protected, drop=drop)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy (nats) on the held-out rows; no dropping unless ``drop_at_eval``."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_rows), self.s.batch_size):
+            rows = self.eval_rows[start : start + self.s.batch_size]
+            hook = self._hook(0, rows.shape[0], drop=self.s.drop_at_eval) if self.s.drop_at_eval else None
+            logits = self.model(rows[:, :-1], routing_hook=hook)
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum"))
+            count += rows[:, 1:].numel()
+        return total / count
+
+    def _report(self, step: int, lr: float, seconds: float) -> StepReport:
+        records = [r for _, r in self.window]
+        losses = [loss for loss, _ in self.window]
+        load: dict[int, torch.Tensor] = {}
+        for r in records:
+            for layer, counts in r.load.items():
+                load[layer] = load.get(layer, 0) + counts
+
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        dropped = sum(r.dropped for r in records)
+        assignments = sum(r.assignments for r in records)
+        tokens = len(self.window) * self.s.batch_size * self.s.seq_len
+        report = StepReport(
+            step=step,
+            max_steps=self.s.max_steps,
+            loss=sum(losses) / len(losses),
+            lr=lr,
+            tokens_per_second=tokens / max(seconds, 1e-9),
+            expert_balance=mean([v for r in records for v in r.expert_terms]) or 0.0,
+            device_balance=mean([v for r in records for v in r.device_terms]),
+            comm_balance=mean([v for r in records for v in r.comm_terms]),
+            drop_rate=dropped / assignments if assignments else None,
+            load_max_over_mean={layer: float(max_over_mean(c)) for layer, c in sorted(load.items())},
+        )
+        self.window = []
+        return report
+
+    def _result(self, step, stopped_by, seconds, history, eval_loss, report, totals, resumed_from) -> TrainResult:
+        return TrainResult(
+            output=self.s.output,
+            steps=step,
+            max_steps=self.s.max_steps,
+            stopped_by=stopped_by,
+            tokens_seen=step * self.s.batch_size * self.s.seq_len,
+            seconds=seconds,
+            parameters=self.parameters,
+            train_loss=report.loss if report else None,
+            eval_loss=eval_loss,
+            eval_perplexity=math.exp(eval_loss) if eval_loss is not None else None,
+            unigram_loss=self.unigram,
+            eval_tokens=self.eval_rows[:, 1:].numel(),
+            expert_balance=report.expert_balance if report else None,
+            device_balance=report.device_balance if report else None,
+            comm_balance=report.comm_balance if report else None,
+            drop_rate=totals["dropped"] / totals["assignments"] if totals["assignments"] else None,
+            load_max_over_mean=report.load_max_over_mean if report else {},
+            eval_history=list(history),
+            resumed_from=resumed_from,
+        )
+
+    def _save(self, step, seconds, history, report, totals, export, result: TrainResult | None) -> None:
+        s = self.s
+        state = {
+            "step": step,
+            "seconds": seconds,
+            "settings": s.to_json(),
+            "data_fingerprint": self.corpus.fingerprint(),
+            "eval_history": history,
+        }
+        summary = {
+            "command": s.command,
+            "settings": s.to_json(),
+            "corpus": {
+                "train_files": len(self.corpus.train),
+                "held_out_files": [str(f.path) for f in self.corpus.held_out],
+                "train_tokens": self.train_rows[:, 1:].numel(),
+            },
+            "result": result.to_json() if result else {"step": step, "seconds": seconds, "eval_history": history},
+        }
+
+        def extra(directory: Path) -> None:
+            save_tokenizer(self.tokenizer, directory, model_max_length=self.model.config.max_position_embeddings)
+            (directory / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+        checkpointing.save_checkpoint(Path(s.output), extra, self.model, self.optimizer, state, *export)
+        self.emit(TrainEvent("save", f"checkpoint at step {step}", step=step, max_steps=s.max_steps))
