@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -53,11 +54,11 @@ def test_generate_on_two_ranks_gives_the_single_process_tokens(model_dir):
     assert run.stderr.count("routed experts") >= 2 and "(50.0% of all)" in run.stderr
 
 
-def _cli_rank(rank: int, args: list[str], directory: Path) -> tuple[int, str, str]:
+def _cli_rank(rank: int, args: list[str], directory: Path, stdin: str = "") -> tuple[int, str, str]:
     """Run ``dsv2 ARGS`` as one rank (torchrun's variables are set by run_ranks); returns (exit code, stdout, stderr)."""
     out_path, err_path = directory / f"stdout.{rank}", directory / f"stderr.{rank}"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        sys.stdout, sys.stderr = out, err
+        sys.stdout, sys.stderr, sys.stdin = out, err, io.StringIO(stdin if rank == 0 else "")  # only rank 0 may read input
         try:
             app(args, prog_name="dsv2")
             code = 0
@@ -66,9 +67,9 @@ def _cli_rank(rank: int, args: list[str], directory: Path) -> tuple[int, str, st
     return code, out_path.read_text(), err_path.read_text()
 
 
-def run_cli(world: int, args: list[str], directory: Path, timeout: float = 60) -> list[tuple[int, str, str]]:
+def run_cli(world: int, args: list[str], directory: Path, stdin: str = "", timeout: float = 60) -> list[tuple[int, str, str]]:
     """``torchrun --nproc-per-node WORLD -m dsv2cli ARGS`` without torchrun's start-up cost: the ranks are forked."""
-    results = run_ranks(world, _cli_rank, args, directory, timeout=timeout)
+    results = run_ranks(world, _cli_rank, args, directory, stdin, timeout=timeout)
     assert sorted(results) == list(range(world)), results
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank}: {value}"
@@ -85,6 +86,16 @@ def test_generate_on_four_ranks_gives_the_single_process_tokens(model_dir, tmp_p
     doc = json.loads(ranks[0][1])
     assert [r["token_ids"] for r in doc["results"]] == [r["token_ids"] for r in json.loads(single.stdout)["results"]]
     assert "4 ranks (gloo)" in ranks[0][2]
+
+
+def test_interactive_chat_on_two_ranks_reads_lines_on_rank_zero(model_dir, tmp_path):
+    args = ["generate", "-m", str(model_dir), "--interactive", "-n", "3"]
+    lines = "hello\n/clear\nagain\n/exit\n"
+    single = runner.invoke(app, args, input=lines)
+    assert single.exit_code == 0, single.output
+    ranks = run_cli(2, args, tmp_path, stdin=lines)
+    assert [code for code, _, _ in ranks] == [0, 0]
+    assert ranks[0][1] == single.stdout and ranks[1][1] == ""
 
 
 def test_a_failing_rank_fails_every_rank_and_is_named(model_dir, tmp_path, monkeypatch):

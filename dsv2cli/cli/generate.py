@@ -245,6 +245,8 @@ def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | 
                 out.file.write(event.text)
                 out.file.flush()
         except KeyboardInterrupt:
+            if group is not None:
+                raise  # torchrun passes Ctrl-C to every rank mid-step: the ranks cannot resume in step, so all stop
             err.print("\n[dim](stopped)[/]")
         out.file.write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
