@@ -61,8 +61,8 @@ def run_ranks(world: int, target: Callable, *args, timeout: float = 60.0) -> dic
                 if not any(p.is_alive() for p in procs) and results.empty():
                     break  # a rank that died without reporting will not report
     finally:
-        for p in procs:
-            p.join(timeout=5)
+        for rank, p in enumerate(procs):
+            p.join(timeout=5 if rank in out else 0)  # a rank that never reported is not waited for
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -260,3 +260,25 @@ def test_expert_loads_are_split_by_owning_rank_and_checked():
     assert _ok(run_ranks(2, _loads_worker, False), 2) == [[8 + 16, 8 + 0]] * 2
     messages = _ok(run_ranks(2, _loads_worker, True), 2)
     assert messages == ["the ranks computed different expert counts (rank 1 differs from rank 0)"] * 2
+
+
+def _hung_rank_worker(rank: int) -> tuple[str, float]:
+    from dsv2cli.parallel.group import LostContact, agree, start, stop
+
+    group = start("cpu", "gloo")
+    started = time.monotonic()
+    try:
+        agree(group, lambda: time.sleep(30) if rank == 1 else None)  # rank 1 hangs instead of answering
+    except LostContact as exc:
+        return exc.message, time.monotonic() - started
+    finally:
+        stop()
+    return "no error", time.monotonic() - started
+
+
+def test_a_rank_that_hangs_ends_the_run_after_the_timeout(monkeypatch):
+    monkeypatch.setenv("DSV2_DIST_TIMEOUT", "2")
+    results = run_ranks(2, _hung_rank_worker, timeout=4)
+    status, (message, waited) = results[0]
+    assert status == "ok" and message.startswith("lost contact with the other ranks"), message
+    assert 1.5 < waited < 5  # rank 0 gave up after the timeout instead of waiting the 30 s

@@ -35,6 +35,7 @@ def torchrun(world: int, *args: str, env: dict[str, str] | None = None, timeout:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # a real torchrun launch: the launcher and two fresh interpreters start up
 def test_generate_on_two_ranks_gives_the_single_process_tokens(model_dir):
     args = ["generate", "-m", str(model_dir), *PROMPTS, "-n", "8", "--temperature", "0", "-f", "json"]
     single = runner.invoke(app, args)

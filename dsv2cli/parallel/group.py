@@ -130,7 +130,13 @@ def start(device: str = "auto", backend: str = "auto") -> ParallelGroup:
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     try:
-        dist.init_process_group(chosen, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_seconds()))
+        dist.init_process_group(
+            chosen,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_seconds()),
+            device_id=torch_device if chosen == "nccl" else None,  # NCCL binds this rank's GPU up front
+        )
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(
             f"could not join the process group as rank {rank} of {world}: {exc}",
