@@ -2,7 +2,8 @@
 
 What ``snapshot_download`` / ``hf_hub_download`` call (read from huggingface_hub's source):
 
-* ``GET  /api/models/{repo}/revision/{rev}``: repo info; ``sha`` is the commit the files are fetched at.
+* ``GET  /api/models/{repo}[/revision/{rev}]``: repo info with ``siblings`` (the file list); ``sha`` is
+  the commit the files are fetched at.
 * ``GET  /api/models/{repo}/tree/{rev}?recursive=...``: the file list (``type``, ``path``, ``size``,
   ``oid``, ``lfs``); one page, so no ``Link`` header.
 * ``HEAD /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (sha256 for LFS files, as the Hub)
@@ -11,7 +12,8 @@ What ``snapshot_download`` / ``hf_hub_download`` call (read from huggingface_hub
 
 Errors carry the Hub's ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``,
 ``EntryNotFound``, ``GatedRepo``), which is how huggingface_hub picks its exception class.
-``cut_once`` makes the first full download of a file stop half-way and drop the connection.
+``cut_once`` makes the first full download of a file stop half-way and drop the connection;
+``failing`` closes the connection without an answer for a file (the network going away).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
-_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/revision/(?P<rev>[^/]+)$")
+_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
 _TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/?]+)")
 
 
@@ -52,7 +54,7 @@ class Request:
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     cut_once: set[str] = field(default_factory=set)  # file names whose first full GET stops half-way
-    failing: set[str] = field(default_factory=set)  # file names answered with HTTP 500
+    failing: set[str] = field(default_factory=set)  # file names whose requests get no answer (connection closed)
     requests: list[Request] = field(default_factory=list)
 
     def start(self) -> str:
@@ -88,7 +90,7 @@ class FakeHub:
         path = h.path.split("?", 1)[0]
         self.requests.append(Request(method, path, h.headers.get("Range"), h.headers.get("Authorization")))
         if m := _INFO.match(path):
-            repo = self._repo(h, m["repo"], m["rev"])
+            repo = self._repo(h, m["repo"], m["rev"] or "main")
             if repo is not None:
                 siblings = [{"rfilename": name} for name in repo.files]
                 gated = "manual" if repo.gated_token else False
@@ -130,8 +132,8 @@ class FakeHub:
         if name not in repo.files:
             self._error(h, 404, "EntryNotFound", "Entry not found", commit=repo.commit)
             return
-        if name in self.failing:
-            self._error(h, 500, None, "Internal Error")
+        if name in self.failing:  # the network goes away: the connection closes without an answer
+            h.close_connection = True
             return
         data = repo.files[name]
         etag = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else hashlib.sha1(data).hexdigest()

@@ -110,3 +110,12 @@ def test_meta_transform_only_installs_structure():
     linear = model.layers[1].self_attn.o_proj
     assert isinstance(linear, Int8Linear) and linear.weight.is_meta and linear.weight.dtype == torch.int8
     assert isinstance(model.layers[1].mlp.experts, Int8RoutedExperts)
+
+
+def test_int8_linear_bfloat16_with_an_input_dim_the_kernel_cannot_take():
+    torch.manual_seed(6)
+    x, w = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(64, 24)  # 24 is not a multiple of 16
+    q, scale = quantize_rows(w)
+    got = int8_linear(x, q, scale)
+    reference = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
+    assert torch.isfinite(got).all() and (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()

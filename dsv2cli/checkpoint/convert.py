@@ -1,21 +1,25 @@
 """`dsv2 convert`: HF <-> native layout, dtype changes and int8, streamed and committed atomically.
 
 The conversion is a plan (output files, each an ordered list of output tensors, each made of
-source byte ranges) and one loop that executes it. Source bytes are read with ``pread`` into one
-reused buffer of :data:`CHUNK_BYTES`, a few rows at a time, converted (copy, cast or int8) and
-appended to the output file, so peak memory is a few chunks plus the int8 scales of one tensor,
-whatever the model's size. Everything is written into a staging directory beside OUTPUT and
-renamed into place only when complete (``writer.staged_directory``).
+source byte ranges) and one loop that executes it. Bytes kept as they are go file to file through
+the kernel (``copy_file_range``); bytes that change are read with ``pread`` at most
+:data:`CHUNK_BYTES` (a few rows) at a time, cast or quantized, and appended. Peak memory is a few
+chunks plus the int8 scales of one tensor, whatever the model's size. Each file is hashed
+(sha256, for the manifest) by a thread pool as soon as it is closed. Everything is written into a
+staging directory beside OUTPUT and renamed into place only when complete
+(``writer.staged_directory``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,7 @@ from dsv2cli.checkpoint.writer import (
     SafetensorsWriter,
     TensorSpec,
     WrittenFile,
+    alignment_group,
     check_output,
     hash_file,
     staged_directory,
@@ -51,7 +56,7 @@ TARGETS = ("native", "hf")
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 ST_NAME = {v: k for k, v in ST_DTYPE.items()}
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 Progress = Callable[[int], None]
@@ -94,8 +99,10 @@ class ConvertReport:
     bytes_read: int
     bytes_written: int
     seconds: float
+    hash_wait_seconds: float  # part of ``seconds`` spent waiting for sha256 after the last byte was written
     peak_rss_bytes: int
     quality: ProbeReport | None = None
+    probe_seconds: float = 0.0
 
     @property
     def throughput_bytes_per_s(self) -> float:
@@ -114,9 +121,11 @@ class ConvertReport:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "hash_wait_seconds": round(self.hash_wait_seconds, 3),
             "throughput_bytes_per_s": round(self.throughput_bytes_per_s),
             "peak_rss_bytes": self.peak_rss_bytes,
             "quality": self.quality.to_json() if self.quality else None,
+            "probe_seconds": round(self.probe_seconds, 3),
         }
 
 
@@ -174,19 +183,22 @@ def convert_checkpoint(
             hint="free some space or choose an OUTPUT on another disk",
         )
     if on_start is not None:
-        on_start(src.nbytes)
+        on_start(src.nbytes + sum(f.nbytes for f in files))  # bytes converted, then bytes hashed
     if probe is None:
         probe = quantize is not None or dtype != "keep"
     start = time.perf_counter()
+    quality, probe_seconds = None, 0.0
     with staged_directory(output, overwrite) as staging:
-        written = _write_all(files, staging, on_progress)
-        written += [_copy(path, staging, float_dtype if dtype != "keep" else None) for path in aux]
+        written, hash_wait = _write_all(files, aux, staging, float_dtype if dtype != "keep" else None, on_progress)
         if to == "native":
             written.append(_write_manifest(staging, files, written, float_dtype, quantize))
         else:
             written.append(_write_index(staging, files))
-        seconds = time.perf_counter() - start
-        quality = probe_quality(source_dir, staging) if probe else None
+        if probe:
+            probe_start = time.perf_counter()
+            quality = probe_quality(source_dir, staging)
+            probe_seconds = time.perf_counter() - probe_start
+    seconds = time.perf_counter() - start - probe_seconds  # includes flushing to disk and the rename
     return ConvertReport(
         source=str(source_dir),
         output=str(output),
@@ -199,8 +211,10 @@ def convert_checkpoint(
         bytes_read=src.nbytes + sum(p.stat().st_size for p in aux),
         bytes_written=sum(w.bytes for w in written),
         seconds=seconds,
+        hash_wait_seconds=hash_wait,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         quality=quality,
+        probe_seconds=probe_seconds,
     )
 
 
@@ -244,11 +258,15 @@ def plan_native(src: Source, dtype: str, quantize: str | None) -> tuple[list[Out
             scale = name.removesuffix("weight") + "scale" if name.endswith(".weight") else f"{name}_scale"
             assert scale in expected, scale
             group.append(OutputTensor(TensorSpec(name, "I8", shape), parts, quantize=True))
-            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), scale_of=name))
+            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), parts, scale_of=name))
         else:
             group.append(OutputTensor(TensorSpec(name, _target_dtype(name, parts[0].dtype, dtype), shape), parts))
-    files = [OutputFile(name, tensors) for name, tensors in groups.items()]
+    files = [OutputFile(name, _aligned(tensors)) for name, tensors in groups.items()]
     return files, _float_dtype([t for f in files for t in f.tensors], dtype)
+
+
+def _aligned(tensors: list[OutputTensor]) -> list[OutputTensor]:
+    return sorted(tensors, key=lambda t: alignment_group(t.spec))
 
 
 def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile], str]:
@@ -262,29 +280,33 @@ def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile]
             size = 0
         shards[-1].append(tensor)
         size += tensor.spec.nbytes
-    files = [OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", tensors) for i, tensors in enumerate(shards)]
+    files = [
+        OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", _aligned(tensors)) for i, tensors in enumerate(shards)
+    ]
     return files, _float_dtype([t for shard in shards for t in shard], dtype)
 
 
 class _Reader:
-    """Reads byte ranges of source files into one reused buffer."""
+    """Reads byte ranges of source files into one reused buffer (each chunk is written before the next read)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._buffer = bytearray(CHUNK_BYTES)
 
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
     def read(self, info: TensorInfo, offset: int, length: int) -> memoryview:
         if length > len(self._buffer):
             self._buffer = bytearray(length)
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         view = memoryview(self._buffer)[:length]
         done = 0
         while done < length:
-            n = os.preadv(fd, [view[done:]], info.begin + offset + done)
+            n = os.preadv(self.fd(info.file), [view[done:]], info.begin + offset + done)
             if n == 0:
-                raise OSError(f"unexpected end of file at byte {info.begin + offset + done}")
+                raise OSError(errno.EIO, f"unexpected end of file at byte {info.begin + offset + done}")
             done += n
         return view
 
@@ -298,32 +320,60 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
-def _write_all(files: list[OutputFile], staging: Path, on_progress: Progress | None) -> list[WrittenFile]:
+def _write_all(
+    files: list[OutputFile], aux: list[Path], staging: Path, dtype: str | None, on_progress: Progress | None
+) -> tuple[list[WrittenFile], float]:
+    """Write every planned file and copy the aux files; each is hashed by a pool as soon as it is closed.
+
+    Hashing (sha256 is far slower than copying without SHA CPU instructions) thus overlaps the
+    writing of the next files and uses every core; it reads the files back from the page cache.
+    Returns the files and the seconds spent waiting for hashes after the last byte was written.
+    """
     reader = _Reader()
-    written: list[WrittenFile] = []
-    try:
-        for file in files:
-            written.append(_write_file(file, staging / file.name, reader, on_progress))
-    finally:
-        reader.close()
-    return written
+    futures = []
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sha256") as pool:
+        try:
+            for file in files:
+                _write_file(file, staging / file.name, reader, on_progress)
+                futures.append(pool.submit(hash_file, staging / file.name, on_progress))
+            for path in aux:
+                _copy(path, staging, dtype)
+                futures.append(pool.submit(hash_file, staging / path.name))
+        finally:
+            reader.close()
+        written_at = time.perf_counter()
+        hashes = [f.result() for f in futures]
+        return hashes, time.perf_counter() - written_at
 
 
-def _write_file(file: OutputFile, path: Path, reader: _Reader, on_progress: Progress | None) -> WrittenFile:
+def _write_file(file: OutputFile, path: Path, reader: _Reader, on_progress: Progress | None) -> None:
     writer: SafetensorsWriter | None = None
     tensor = file.tensors[0]
+    scales: dict[str, list[torch.Tensor]] = {}  # int8 weight -> its row scales, chunk by chunk
     try:
         writer = SafetensorsWriter(path, [t.spec for t in file.tensors])
-        scales: dict[str, list[torch.Tensor]] = {}
         for tensor in file.tensors:
             if tensor.scale_of is not None:
-                writer.write(_as_bytes(torch.cat(scales.pop(tensor.scale_of))))
+                if tensor.scale_of not in scales:  # the weight comes later in this file: one extra pass for its scales
+                    scales[tensor.scale_of] = [scale for piece in tensor.pieces for _, scale in _chunks(tensor, piece, reader)]
+                writer.write(_as_bytes(torch.cat(scales[tensor.scale_of])))
                 continue
+            collected: list[torch.Tensor] = []
             for piece in tensor.pieces:
-                _write_piece(writer, tensor, piece, reader, scales)
+                if not tensor.quantize and tensor.spec.dtype == piece.dtype:
+                    writer.copy_range(reader.fd(piece.file), piece.begin, piece.nbytes)  # unchanged bytes: kernel copy
+                for chunk in _chunks(tensor, piece, reader):
+                    if tensor.quantize:
+                        q, scale = chunk
+                        collected.append(scale)
+                        writer.write(_as_bytes(q))
+                    else:
+                        writer.write(chunk)
                 if on_progress is not None:
                     on_progress(piece.nbytes)
-        return writer.close()
+            if tensor.quantize:
+                scales.setdefault(tensor.spec.name, collected)
+        writer.close()
     except OSError as exc:
         if writer is not None:
             writer.abort()
@@ -341,32 +391,33 @@ class _ReadError(OSError):
         self.file, self.tensor, self.reason = file, tensor, reason
 
 
-def _write_piece(
-    writer: SafetensorsWriter, tensor: OutputTensor, piece: TensorInfo, reader: _Reader, scales: dict[str, list[torch.Tensor]]
-) -> None:
-    """Stream one source range into ``writer`` a few rows at a time: copy, cast or quantize."""
+def _chunks(tensor: OutputTensor, piece: TensorInfo, reader: _Reader) -> Iterator:
+    """One source range that needs converting, read a few rows at a time and converted for ``tensor``.
+
+    Yields bytes to write for a cast, and ``(q, scale)`` (int8 rows, their float32 scales) for an
+    int8 weight or its scale tensor. Yields nothing for a range whose bytes are kept as they are.
+    """
+    quantize = tensor.quantize or tensor.scale_of is not None
+    if not quantize and tensor.spec.dtype == piece.dtype:
+        return
     rows = piece.shape[0] if piece.shape else 1
     row_bytes = piece.nbytes // max(rows, 1)
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    source_dtype, target = ST_TO_TORCH[piece.dtype], tensor.spec.dtype
+    source_dtype, target = ST_TO_TORCH[piece.dtype], ST_TO_TORCH.get(tensor.spec.dtype)
     for first in range(0, rows, step):
         count = min(step, rows - first)
         try:
             view = reader.read(piece, first * row_bytes, count * row_bytes)
         except OSError as exc:
             raise _ReadError(piece.file, tensor.spec.name, str(exc)) from exc
-        if tensor.quantize:
-            values = torch.frombuffer(view, dtype=source_dtype).view(count, -1)  # [rows, I]
-            q, scale = quantize_rows(values)
-            scales.setdefault(tensor.spec.name, []).append(scale)
-            writer.write(_as_bytes(q))
-        elif target == piece.dtype:
-            writer.write(view)
+        values = torch.frombuffer(view, dtype=source_dtype)
+        if quantize:
+            yield quantize_rows(values.view(count, -1))  # [rows, I]
         else:
-            writer.write(_as_bytes(torch.frombuffer(view, dtype=source_dtype).to(ST_TO_TORCH[target])))
+            yield _as_bytes(values.to(target))
 
 
-def _copy(path: Path, staging: Path, dtype: str | None) -> WrittenFile:
+def _copy(path: Path, staging: Path, dtype: str | None) -> None:
     """Copy a config / tokenizer file byte for byte (following the HF cache's symlinks).
 
     When the dtype changes, ``config.json`` gets the new one (``torch_dtype`` / ``dtype``) so that
@@ -378,11 +429,11 @@ def _copy(path: Path, staging: Path, dtype: str | None) -> WrittenFile:
             for key in ("torch_dtype", "dtype"):
                 if key in config:
                     config[key] = dtype
-            return write_text_file(staging / path.name, json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(path, staging / path.name)
+            write_text_file(staging / path.name, json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(path, staging / path.name)
     except OSError as exc:
         raise write_error(staging / path.name, None, exc) from exc
-    return hash_file(staging / path.name)
 
 
 def _write_manifest(

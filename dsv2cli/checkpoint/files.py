@@ -168,11 +168,13 @@ def find_problems(directory: Path, config: ModelConfig, strict_index: bool = Fal
     problems: list[str] = []
     shards, weight_map = _shard_list(directory, problems)
     found = CheckpointFiles(directory)
+    unreadable: set[Path] = set()
     for shard in shards:
         try:
             tensors = read_safetensors_header(shard)
         except (OSError, ValueError) as exc:
             problems.append(f"{shard.name}: {exc}")
+            unreadable.add(shard)
             continue
         for name, info in tensors.items():
             if weight_map is not None and name in weight_map and _inside(directory, weight_map[name]) != shard:
@@ -181,7 +183,7 @@ def find_problems(directory: Path, config: ModelConfig, strict_index: bool = Fal
     if weight_map is not None:
         for name, relative in weight_map.items():
             shard = _inside(directory, relative)
-            if shard is not None and shard.is_file() and name not in found.tensors and shard in shards:
+            if shard is not None and name not in found.tensors and shard in shards and shard not in unreadable:
                 problems.append(f"{relative}: has no tensor '{name}' although {INDEX_NAME} says so")
     if weight_map is not None and strict_index:
         for name, info in found.tensors.items():
@@ -191,13 +193,18 @@ def find_problems(directory: Path, config: ModelConfig, strict_index: bool = Fal
         for stray in sorted(p.name for p in directory.glob("*.safetensors") if p.name not in listed):
             problems.append(f"{stray}: not named by {INDEX_NAME}")
     if shards:
-        _check_tensors(found, config, problems)
+        # Tensors of an unreadable shard are already accounted for by that shard's problem.
+        if weight_map is not None:
+            hidden = {name for name, relative in weight_map.items() if _inside(directory, relative) in unreadable}
+        else:
+            hidden = set(hf_tensor_shapes(config)) if unreadable else set()
+        _check_tensors(found, config, problems, hidden)
     return found, problems
 
 
-def _check_tensors(found: CheckpointFiles, config: ModelConfig, problems: list[str]) -> None:
+def _check_tensors(found: CheckpointFiles, config: ModelConfig, problems: list[str], hidden: set[str]) -> None:
     expected = hf_tensor_shapes(config)
-    missing = [name for name in expected if name not in found.tensors]
+    missing = [name for name in expected if name not in found.tensors and name not in hidden]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         problems.append(f"missing tensor{'s' if len(missing) > 1 else ''}: {shown}")

@@ -34,7 +34,9 @@ NEEDED_FILES = [
 ]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 
-_NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "TimeoutException", "ReadTimeout")
+# Exception class names of httpx / httpx2 / requests, matched by name so no HTTP client is imported here.
+_UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError")
+_CUT_OFF = ("RemoteProtocolError", "ReadError", "WriteError", "ReadTimeout", "NetworkError", "TimeoutException")
 
 
 @dataclass
@@ -72,8 +74,12 @@ def _offline(offline: bool) -> bool:
     return offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+def _is_a(exc: BaseException, names: tuple[str, ...]) -> bool:
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
 def _is_network_error(exc: BaseException) -> bool:
-    return any(cls.__name__ in _NETWORK_ERRORS for cls in type(exc).__mro__)
+    return _is_a(exc, _UNREACHABLE + _CUT_OFF)
 
 
 def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
@@ -89,12 +95,17 @@ def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
         return CheckpointError(
             f"repository {repo_id} not found on the Hub", hint="check the spelling, or log in if it is private"
         )
-    if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or _is_network_error(exc):
+    if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or _is_a(exc, _UNREACHABLE):
         where = _endpoint() or "https://huggingface.co"
         return CheckpointError(
             f"{repo_id} is not (completely) in the local Hugging Face cache and cannot be downloaded now "
             f"(offline, or {where} cannot be reached)",
             hint="run `dsv2 download` with network access, or unset HF_HUB_OFFLINE",
+        )
+    if _is_a(exc, _CUT_OFF):  # after the unreachable case: httpx's ConnectError is a NetworkError too
+        return CheckpointError(
+            f"the connection to the Hub was lost while fetching {repo_id} ({type(exc).__name__})",
+            hint="run the same command again: complete files are kept and only the rest is fetched",
         )
     if isinstance(exc, errors.EntryNotFoundError):
         return CheckpointError(f"{repo_id} has no such file: {exc}")
@@ -151,8 +162,10 @@ def download_checkpoint(
     start = time.perf_counter()
     patterns = NEEDED_FILES
     if not offline:
+        # One plain request (no retry loop), so a missing network is reported at once; it also lists the files.
         api = HfApi(endpoint=_endpoint())
-        patterns = select_files(_hub_call(repo_id, lambda: api.list_repo_files(repo_id, revision=revision)), repo_id)
+        info = _hub_call(repo_id, lambda: api.model_info(repo_id, revision=revision))
+        patterns = select_files([s.rfilename for s in info.siblings or []], repo_id)
     directory = Path(
         _hub_call(
             repo_id,

@@ -99,7 +99,7 @@ def _verify_native(directory: Path, config, report: VerifyReport, on_bytes: Call
     for path in sorted(directory.glob("*.safetensors")):
         if path.name not in manifest.files:
             report.problems.append(f"{path.name}: not named by {MANIFEST_NAME}")
-    report.problems += header_problems(directory, manifest, config)
+    report.problems += [p for p in header_problems(directory, manifest, config) if p not in report.problems]
 
 
 def _hash_against(

@@ -1,9 +1,11 @@
 """Writing safetensors files as a stream, and committing a whole output directory atomically.
 
 A file's header (names, dtypes, shapes, offsets) is known before any data, so tensors are written
-piece by piece in header order and never need to be whole in memory. Files are deterministic: the
+piece by piece in header order and never need to be whole in memory; bytes that need no change
+are copied file to file by the kernel. Files are hashed after they are closed (:func:`hash_file`). Files are deterministic: the
 header lists tensors in the order given, carries only ``{"format": "pt"}`` as metadata, and is
-padded with spaces to a multiple of 8 bytes, as safetensors' own writer does.
+padded with spaces so that the data starts 64-byte aligned (safetensors allows no gaps between
+tensors, so alignment inside a file comes from the order, see :func:`alignment_group`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from dsv2cli.checkpoint.files import DTYPE_SIZES
 from dsv2cli.errors import InputError
 
 PARTIAL_MARK = ".partial-"
+# copy_file_range cannot copy between these files (other filesystems on old kernels, ...): copy through memory.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 @dataclass(frozen=True)
@@ -47,73 +51,117 @@ class WrittenFile:
     sha256: str
 
 
+# Tensor data starts at a multiple of this in every file written (the int8 kernel needs 16-byte aligned weights).
+DATA_ALIGNMENT = 64
+
+
+def alignment_group(spec: TensorSpec) -> int:
+    """Sort key that keeps every tensor aligned when a file's data starts at :data:`DATA_ALIGNMENT`.
+
+    int8 tensors whose size is a multiple of 16 first (so each starts 16-byte aligned), then 8-,
+    4- and 2-byte elements (each naturally aligned after the groups before it), then the rest.
+    """
+    if spec.dtype in ("I8", "U8"):
+        return 0 if spec.nbytes % 16 == 0 else 4
+    return {8: 1, 4: 2, 2: 3}.get(DTYPE_SIZES[spec.dtype], 4)
+
+
 def safetensors_header(specs: list[TensorSpec]) -> bytes:
-    """The 8-byte length plus the JSON header for ``specs`` laid out back to back in this order."""
+    """The 8-byte length plus the JSON header for ``specs`` laid out back to back in this order.
+
+    Padded with spaces so that the data starts at a multiple of :data:`DATA_ALIGNMENT`.
+    """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
         header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(len(raw) + 8) % DATA_ALIGNMENT)
     return len(raw).to_bytes(8, "little") + raw
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header at once, then each tensor's bytes in order, hashed on the way."""
+    """Writes one safetensors file: the header at once, then each tensor's bytes in order.
+
+    Bytes arrive either from memory (:meth:`write`) or straight from a source file
+    (:meth:`copy_range`, done by the kernel with ``copy_file_range``, as ``cp`` does).
+    """
 
     def __init__(self, path: Path, specs: list[TensorSpec]) -> None:
         self.path = path
         self.specs = specs
         self._index = 0
         self._written_in_tensor = 0
-        self._hash = hashlib.sha256()
         self._bytes = 0
-        self._file = path.open("wb")
-        self._emit(safetensors_header(specs))
+        self._file = path.open("wb", buffering=0)
+        self._write_bytes(safetensors_header(specs))
 
     @property
     def current(self) -> str:
         """Name of the tensor whose bytes come next (for error messages)."""
         return self.specs[self._index].name if self._index < len(self.specs) else "(end of file)"
 
-    def write(self, data: memoryview | bytes) -> None:
+    def write(self, data: memoryview | bytes | bytearray) -> None:
         """Append bytes of the current tensor (any split of a tensor's bytes into calls is fine)."""
-        remaining = memoryview(data).nbytes
-        while remaining:
+        self._advance(memoryview(data).nbytes)
+        self._write_bytes(data)
+
+    def copy_range(self, source_fd: int, offset: int, length: int) -> None:
+        """Append ``length`` bytes of the open file ``source_fd`` from ``offset`` as tensor bytes."""
+        self._advance(length)
+        self._copy_bytes(source_fd, offset, length)
+
+    def _advance(self, n: int) -> None:
+        while n:
             if self._index >= len(self.specs):
                 raise AssertionError(f"{self.path.name}: more bytes than the header declares")
-            room = self.specs[self._index].nbytes - self._written_in_tensor
-            step = min(room, remaining)
+            step = min(self.specs[self._index].nbytes - self._written_in_tensor, n)
             self._written_in_tensor += step
-            remaining -= step
+            n -= step
             if self._written_in_tensor == self.specs[self._index].nbytes:
                 self._index += 1
                 self._written_in_tensor = 0
-        self._emit(data)
 
-    def _emit(self, data: memoryview | bytes) -> None:
-        self._hash.update(data)
-        self._file.write(data)
-        self._bytes += memoryview(data).nbytes
+    def _write_bytes(self, data: memoryview | bytes | bytearray) -> None:
+        self._bytes += self._write_all(data)
 
-    def close(self) -> WrittenFile:
-        """Flush to disk and return the file's size and sha256."""
+    def _write_all(self, data: memoryview | bytes | bytearray) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            view = view[self._file.write(view) :]
+        return total
+
+    def _copy_bytes(self, source_fd: int, offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(source_fd, self._file.fileno(), length - done, offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                n = self._write_all(os.pread(source_fd, min(16 << 20, length - done), offset + done))
+            if n == 0:
+                raise OSError(errno.EIO, f"the source ended {length - done} bytes early")
+            done += n
+        self._bytes += length
+
+    def close(self) -> int:
+        """Close the file (``staged_directory`` flushes it to disk); returns its size."""
         while self._index < len(self.specs) and self.specs[self._index].nbytes == 0:
             self._index += 1
         if self._index != len(self.specs):
             raise AssertionError(f"{self.path.name}: tensor '{self.current}' was not written completely")
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        return WrittenFile(self.path.name, self._bytes, self._hash.hexdigest())
+        return self._bytes
 
     def abort(self) -> None:
         self._file.close()
 
 
-def hash_file(path: Path, chunk: int = 16 << 20) -> WrittenFile:
-    """Size and sha256 of a file, read in chunks."""
+def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 16 << 20) -> WrittenFile:
+    """Size and sha256 of a file, read in chunks (hashlib releases the GIL, so threads hash in parallel)."""
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray(max(1, min(chunk, path.stat().st_size)))
@@ -122,16 +170,15 @@ def hash_file(path: Path, chunk: int = 16 << 20) -> WrittenFile:
         while n := f.readinto(buffer):
             digest.update(view[:n])
             size += n
+            if on_bytes is not None:
+                on_bytes(n)
     return WrittenFile(path.name, size, digest.hexdigest())
 
 
 def write_text_file(path: Path, text: str) -> WrittenFile:
     """Write ``text`` (UTF-8, ``\\n`` line ends) and return its size and hash."""
     data = text.encode("utf-8")
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_bytes(data)
     return WrittenFile(path.name, len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -186,6 +233,9 @@ def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        for path in sorted(staging.iterdir()):  # on disk before the rename makes them visible
+            _fsync(path)
+        _fsync(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -193,13 +243,13 @@ def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     if output.exists():
         os.replace(output, old)
     os.replace(staging, output)
-    _fsync_directory(output.parent)
+    _fsync(output.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

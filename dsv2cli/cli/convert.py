@@ -66,6 +66,9 @@ def byte_progress(description: str) -> Iterator[tuple]:
         console=err,
         transient=True,
     )
+    if not err.is_terminal:  # nothing to animate; keep stderr for the report's errors and hints
+        yield (lambda total: None, lambda n: None)
+        return
     task = progress.add_task(description, total=None)
     with progress:
         yield (lambda total: progress.update(task, total=total), lambda n: progress.advance(task, n))

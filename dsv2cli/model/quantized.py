@@ -12,8 +12,8 @@ floating point, and so does ``kv_b_proj``: absorbed attention reads its weight d
 W_UK / W_UV (``attention.py``), and it is small (H * (N + V) * C values per layer).
 
 On CPU with bfloat16 activations the matmul is ``torch._weight_int8pack_mm`` (an int8 kernel that
-reads a quarter of float32's bytes); with other activation dtypes the weight is dequantized on
-the fly, one matrix (or one expert) at a time.
+reads half of bfloat16's weight bytes); with other activation dtypes the weight is dequantized on
+the fly, one matrix (or one expert) at a time (``benchmarks/bench_convert.py`` measures both).
 """
 
 from __future__ import annotations
@@ -46,8 +46,13 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
+
+    torch's CPU int8 kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
+    otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
+    DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
