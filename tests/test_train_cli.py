@@ -76,6 +76,9 @@ def test_existing_output_is_kept(tmp_path):
     result = run(CORPUS, "--out", str(out), *TINY, "--max-steps", "1")
     assert result.exit_code == 1 and "not empty" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me"
+    replaced = run(CORPUS, "--out", str(out), *TINY, "--max-steps", "1", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
 
 
 def test_help_has_examples():

@@ -131,10 +131,6 @@ def train_command(
             raise InputError("no training text given", hint="pass files, directories or globs, or --resume DIR")
         if output is None:
             raise InputError("--out is required", hint="for example --out ./my-model")
-        if output.exists() and overwrite is False and output.is_dir() and any(output.iterdir()):
-            raise InputError(
-                f"output directory {output} exists and is not empty", hint="pass --resume to continue it or --overwrite"
-            )
         sizes = {"hidden_size": hidden_size, "layers": layers, "heads": heads, "intermediate_size": intermediate_size}
         sizes |= {"moe_intermediate_size": moe_intermediate_size, "experts": experts, "shared_experts": shared_experts}
         sizes |= {"top_k": top_k, "first_dense": first_dense, "kv_lora_rank": kv_lora_rank, "q_lora_rank": q_lora_rank}
@@ -184,7 +180,7 @@ def train_command(
             command=shlex.join(["dsv2", *sys.argv[1:]]),
         )
     with _Display() as display:
-        result = train(settings, on_event=display.on_event, resume=resume is not None)
+        result = train(settings, on_event=display.on_event, resume=resume is not None, overwrite=overwrite)
     if format == TextOrJson.json:
         emit_json(result.to_json())
     else:

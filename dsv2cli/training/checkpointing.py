@@ -138,8 +138,10 @@ def save_checkpoint(
             old = output.with_name(f".{output.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
             output.rename(old)
         tmp.rename(output)
-        if old is not None:
+        if old is not None and old.is_dir():
             shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from dsv2cli.errors import InputError
 
@@ -34,7 +34,14 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     if vocab_size < MIN_VOCAB:
         raise InputError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + BOS + EOS), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Whitespace runs, words and punctuation runs are separate pieces (no GPT-2 style " word" tokens), so a
+    # prompt ending in a space ("def ") is tokenised exactly as it appears inside training text.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s+|\w+|[^\s\w]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

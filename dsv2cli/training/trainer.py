@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch.nn import functional as F
 
 from dsv2cli.analysis.balance import max_over_mean
@@ -27,7 +28,7 @@ from dsv2cli.errors import InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.presets import preset_hf_config
 from dsv2cli.training import checkpointing
-from dsv2cli.training.data import batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
+from dsv2cli.training.data import CorpusSplit, TextFile, batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
 from dsv2cli.training.routing import BalanceSettings, TrainingRoutingHook
 from dsv2cli.training.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
 
@@ -192,8 +193,17 @@ def validate(settings: TrainSettings) -> None:
         parse_dtype(s.save_dtype)
 
 
-def train(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None = None, resume: bool = False) -> TrainResult:
-    """Train (or continue training) and return the final numbers; the output directory is checkpointed on the way."""
+def train(
+    settings: TrainSettings,
+    on_event: Callable[[TrainEvent], None] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train (or continue training) and return the final numbers; the output directory is checkpointed on the way.
+
+    An existing non-empty output directory is refused unless ``resume`` (continue it) or ``overwrite``
+    (replace it at the first checkpoint).
+    """
     emit = on_event or (lambda event: None)
     output = Path(settings.output)
     resumed_state = None
@@ -202,7 +212,7 @@ def train(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None
         settings = dataclasses.replace(
             TrainSettings.from_json(resumed_state["settings"]), max_time=settings.max_time, stop_after=settings.stop_after
         )
-    elif output.exists() and any(output.iterdir()):
+    elif output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise InputError(f"output directory {output} exists and is not empty", hint="pass --resume to continue it or --overwrite")
     validate(settings)
     build_config(settings, max(settings.vocab_size, 2), 0, 1)  # config errors before any slow work
@@ -220,7 +230,7 @@ def train(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None
         tokenizer = train_bpe([f.text for f in corpus.train], settings.vocab_size)
     bos_id, eos_id = special_ids(tokenizer)
 
-    def encode(files: list) -> torch.Tensor:
+    def encode(files: list[TextFile]) -> torch.Tensor:
         docs = [e.ids for e in tokenizer.encode_batch([f.text for f in files], add_special_tokens=False)]
         return pack(docs, settings.seq_len, bos_id, eos_id)
 
@@ -268,13 +278,32 @@ def train(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None
 class _Run:
     """The training loop and its bookkeeping (kept apart from :func:`train`, which only prepares things)."""
 
-    def __init__(self, settings, model, optimizer, tokenizer, train_rows, eval_rows, corpus, unigram, parameters, emit) -> None:
+    def __init__(
+        self,
+        settings: TrainSettings,
+        model: DeepseekV2,
+        optimizer: torch.optim.Optimizer,
+        tokenizer: Tokenizer,
+        train_rows: torch.Tensor,
+        eval_rows: torch.Tensor,
+        corpus: CorpusSplit,
+        unigram: float,
+        parameters: int,
+        emit: Callable[[TrainEvent], None],
+    ) -> None:
         self.s, self.model, self.optimizer, self.tokenizer = settings, model, optimizer, tokenizer
         self.train_rows, self.eval_rows, self.corpus, self.unigram = train_rows, eval_rows, corpus, unigram
         self.parameters, self.emit = parameters, emit
         self.window: list[Any] = []
 
-    def loop(self, start, history, elapsed_before, resumed_from, export) -> TrainResult:
+    def loop(
+        self,
+        start: int,
+        history: list[tuple[int, float]],
+        elapsed_before: float,
+        resumed_from: int | None,
+        export: tuple[torch.dtype, str],
+    ) -> TrainResult:
         s, model = self.s, self.model
         self.emit(TrainEvent("start", f"{self.parameters:,} parameters", step=start, max_steps=s.max_steps))
         began = time.perf_counter()
@@ -317,12 +346,12 @@ class _Run:
                 stopped_by = "max_time" if out_of_time else "stop_after"
                 break
             if done % s.save_every == 0 and done != s.max_steps:
-                self._save(done, elapsed_before + time.perf_counter() - began, history, last_report, totals, export, None)
+                self._save(done, elapsed_before + time.perf_counter() - began, history, export, None)
         if self.window:  # steps since the last log line (a stop between logging points)
             last_report = self._report(done, learning_rate(done - 1, s), time.perf_counter() - window_start)
         seconds = elapsed_before + time.perf_counter() - began
         result = self._result(done, stopped_by, seconds, history, eval_loss, last_report, totals, resumed_from)
-        self._save(done, seconds, history, last_report, totals, export, result)
+        self._save(done, seconds, history, export, result)
         return result
 
     def _hook(self, step: int, batch_size: int, drop: bool) -> TrainingRoutingHook:
@@ -375,7 +404,17 @@ class _Run:
         self.window = []
         return report
 
-    def _result(self, step, stopped_by, seconds, history, eval_loss, report, totals, resumed_from) -> TrainResult:
+    def _result(
+        self,
+        step: int,
+        stopped_by: str,
+        seconds: float,
+        history: list[tuple[int, float]],
+        eval_loss: float | None,
+        report: StepReport | None,
+        totals: dict[str, int],
+        resumed_from: int | None,
+    ) -> TrainResult:
         return TrainResult(
             output=self.s.output,
             steps=step,
@@ -398,7 +437,14 @@ class _Run:
             resumed_from=resumed_from,
         )
 
-    def _save(self, step, seconds, history, report, totals, export, result: TrainResult | None) -> None:
+    def _save(
+        self,
+        step: int,
+        seconds: float,
+        history: list[tuple[int, float]],
+        export: tuple[torch.dtype, str],
+        result: TrainResult | None,
+    ) -> None:
         s = self.s
         state = {
             "step": step,

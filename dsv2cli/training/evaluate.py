@@ -1,0 +1,51 @@
+"""Loss of a saved model on a text, next to the entropy of the text's own token frequencies.
+
+The unigram entropy is the best any model that ignores context could do on that very text, so a
+loss well below it means the model uses the context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from dsv2cli.checkpoint.loader import load_checkpoint
+from dsv2cli.errors import InputError
+from dsv2cli.training.data import pack
+from dsv2cli.training.tokenizer import load_tokenizer, special_ids
+
+
+@dataclass(frozen=True)
+class TextEvaluation:
+    tokens: int  # next-token targets scored
+    loss: float  # mean cross-entropy, nats/token
+    perplexity: float
+    unigram_entropy: float  # entropy of the text's own token frequencies, nats/token
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity, "unigram_entropy": self.unigram_entropy}
+
+
+@torch.no_grad()
+def evaluate_text(directory: Path, text: str, seq_len: int, batch_size: int = 8) -> TextEvaluation:
+    """Pack ``BOS text EOS`` into rows of ``seq_len + 1`` like training does and score every row (float32)."""
+    tokenizer = load_tokenizer(directory)
+    bos_id, eos_id = special_ids(tokenizer)
+    rows = pack([tokenizer.encode(text, add_special_tokens=False).ids], seq_len, bos_id, eos_id)  # [R, S+1]
+    if len(rows) == 0:
+        raise InputError(f"the text is shorter than one sequence of {seq_len} tokens")
+    model = load_checkpoint(directory)
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        logits = model(batch[:, :-1])
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    targets = rows[:, 1:].reshape(-1)
+    counts = torch.bincount(targets).double()
+    probs = counts[counts > 0] / targets.numel()
+    loss = total / targets.numel()
+    return TextEvaluation(targets.numel(), loss, math.exp(loss), float(-(probs * probs.log()).sum()))
