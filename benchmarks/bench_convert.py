@@ -280,7 +280,7 @@ def main() -> None:
             quality = q["quality"]
             print(
                 f"\nint8: {q['seconds']:.1f} s ({q['bytes_read'] / q['seconds'] / GB:.2f} GB/s), {q['bytes_written'] / GB:.2f} GB written, "
-                f"peak RSS {q['peak_rss_bytes'] / 2**20:.0f} MiB (probe included); probe over {quality['tokens']} {quality['token_source']}: "
+                f"peak RSS {q['peak_rss_bytes'] / 2**20:.0f} MiB (with the probe {q['probe_peak_rss_bytes'] / 2**20:.0f} MiB); probe over {quality['tokens']} {quality['token_source']}: "
                 f"mean log p {quality['source_mean_logprob']:.4f} -> {quality['result_mean_logprob']:.4f} "
                 f"(change {quality['delta_mean_logprob']:+.4f}), top-1 agreement {quality['top1_agreement']:.0%}"
             )

@@ -12,6 +12,7 @@ staging directory beside OUTPUT and renamed into place only when complete
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -20,29 +21,24 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo
-from dsv2cli.checkpoint.hf_keys import expert_slice, native_name, native_shapes
 from dsv2cli.checkpoint.native import (
     MANIFEST_NAME,
     QUANTIZATIONS,
-    ROUTER_SUFFIX,
     ST_TO_TORCH,
     Manifest,
-    expected_tensors,
-    file_for,
 )
+from dsv2cli.checkpoint.plan import OutputFile, OutputTensor, plan_hf, plan_native
 from dsv2cli.checkpoint.probe import ProbeReport, probe_quality
-from dsv2cli.checkpoint.source import Source, open_source
+from dsv2cli.checkpoint.source import open_source
 from dsv2cli.checkpoint.writer import (
     SafetensorsWriter,
-    TensorSpec,
     WrittenFile,
-    alignment_group,
     check_output,
     hash_file,
     staged_directory,
@@ -54,36 +50,11 @@ from dsv2cli.model.quantized import quantize_rows
 
 TARGETS = ("native", "hf")
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
-ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-ST_NAME = {v: k for k, v in ST_DTYPE.items()}
 CHUNK_BYTES = 16 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 Progress = Callable[[int], None]
-
-
-@dataclass
-class OutputTensor:
-    """One tensor to write: its spec and the source ranges whose rows it concatenates.
-
-    ``quantize``: int8 rows (scales kept for the scale tensor that follows); ``scale_of``: the
-    float32 scales of that int8 tensor (no source ranges of its own).
-    """
-
-    spec: TensorSpec
-    pieces: list[TensorInfo] = field(default_factory=list)
-    quantize: bool = False
-    scale_of: str | None = None
-
-
-@dataclass
-class OutputFile:
-    name: str
-    tensors: list[OutputTensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.spec.nbytes for t in self.tensors)
 
 
 @dataclass
@@ -103,6 +74,7 @@ class ConvertReport:
     peak_rss_bytes: int
     quality: ProbeReport | None = None
     probe_seconds: float = 0.0
+    probe_peak_rss_bytes: int | None = None
 
     @property
     def throughput_bytes_per_s(self) -> float:
@@ -126,7 +98,22 @@ class ConvertReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "quality": self.quality.to_json() if self.quality else None,
             "probe_seconds": round(self.probe_seconds, 3),
+            "probe_peak_rss_bytes": self.probe_peak_rss_bytes,
         }
+
+
+def _return_large_blocks_to_the_os() -> None:
+    """Keep allocations of 1 MiB and more memory-mapped, so each is returned to the OS when freed.
+
+    glibc raises its mmap threshold after a large block is freed (up to 32 MiB); the int8 path's
+    ~10 MiB temporaries then come from the heap, which fragments and grew by about one temporary
+    per chunk (int8 of a two-layer DeepSeek-V2-Lite: 2.4 GiB peak RSS, 0.43 GiB with this).
+    Nothing to do where the C library has no ``mallopt``.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_source(spec: str) -> Path:
@@ -186,6 +173,7 @@ def convert_checkpoint(
         on_start(src.nbytes + sum(f.nbytes for f in files))  # bytes converted, then bytes hashed
     if probe is None:
         probe = quantize is not None or dtype != "keep"
+    _return_large_blocks_to_the_os()
     start = time.perf_counter()
     quality, probe_seconds = None, 0.0
     with staged_directory(output, overwrite) as staging:
@@ -194,6 +182,7 @@ def convert_checkpoint(
             written.append(_write_manifest(staging, files, written, float_dtype, quantize))
         else:
             written.append(_write_index(staging, files))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the conversion's own, before the probe
         if probe:
             probe_start = time.perf_counter()
             quality = probe_quality(source_dir, staging)
@@ -212,78 +201,11 @@ def convert_checkpoint(
         bytes_written=sum(w.bytes for w in written),
         seconds=seconds,
         hash_wait_seconds=hash_wait,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak,
+        probe_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if probe else None,
         quality=quality,
         probe_seconds=probe_seconds,
     )
-
-
-def _target_dtype(name: str, stored: str, dtype: str) -> str:
-    if dtype == "keep":
-        return stored
-    return "F32" if name.endswith(ROUTER_SUFFIX) else ST_DTYPE[dtype]
-
-
-def _float_dtype(tensors: list[OutputTensor], dtype: str) -> str:
-    """The one float dtype of the result (the router may differ); a mixed source needs --dtype."""
-    if dtype != "keep":
-        return dtype
-    kinds = {
-        t.spec.dtype
-        for t in tensors
-        if t.spec.dtype in ST_NAME and t.scale_of is None and not t.spec.name.endswith(ROUTER_SUFFIX)
-    }
-    if len(kinds) != 1:
-        raise InputError(
-            f"the source mixes dtypes ({', '.join(sorted(kinds))})", hint="pass --dtype bfloat16, float16 or float32"
-        )
-    return ST_NAME[kinds.pop()]
-
-
-def plan_native(src: Source, dtype: str, quantize: str | None) -> tuple[list[OutputFile], str]:
-    """Output files of the native layout: experts stacked, one file per layer (see ``native.py``)."""
-    config = src.config
-    pieces: dict[str, list[TensorInfo]] = {name: [] for name in native_shapes(config)}
-    for hf, info in src.tensors.items():
-        expert = expert_slice(hf)
-        # HF order is expert-major with gate, up, down per expert: stacking keeps [gate_0, up_0, gate_1, ...].
-        pieces[native_name(hf) if expert is None else expert.native_name].append(info)
-    expected = expected_tensors(config, quantize)
-    shapes = native_shapes(config)
-    groups: dict[str, list[OutputTensor]] = {}
-    for name, parts in pieces.items():
-        shape = shapes[name]
-        group = groups.setdefault(file_for(name, config.num_hidden_layers), [])
-        if expected.get(name, ((), None))[1] == "I8":
-            scale = name.removesuffix("weight") + "scale" if name.endswith(".weight") else f"{name}_scale"
-            assert scale in expected, scale
-            group.append(OutputTensor(TensorSpec(name, "I8", shape), parts, quantize=True))
-            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), parts, scale_of=name))
-        else:
-            group.append(OutputTensor(TensorSpec(name, _target_dtype(name, parts[0].dtype, dtype), shape), parts))
-    files = [OutputFile(name, _aligned(tensors)) for name, tensors in groups.items()]
-    return files, _float_dtype([t for f in files for t in f.tensors], dtype)
-
-
-def _aligned(tensors: list[OutputTensor]) -> list[OutputTensor]:
-    return sorted(tensors, key=lambda t: alignment_group(t.spec))
-
-
-def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile], str]:
-    """Output shards of the HF layout: per-expert tensors in checkpoint order, at most ``shard_bytes`` each."""
-    shards: list[list[OutputTensor]] = [[]]
-    size = 0
-    for name, info in src.tensors.items():
-        tensor = OutputTensor(TensorSpec(name, _target_dtype(name, info.dtype, dtype), info.shape), [info])
-        if shards[-1] and size + tensor.spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.spec.nbytes
-    files = [
-        OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", _aligned(tensors)) for i, tensors in enumerate(shards)
-    ]
-    return files, _float_dtype([t for shard in shards for t in shard], dtype)
 
 
 class _Reader:

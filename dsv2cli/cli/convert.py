@@ -120,13 +120,17 @@ def _render(r: ConvertReport) -> None:
     table.add_row("dtype", r.dtype + (f", {r.quantization} weights" if r.quantization else ""))
     table.add_row("tensors / files", f"{r.tensors} / {r.files}")
     table.add_row("read / written", f"{human_bytes(r.bytes_read)} / {human_bytes(r.bytes_written)}")
-    table.add_row("time", f"{r.seconds:.2f} s ({human_bytes(r.throughput_bytes_per_s)}/s)")
+    table.add_row(
+        "time",
+        f"{r.seconds:.2f} s ({human_bytes(r.throughput_bytes_per_s)}/s; {r.hash_wait_seconds:.2f} s of it waiting for sha256)",
+    )
     table.add_row("peak memory (RSS)", human_bytes(r.peak_rss_bytes))
     if r.quality is not None:
         q = r.quality
         table.add_row(
             "quality (probe)",
             f"mean log p(next token) {q.source_logprob:.4f} -> {q.result_logprob:.4f} (change {q.delta:+.4f}) "
-            f"over {q.tokens} tokens ({q.token_source}); top-1 agreement {q.top1_agreement:.1%}",
+            f"over {q.tokens} tokens ({q.token_source}); top-1 agreement {q.top1_agreement:.1%}; "
+            f"{r.probe_seconds:.1f} s, peak RSS {human_bytes(r.probe_peak_rss_bytes or 0)}",
         )
     out.print(table)

@@ -1,0 +1,118 @@
+"""Planning a conversion: which output files hold which tensors, made of which source byte ranges.
+
+A plan is data: output files, each an ordered list of :class:`OutputTensor` (name, dtype, shape and
+the source ranges whose rows it concatenates). ``convert.py`` executes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsv2cli.checkpoint.files import TensorInfo
+from dsv2cli.checkpoint.hf_keys import expert_slice, native_name, native_shapes
+from dsv2cli.checkpoint.native import ROUTER_SUFFIX, expected_tensors, file_for
+from dsv2cli.checkpoint.source import Source
+from dsv2cli.checkpoint.writer import TensorSpec, alignment_group
+from dsv2cli.errors import InputError
+
+ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_NAME = {v: k for k, v in ST_DTYPE.items()}
+
+
+@dataclass
+class OutputTensor:
+    """One tensor to write: its spec and the source ranges whose rows it concatenates.
+
+    ``quantize``: int8 rows, whose scales are kept for the scale tensor; ``scale_of``: the float32
+    scales of that int8 weight (its ``pieces`` are the weight's, read again only if the scales come
+    first in the file).
+    """
+
+    spec: TensorSpec
+    pieces: list[TensorInfo] = field(default_factory=list)
+    quantize: bool = False
+    scale_of: str | None = None
+
+
+@dataclass
+class OutputFile:
+    name: str
+    tensors: list[OutputTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+
+def _target_dtype(name: str, stored: str, dtype: str) -> str:
+    if dtype == "keep":
+        return stored
+    return "F32" if name.endswith(ROUTER_SUFFIX) else ST_DTYPE[dtype]
+
+
+def _float_dtype(tensors: list[OutputTensor], dtype: str, strict: bool) -> str:
+    """The one float dtype of the result (the router may differ).
+
+    A source that mixes dtypes needs ``--dtype`` for the native layout (``strict``: its manifest
+    names one dtype); the HF layout keeps the mix and reports ``"mixed"``.
+    """
+    if dtype != "keep":
+        return dtype
+    kinds = {
+        t.spec.dtype
+        for t in tensors
+        if t.spec.dtype in ST_NAME and t.scale_of is None and not t.spec.name.endswith(ROUTER_SUFFIX)
+    }
+    if len(kinds) > 1 and not strict:
+        return "mixed"
+    if len(kinds) != 1:
+        raise InputError(
+            f"the source mixes dtypes ({', '.join(sorted(kinds))})", hint="pass --dtype bfloat16, float16 or float32"
+        )
+    return ST_NAME[kinds.pop()]
+
+
+def plan_native(src: Source, dtype: str, quantize: str | None) -> tuple[list[OutputFile], str]:
+    """Output files of the native layout: experts stacked, one file per layer (see ``native.py``)."""
+    config = src.config
+    pieces: dict[str, list[TensorInfo]] = {name: [] for name in native_shapes(config)}
+    for hf, info in src.tensors.items():
+        expert = expert_slice(hf)
+        # HF order is expert-major with gate, up, down per expert: stacking keeps [gate_0, up_0, gate_1, ...].
+        pieces[native_name(hf) if expert is None else expert.native_name].append(info)
+    expected = expected_tensors(config, quantize)
+    shapes = native_shapes(config)
+    groups: dict[str, list[OutputTensor]] = {}
+    for name, parts in pieces.items():
+        shape = shapes[name]
+        group = groups.setdefault(file_for(name, config.num_hidden_layers), [])
+        if expected.get(name, ((), None))[1] == "I8":
+            scale = name.removesuffix("weight") + "scale" if name.endswith(".weight") else f"{name}_scale"
+            assert scale in expected, scale
+            group.append(OutputTensor(TensorSpec(name, "I8", shape), parts, quantize=True))
+            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), parts, scale_of=name))
+        else:
+            group.append(OutputTensor(TensorSpec(name, _target_dtype(name, parts[0].dtype, dtype), shape), parts))
+    files = [OutputFile(name, _aligned(tensors)) for name, tensors in groups.items()]
+    return files, _float_dtype([t for f in files for t in f.tensors], dtype, strict=True)
+
+
+def _aligned(tensors: list[OutputTensor]) -> list[OutputTensor]:
+    return sorted(tensors, key=lambda t: alignment_group(t.spec))
+
+
+def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile], str]:
+    """Output shards of the HF layout: per-expert tensors in checkpoint order, at most ``shard_bytes`` each."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for name, info in src.tensors.items():
+        tensor = OutputTensor(TensorSpec(name, _target_dtype(name, info.dtype, dtype), info.shape), [info])
+        if shards[-1] and size + tensor.spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.spec.nbytes
+    files = [
+        OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", _aligned(tensors)) for i, tensors in enumerate(shards)
+    ]
+    return files, _float_dtype([t for shard in shards for t in shard], dtype, strict=False)
