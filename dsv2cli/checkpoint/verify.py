@@ -10,9 +10,11 @@ Problems are collected, never raised one at a time.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +75,8 @@ def verify_checkpoint(directory: str | Path, on_bytes: Callable[[int], None] | N
         found, problems = find_problems(directory, config, strict_index=True)
         report.problems += problems
         report.tensors = len(found.tensors)
-        for shard in found.files:
-            expected = _hub_sha256(directory, shard)
-            if expected is not None:
-                _hash_against(shard, expected, None, report, on_bytes)
+        known = [(shard, _hub_sha256(directory, shard), None) for shard in found.files]
+        _hash_all([k for k in known if k[1] is not None], report, on_bytes)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -88,6 +88,7 @@ def _verify_native(directory: Path, config, report: VerifyReport, on_bytes: Call
         report.problems.append(exc.message)
         return
     report.tensors = len(manifest.tensors)
+    to_hash = []
     for name, record in sorted(manifest.files.items()):
         path = directory / name
         if "/" in name or "\\" in name or name == MANIFEST_NAME:
@@ -95,27 +96,30 @@ def _verify_native(directory: Path, config, report: VerifyReport, on_bytes: Call
         elif not path.is_file():
             report.problems.append(f"missing file '{name}' (named by {MANIFEST_NAME})")
         else:
-            _hash_against(path, str(record.get("sha256")), record.get("bytes"), report, on_bytes)
+            to_hash.append((path, str(record.get("sha256")), record.get("bytes")))
+    _hash_all(to_hash, report, on_bytes)
     for path in sorted(directory.glob("*.safetensors")):
         if path.name not in manifest.files:
             report.problems.append(f"{path.name}: not named by {MANIFEST_NAME}")
     report.problems += [p for p in header_problems(directory, manifest, config) if p not in report.problems]
 
 
-def _hash_against(
-    path: Path, sha256: str, size: int | None, report: VerifyReport, on_bytes: Callable[[int], None] | None
-) -> None:
-    actual_size = path.stat().st_size
-    if size is not None and actual_size != size:
-        report.problems.append(f"{path.name}: {actual_size} bytes, {MANIFEST_NAME} says {size} (truncated or replaced)")
-        return
-    written = hash_file(path)
-    report.files_hashed += 1
-    report.bytes_hashed += written.bytes
-    if on_bytes is not None:
-        on_bytes(written.bytes)
-    if written.sha256 != sha256:
-        report.problems.append(f"{path.name}: sha256 {written.sha256[:16]}… does not match the expected {sha256[:16]}…")
+def _hash_all(files: list[tuple[Path, str, int | None]], report: VerifyReport, on_bytes: Callable[[int], None] | None) -> None:
+    """Compare each ``(path, sha256, size)``; files are hashed in parallel (hashlib releases the GIL)."""
+    sized = []
+    for path, sha256, size in files:
+        actual = path.stat().st_size
+        if size is not None and actual != size:
+            report.problems.append(f"{path.name}: {actual} bytes, {MANIFEST_NAME} says {size} (truncated or replaced)")
+        else:
+            sized.append((path, sha256))
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        hashed = list(pool.map(lambda p: hash_file(p, on_bytes), [path for path, _ in sized]))
+    for (path, sha256), written in zip(sized, hashed, strict=True):
+        report.files_hashed += 1
+        report.bytes_hashed += written.bytes
+        if written.sha256 != sha256:
+            report.problems.append(f"{path.name}: sha256 {written.sha256[:16]}… does not match the expected {sha256[:16]}…")
 
 
 def _hub_sha256(directory: Path, shard: Path) -> str | None:
