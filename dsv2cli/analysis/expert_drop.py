@@ -142,56 +142,63 @@ def simulate_drops(
             rank = torch.empty_like(expert_order)
             rank[expert_order] = torch.arange(num_experts)
             ids = rank.to(ids.device)[ids]
-        bucket, buckets, priority = ids // (num_experts // num_devices), num_devices, affinity.float()
+        bucket, buckets, by_priority = ids // (num_experts // num_devices), num_devices, _by_affinity(affinity)
     elif policy == "expert":
         if order not in DROP_ORDERS:
             raise ValueError(f"unknown drop order {order!r}")
         bucket, buckets = ids, num_experts
-        if order == "probs":
-            priority = affinity.float()
-        else:
-            priority = -torch.arange(num_tokens, dtype=torch.float32, device=ids.device)[:, None].expand_as(ids)
+        # Position order is the flattened order itself (token by token), which is what token_drop's stable sort gives.
+        by_priority = _by_affinity(affinity) if order == "probs" else None
     else:
         raise ValueError(f"unknown drop policy {policy!r}")
-    rank = _rank_in_bucket(bucket, buckets, priority, batch_of, len(batches))
-    results = []
-    for factor in capacity_factors:
-        if policy == "device":
-            capacity = [device_capacity(n, top_k, num_devices, factor) for n in lengths]
-        else:
-            capacity = [expert_capacity(n, top_k, num_experts, factor) for n in lengths]
-        limit = torch.tensor(capacity, device=ids.device)[batch_of]  # [N]
-        dropped = rank >= limit[:, None]  # [N, K]
-        results.append(
-            DropCounts(
-                policy,
-                factor,
-                order if policy == "expert" else None,
-                dropped=int(dropped.sum()),
-                assignments=dropped.numel(),
-                tokens_hit=int(dropped.any(dim=-1).sum()),
-                tokens_lost=int(dropped.all(dim=-1).sum()),
-                tokens=num_tokens,
-            )
+    rank = _rank_in_bucket(bucket, buckets, by_priority, batch_of, len(batches))
+    if policy == "device":
+        capacity = [[device_capacity(n, top_k, num_devices, f) for n in lengths] for f in capacity_factors]
+    else:
+        capacity = [[expert_capacity(n, top_k, num_experts, f) for n in lengths] for f in capacity_factors]
+    limit = torch.tensor(capacity, device=ids.device)[:, batch_of]  # [C, N]
+    dropped = rank[None] >= limit[:, :, None]  # [C, N, K]
+    totals = torch.stack([dropped.sum(dim=(1, 2)), dropped.any(dim=-1).sum(dim=-1), dropped.all(dim=-1).sum(dim=-1)])
+    return [
+        DropCounts(
+            policy,
+            factor,
+            order if policy == "expert" else None,
+            dropped=n_dropped,
+            assignments=num_tokens * top_k,
+            tokens_hit=hit,
+            tokens_lost=lost,
+            tokens=num_tokens,
         )
-    return results
+        for factor, (n_dropped, hit, lost) in zip(capacity_factors, totals.T.tolist(), strict=True)
+    ]
+
+
+def _by_affinity(affinity: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the assignments by descending affinity, ties in token order (token_drop's stable sort)."""
+    return torch.argsort(-affinity.float().reshape(-1), stable=True)
 
 
 def _rank_in_bucket(
-    bucket: torch.Tensor, num_buckets: int, priority: torch.Tensor, batch_of: torch.Tensor, num_batches: int
+    bucket: torch.Tensor, num_buckets: int, by_priority: torch.Tensor | None, batch_of: torch.Tensor, num_batches: int
 ) -> torch.Tensor:
     """Position ``[N, K]`` of each assignment among those of its (batch, bucket), highest priority first.
 
-    Sorting by descending priority and then (stably) by bucket is how ``token_drop`` orders a single
-    batch; putting the batch into the bucket key does the same for all batches at once.
+    ``by_priority`` lists the flat assignment indices from the highest priority down (None: the flat
+    order). token_drop sorts one batch by priority, then stably by bucket; here the batch joins the
+    bucket key, and (key, place in the priority order) is one unique integer, so a plain sort does
+    every batch at once (stable sorts of integers are slow on some CPUs).
     """
     key = (batch_of[:, None] * num_buckets + bucket).reshape(-1)
-    order = torch.argsort(-priority.reshape(-1), stable=True)
-    order = order[torch.argsort(key[order], stable=True)]
+    total = key.numel()
+    place = torch.arange(total, device=key.device)
+    if by_priority is not None:
+        place = torch.empty_like(place).scatter_(0, by_priority, place)
+    order = torch.argsort(key * total + place)
     counts = torch.bincount(key, minlength=num_batches * num_buckets)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(key)
-    rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    rank[order] = torch.arange(total, device=key.device) - starts[key[order]]
     return rank.view_as(bucket)
 
 

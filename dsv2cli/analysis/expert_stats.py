@@ -146,15 +146,22 @@ class Summary:
 
 
 def summarise(values: list[float], layers: list[int], higher_is_worse: bool) -> Summary:
-    """Mean, percentiles (linear interpolation) and the worst layer of one metric across layers."""
-    data = torch.tensor(values, dtype=torch.float64)
-    worst = int(torch.argmax(data) if higher_is_worse else torch.argmin(data))
+    """Mean, percentiles (linear interpolation, as numpy's default) and the worst layer of one metric across layers."""
+    ordered = sorted(values)
+
+    def percentile(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    worst = max(range(len(values)), key=lambda i: values[i] if higher_is_worse else -values[i])
     return Summary(
-        mean=float(data.mean()),
-        min=float(data.min()),
-        p50=float(torch.quantile(data, 0.5)),
-        p90=float(torch.quantile(data, 0.9)),
-        max=float(data.max()),
+        mean=sum(values) / len(values),
+        min=ordered[0],
+        p50=percentile(0.5),
+        p90=percentile(0.9),
+        max=ordered[-1],
         worst_layer=layers[worst],
     )
 
@@ -230,7 +237,7 @@ class ExpertStatsReport:
             "drop_order": self.drop_order,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
-            "layers": [_layer_json(layer) for layer in self.layers],
+            "layers": [_layer_json(layer, self.tokens) for layer in self.layers],
             "summary": {name: vars(s) for name, s in self.summary.items()},
             "drop_overall": [d.to_json() for d in self.drop_overall],
             "apply_drop": None if self.apply is None else _apply_json(self.apply),
@@ -238,8 +245,9 @@ class ExpertStatsReport:
         }
 
 
-def _layer_json(layer: LayerStats) -> dict[str, Any]:
+def _layer_json(layer: LayerStats, tokens: int) -> dict[str, Any]:
     doc: dict[str, Any] = {"layer": layer.layer, "counts": layer.counts, "load_fraction": layer.load_fraction}
+    doc["shared_expert_tokens"] = tokens  # shared experts are always active
     doc.update(vars(layer.metrics))
     doc.update(
         expert_balance=layer.expert_balance,
@@ -361,6 +369,7 @@ def collect_expert_stats(
     placement, max_devices = _check_options(
         options, config.n_group, config.topk_method, config.topk_group, num_experts, top_k, moe_layers
     )
+    factors = list(dict.fromkeys(options.capacity_factors))  # a repeated factor is simulated once
     lengths = inputs.lengths
     batches = drop_batches(lengths, options.batch_tokens)
     groups = forward_groups(lengths, batches, options.batch_size)
@@ -369,23 +378,21 @@ def collect_expert_stats(
     recorder = RoutingRecorder(placement, max_devices)
     base_loss = _run(model, inputs, groups, recorder, options.apply_drop is not None, progress, "routing")
     layers = []
-    overall = {
-        (p, cf): DropCounts(p, cf, options.drop_order if p == "expert" else None)
-        for p in DROP_POLICIES
-        for cf in options.capacity_factors
-    }
+    overall = {(p, cf): DropCounts(p, cf, options.drop_order if p == "expert" else None) for p in DROP_POLICIES for cf in factors}
     stream = torch.tensor([t for s in inputs.sequences for t in s.token_ids]) if options.top_tokens else None
     for layer in moe_layers:
         ids, affinity = recorder.layer_routing(layer)
         counts = expert_counts(ids, num_experts)  # [E]
         loads = device_loads(counts, placement.layout(layer))
         expert_sum, device_sum, comm_sum = (recorder.balance[layer] / len(lengths)).tolist()
-        drops = []
-        for policy in DROP_POLICIES:
-            drops += simulate_drops(
-                ids, affinity, batches, policy, list(options.capacity_factors), num_experts, placement.num_devices,
-                options.drop_order, placement.expert_order(layer),
-            )  # fmt: skip
+        order = placement.expert_order(layer)
+        drops = [
+            counts_at
+            for policy in DROP_POLICIES
+            for counts_at in simulate_drops(
+                ids, affinity, batches, policy, factors, num_experts, placement.num_devices, options.drop_order, order
+            )
+        ]
         for d in drops:
             overall[(d.policy, d.capacity_factor)].add(d)
         layers.append(
@@ -417,7 +424,7 @@ def collect_expert_stats(
         placement=placement.source,
         batch_tokens=options.batch_tokens,
         drop_batches=len(batches),
-        capacity_factors=list(options.capacity_factors),
+        capacity_factors=factors,
         drop_order=options.drop_order,
         layers=layers,
         drop_overall=list(overall.values()),

@@ -105,13 +105,11 @@ def _check_layout(devices: Any, num_experts: int, where: str) -> Layout:
 
 def device_loads(counts: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Assignments per device ``[D]`` from expert counts ``[E]``; an expert's load is split evenly over its replicas."""
-    counts = counts.double()
-    replicas = torch.zeros_like(counts)
-    for group in layout:
-        for e in group:
-            replicas[e] += 1
-    share = counts / replicas.clamp_min(1)
-    return torch.stack([share[list(group)].sum() if group else share.new_zeros(()) for group in layout])
+    experts = torch.tensor([e for group in layout for e in group], dtype=torch.long)
+    devices = torch.tensor([d for d, group in enumerate(layout) for _ in group], dtype=torch.long)
+    replicas = torch.bincount(experts, minlength=counts.numel()).clamp_min(1)
+    share = counts.double() / replicas
+    return torch.zeros(len(layout), dtype=torch.float64).index_add_(0, devices, share[experts])
 
 
 def balancedness(loads: torch.Tensor) -> float:
