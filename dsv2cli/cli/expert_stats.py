@@ -87,7 +87,9 @@ def expert_stats(
     devices: int = typer.Option(
         None, "--devices", help="Contiguous expert groups (devices) for the device metrics and drops (default: n_group, else 8)."
     ),
-    placement: Path = typer.Option(None, "--placement", help="JSON placement: {'devices': [[experts of device 0], ...]}."),
+    placement: Path = typer.Option(
+        None, "--placement", help="JSON placement: {'devices': \\[\\[experts of device 0], ...]} (see docs/expert-stats.md)."
+    ),
     max_devices: int = typer.Option(
         None, "--max-devices", help="M of the communication balance (default: topk_group for device-limited routing, else top-k)."
     ),
@@ -112,7 +114,7 @@ def expert_stats(
     ),
     output: Path = typer.Option(None, "--output", "-o", help="Write the json/csv report to this file instead of stdout."),
     save_loads: Path = typer.Option(
-        None, "--save-loads", help="Write the [moe_layers, experts] load matrix (EPLB's input) as .json, .csv or .safetensors."
+        None, "--save-loads", help="Write the \\[moe_layers, experts] load matrix (EPLB's input) as .json, .csv or .safetensors."
     ),
     plot: Path = typer.Option(None, "--plot", help="Draw the layers x experts heat map to a .png/.svg/.pdf (needs matplotlib)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
