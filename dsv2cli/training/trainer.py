@@ -142,6 +142,7 @@ def build_config(settings: TrainSettings, vocab_size: int, bos_id: int | None, e
     b = settings.balance
     if b.devices > 1:
         hf.update(topk_method="group_limited_greedy", n_group=b.devices, topk_group=b.max_devices_per_token)
+    hf.update(aux_loss_alpha=b.expert_alpha, seq_aux=b.per_sequence)  # what the HF remote code would train with
     hf["torch_dtype"] = settings.save_dtype or settings.dtype
     return ModelConfig.from_hf(hf)
 
