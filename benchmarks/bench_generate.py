@@ -79,6 +79,7 @@ def _sync(device: str) -> None:
 def run_engine(engine: str, checkpoint: Path, contexts: list[int], steps: int, prefill_len: int, dtype: str, device: str) -> dict:
     """Time prefill and decode for one implementation (runs in its own process)."""
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as dsv2 generate does; applies to both engines alike
     vocab = preset_config("bench-300m").vocab_size
     torch_dtype = DTYPES[dtype]
     if engine == "dsv2":

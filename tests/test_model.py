@@ -110,3 +110,15 @@ def test_group_limited_selection_stays_in_kept_groups():
     scores = torch.rand(100, 16).softmax(-1)
     _, ids = select_experts(scores, 4, "group_limited_greedy", n_group=4, topk_group=2)
     assert all(torch.unique(row // 4).numel() <= 2 for row in ids)
+
+
+def test_query_chunking_gives_the_same_logits(monkeypatch):
+    from dsv2cli.model import attention
+
+    model = _random_model()
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        whole = {impl: model(tokens, attention=impl) for impl in ("absorbed", "naive")}
+        monkeypatch.setattr(attention, "_SCORE_BUDGET", 2 * 4 * 40 * 3)  # 3 queries per chunk
+        for impl, expected in whole.items():
+            assert (model(tokens, attention=impl) - expected).abs().max() < 1e-5 * expected.abs().max()

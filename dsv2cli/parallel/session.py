@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from dsv2cli.errors import InputError
-from dsv2cli.inference.session import LoadedModel, choose_dtype, load_for_generation
+from dsv2cli.inference.session import LoadedModel, choose_dtype, configure_cpu, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree
 from dsv2cli.parallel.loading import load_sharded
@@ -35,10 +32,7 @@ def load_model(
         return load_for_generation(spec, device, dtype, threads), None
 
     def load_shard() -> LoadedModel:
-        if threads is not None:
-            if threads < 1:
-                raise InputError(f"--threads must be at least 1, got {threads}")
-            torch.set_num_threads(threads)
+        configure_cpu(threads)
         name, directory = resolve_checkpoint(spec)
         torch_dtype = choose_dtype(dtype, group.device, directory)
         model = load_sharded(directory, group, torch_dtype)
