@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from dsv2cli.analysis.kv_cache import (
@@ -27,8 +26,8 @@ from dsv2cli.analysis.kv_cache import (
     precision,
     resolve_baseline,
 )
-from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out
-from dsv2cli.errors import InputError, UnsupportedError
+from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out, pyplot_for
+from dsv2cli.errors import InputError
 from dsv2cli.resolve import ResolvedConfig, resolve_config
 
 EPILOG = (
@@ -92,7 +91,7 @@ def cache_report(
         raise InputError("--minus-weights needs --memory")
     if measure and format == ReportFormat.csv:
         raise InputError("--measure results do not fit the CSV table", hint="use --format json or markdown")
-    pyplot = None if plot is None else _pyplot(plot)
+    pyplot = None if plot is None else pyplot_for(plot)
     resolved = resolve_config(model)
     config = resolved.config
     report = build_cache_report(
@@ -341,28 +340,6 @@ def _csv(report: CacheReport) -> str:
                     line.append(f"{report.reduction_of(row):.6f}")
                 writer.writerow(line)
     return buffer.getvalue()
-
-
-_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def _pyplot(path: Path) -> Any:
-    """matplotlib's pyplot (non-interactive backend), after checking that ``path`` can be written."""
-    if path.suffix.lower() not in _PLOT_SUFFIXES:
-        raise InputError(f"--plot writes {', '.join(_PLOT_SUFFIXES)} files, not '{path.name}'")
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError:
-        raise UnsupportedError(
-            "--plot needs matplotlib, which is not installed",
-            hint=escape("pip install 'dsv2cli[plot]' (or pip install matplotlib)"),
-        ) from None
-    return pyplot
 
 
 def _plot(plt: Any, report: CacheReport, path: Path) -> None:

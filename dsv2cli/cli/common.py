@@ -8,12 +8,14 @@ import os
 import sys
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from dsv2cli.errors import DSV2Error
+from dsv2cli.errors import DSV2Error, InputError, UnsupportedError
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -34,9 +36,9 @@ def emit_json(document: Any) -> None:
 
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     """Print ``Error: message`` (and a hint) on stderr; return the Exit to raise."""
-    err.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]Error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     if hint:
-        err.print(f"[dim]Hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[dim]Hint:[/] {escape(hint)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -75,3 +77,24 @@ def human_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return str(int(n))
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def pyplot_for(path: Path) -> Any:
+    """matplotlib's pyplot (non-interactive backend) for writing ``path``; checked before any work is done."""
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise InputError(f"--plot writes {', '.join(PLOT_SUFFIXES)} files, not '{path.name}'")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        raise UnsupportedError(
+            "--plot needs matplotlib, which is not installed", hint="pip install 'dsv2cli[plot]' (or pip install matplotlib)"
+        ) from None
+    return pyplot

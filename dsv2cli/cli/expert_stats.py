@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich import box
@@ -26,8 +27,8 @@ from dsv2cli.analysis.expert_stats import (
     collect_expert_stats,
 )
 from dsv2cli.analysis.text_inputs import read_sequences
-from dsv2cli.cli.common import err, handle_errors, out
-from dsv2cli.errors import InputError, UnsupportedError
+from dsv2cli.cli.common import err, handle_errors, out, pyplot_for
+from dsv2cli.errors import InputError
 from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
 from dsv2cli.parallel.session import load_model
@@ -133,6 +134,7 @@ def expert_stats(
                 raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
         if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
             raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
+        pyplot = None if plot is None else pyplot_for(plot)  # before any work: a missing matplotlib fails at once
         paths = from_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
         loaded, shards = load_model(model, group, device, dtype, threads)
         if shards is not None:
@@ -186,8 +188,8 @@ def expert_stats(
         if save_loads is not None:
             LOAD_WRITERS[save_loads.suffix.lower()](report, save_loads)
             err.print(f"wrote {save_loads}")
-        if plot is not None:
-            _plot(report, plot)
+        if pyplot is not None:
+            _plot(pyplot, report, plot)
             err.print(f"wrote {plot}")
 
 
@@ -481,22 +483,8 @@ def _render_plan(report: ExpertStatsReport) -> None:
     )
 
 
-_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def _plot(report: ExpertStatsReport, path: Path) -> None:
+def _plot(plt: Any, report: ExpertStatsReport, path: Path) -> None:
     """Layers x experts heat map of load / layer mean; written atomically."""
-    if path.suffix.lower() not in _PLOT_SUFFIXES:
-        raise InputError(f"--plot writes {', '.join(_PLOT_SUFFIXES)} files, not '{path.name}'")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise UnsupportedError(
-            "--plot needs matplotlib, which is not installed", hint="pip install 'dsv2cli[plot]' (or pip install matplotlib)"
-        ) from None
     rows = [[c / (sum(layer.counts) / len(layer.counts)) for c in layer.counts] for layer in report.layers]
     fig, ax = plt.subplots(figsize=(min(4 + report.n_routed_experts * 0.12, 24), 1.5 + len(rows) * 0.3))
     image = ax.imshow(rows, aspect="auto", cmap="magma", interpolation="nearest")
