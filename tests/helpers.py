@@ -129,3 +129,13 @@ def save_tokenizer(directory: Path, vocab_size: int = 300, chat_template: str | 
     if chat_template is not None:
         config["chat_template"] = chat_template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def one_error_line(result) -> str:
+    """A failed CLI run printed exactly one ``Error:`` line first on stderr and no traceback; return that line."""
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("Error: "), result.output
+    assert sum(line.startswith("Error") for line in lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]

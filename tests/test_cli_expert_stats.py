@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dsv2cli.cli import expert_stats as expert_stats_cli
 from dsv2cli.cli.main import app
 from dsv2cli.inference.tokenizer import TextTokenizer
-from tests.helpers import CORPUS, reference_model, save_reference, save_tokenizer
+from tests.helpers import CORPUS, one_error_line, reference_model, save_reference, save_tokenizer
 
 runner = CliRunner()
 TEXT = "".join(CORPUS[:5]) * 3
@@ -39,14 +39,6 @@ def _invoke(model_dir, *args):
 def _json(result):
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def _one_error(result) -> str:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_json_contract(model_dir, text_file):
@@ -163,7 +155,7 @@ def test_plot(model_dir, text_file, tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert "matplotlib" in _one_error(result) and not path.exists()
+        assert "matplotlib" in one_error_line(result) and not path.exists()
         return
     assert result.exit_code == 0, result.output
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,26 +187,26 @@ def test_bundled_sample_is_the_default_input(model_dir, tmp_path, monkeypatch):
     ],
 )
 def test_bad_options_give_one_error_line(model_dir, text_file, args, message):
-    assert message in _one_error(_invoke(model_dir, text_file, *args))
+    assert message in one_error_line(_invoke(model_dir, text_file, *args))
 
 
 def test_bad_inputs_give_one_error_line(model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "is empty" in _one_error(_invoke(model_dir, empty))
+    assert "is empty" in one_error_line(_invoke(model_dir, empty))
     oov = tmp_path / "oov.jsonl"
     oov.write_text(json.dumps({"prompt_token_ids": [1, 2, 320]}) + "\n")
-    assert "outside the vocabulary" in _one_error(_invoke(model_dir, oov))
+    assert "outside the vocabulary" in one_error_line(_invoke(model_dir, oov))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
-    assert "'text' or 'prompt_token_ids'" in _one_error(_invoke(model_dir, bad))
-    assert "not found" in _one_error(_invoke(model_dir, tmp_path / "missing.txt"))
-    assert "no input given" in _one_error(_invoke(model_dir))
+    assert "'text' or 'prompt_token_ids'" in one_error_line(_invoke(model_dir, bad))
+    assert "not found" in one_error_line(_invoke(model_dir, tmp_path / "missing.txt"))
+    assert "no input given" in one_error_line(_invoke(model_dir))
     text = tmp_path / "x.txt"
     text.write_text(TEXT)
     placement = tmp_path / "p.json"
     placement.write_text(json.dumps({"devices": [[0, 1, 2, 3], [4, 5, 6, 6]]}))
-    assert "exactly one device" in _one_error(_invoke(model_dir, text, "--placement", placement))
+    assert "exactly one device" in one_error_line(_invoke(model_dir, text, "--placement", placement))
 
 
 def test_help_has_examples():

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dsv2cli.cli.main import app
-from tests.helpers import reference_model, save_reference, save_tokenizer
+from tests.helpers import one_error_line, reference_model, save_reference, save_tokenizer
 
 runner = CliRunner()
 
@@ -20,14 +20,6 @@ def model_dir(tmp_path_factory):
 def _json(result):
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def _one_error(result) -> str:
-    assert result.exit_code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_json_contract(model_dir):
@@ -102,7 +94,7 @@ def test_token_ids_without_tokenizer(tmp_path):
     save_reference(reference_model(), tmp_path)
     doc = _json(runner.invoke(app, ["generate", "-m", str(tmp_path), "--token-ids", "0,5,6", "-n", "3", "-f", "json"]))
     assert doc["results"][0]["text"] is None and len(doc["results"][0]["token_ids"]) == 3
-    assert "token ids" in _one_error(runner.invoke(app, ["generate", "-m", str(tmp_path), "hello"]))
+    assert "token ids" in one_error_line(runner.invoke(app, ["generate", "-m", str(tmp_path), "hello"]))
 
 
 @pytest.mark.parametrize(
@@ -115,17 +107,17 @@ def test_token_ids_without_tokenizer(tmp_path):
     ],
 )
 def test_bad_options(model_dir, args, words):
-    assert words in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), *args]))
+    assert words in one_error_line(runner.invoke(app, ["generate", "-m", str(model_dir), *args]))
 
 
 def test_bad_inputs(model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert "no prompts" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(empty)]))
-    assert "not found" in _one_error(runner.invoke(app, ["generate", "-m", str(tmp_path / "missing"), "x"]))
+    assert "no prompts" in one_error_line(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(empty)]))
+    assert "not found" in one_error_line(runner.invoke(app, ["generate", "-m", str(tmp_path / "missing"), "x"]))
     long_prompt = "def add " * 400
-    assert "context" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), long_prompt]))
+    assert "context" in one_error_line(runner.invoke(app, ["generate", "-m", str(model_dir), long_prompt]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
-    assert "bad.jsonl:1" in _one_error(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(bad)]))
-    assert "preset" in _one_error(runner.invoke(app, ["generate", "-m", "deepseek-v2", "x"]))
+    assert "bad.jsonl:1" in one_error_line(runner.invoke(app, ["generate", "-m", str(model_dir), "-i", str(bad)]))
+    assert "preset" in one_error_line(runner.invoke(app, ["generate", "-m", "deepseek-v2", "x"]))
