@@ -47,8 +47,17 @@ _SMALL_FFN = 1024
 class ExpandedKVCache:
     """Per-head keys ``[L, B, capacity, H, N + R]`` and values ``[L, B, capacity, H, V]``."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (config.num_hidden_layers, batch_size, capacity, config.num_attention_heads)
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        heads: int | None = None,
+    ) -> None:
+        # heads: the heads this process holds (all of them, or its share when heads are split across ranks)
+        shape = (config.num_hidden_layers, batch_size, capacity, heads or config.num_attention_heads)
         self.keys = torch.zeros(*shape, config.qk_head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, config.v_head_dim, dtype=dtype, device=device)
         self.capacity = capacity
@@ -137,6 +146,8 @@ class CacheMeasurement:
     rows: list[MeasuredCache]
     logit_difference: float
     """max |latent - expanded| / max |latent| over the last step's logits: both caches compute the same function."""
+    ranks: int = 1
+    """Processes the model was split across; the bytes are one process's (rank 0's)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +171,7 @@ class CacheMeasurement:
                 for r in self.rows
             ],
             "logit_difference": self.logit_difference,
+            "ranks": self.ranks,
         }
 
 
@@ -209,8 +221,15 @@ def measure_cache(
     layers: int | None = None,
     checkpoint: Path | None = None,
     on_stage: Callable[[str], None] | None = None,
+    load: Callable[[Path, torch.dtype], DeepseekV2] = load_checkpoint,
+    prepare: Callable[[DeepseekV2], DeepseekV2] | None = None,
 ) -> CacheMeasurement:
-    """Run prefill + decode with both caches and compare their bytes with the prediction for the measured shape."""
+    """Run prefill + decode with both caches and compare their bytes with the prediction for the measured shape.
+
+    ``load`` reads a checkpoint and ``prepare`` transforms the random model (a multi-process run passes its
+    sharded loader and ``parallelize``). When the model holds only a share of the heads, the expanded cache
+    holds that share too and its prediction is scaled to it; the latent cache is whole on every process.
+    """
     if dtype not in DTYPES:
         raise InputError(
             f"--measure runs the cache in {', '.join(DTYPES)}, not {dtype}", hint="pass --dtype bfloat16 (or float32)"
@@ -224,12 +243,15 @@ def measure_cache(
     torch_dtype = DTYPES[dtype]
     if checkpoint is not None:
         stage(f"loading {checkpoint}")
-        model, changes, weights = load_checkpoint(checkpoint, torch_dtype), [], "checkpoint"
+        model, changes, weights = load(checkpoint, torch_dtype), [], "checkpoint"
     else:
         measured_config, changes = measurement_config(config, layers)
         stage(f"building a random model ({'; '.join(changes) or 'full size'})")
         model, weights = random_model(measured_config, torch_dtype), "random"
+        if prepare is not None:
+            model = prepare(model)
     config = model.config
+    heads = model.layers[0].self_attn.num_heads  # this process's heads
     prompt_len = context - decode_steps
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, config.vocab_size, (batch_size, context), generator=generator)
@@ -242,7 +264,7 @@ def measure_cache(
         return (lambda t: model(t, cache=cache, last_only=True)), cache
 
     def expanded_run(capacity: int) -> tuple[Step, Any]:
-        cache = ExpandedKVCache(config, batch_size, capacity, torch_dtype, device)
+        cache = ExpandedKVCache(config, batch_size, capacity, torch_dtype, device, heads)
         return (lambda t: expanded_forward(model, t, cache)), cache
 
     rows: list[MeasuredCache] = []
@@ -256,6 +278,8 @@ def measure_cache(
             logits[scheme], seconds = _decode(step, tokens, prompt_len)
             measured = cache.entries.untyped_storage().nbytes() if scheme == "mla" else cache.nbytes()
             predicted = cache_row(Scheme(scheme), shape, prec).bytes_for(batch_size, context)
+            if scheme == "mla-expanded":
+                predicted = predicted * heads // config.num_attention_heads
             rows.append(MeasuredCache(scheme, int(predicted), measured, seconds))
     reference = logits["mla"].float()
     difference = ((reference - logits["mla-expanded"].float()).abs().max() / reference.abs().max()).item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import sys
@@ -28,6 +29,8 @@ from dsv2cli.analysis.kv_cache import (
 )
 from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out, pyplot_for
 from dsv2cli.errors import InputError
+from dsv2cli.parallel import ParallelGroup, distributed_run, load_sharded, parallelize
+from dsv2cli.parallel.group import gather_objects
 from dsv2cli.resolve import ResolvedConfig, resolve_config
 
 EPILOG = (
@@ -82,6 +85,9 @@ def cache_report(
     measure_context: str = typer.Option("256", "--measure-context", help="Tokens per sequence for --measure."),
     measure_batch: int = typer.Option(1, "--measure-batch", help="Sequences for --measure."),
     decode_steps: int = typer.Option(8, "--decode-steps", help="Decode steps timed by --measure."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Under torchrun (--measure on a split model): gloo, nccl or auto (env DSV2_BACKEND)."
+    ),
 ) -> None:
     """KV-cache size of a DeepSeek-V2-family model under MLA, MLA expanded, MHA, GQA and MQA: per token, per sequence,
     over a batch × context grid, within a memory budget and against a baseline model."""
@@ -107,33 +113,44 @@ def cache_report(
         baseline=None if baseline is None else resolve_baseline(baseline),
         baseline_precision=precision(baseline_dtype, baseline_bits),
     )
-    measured = (
-        _measure(resolved, report, measure_layers, parse_tokens(measure_context), measure_batch, decode_steps)
-        if measure
-        else None
-    )
-    if pyplot is not None:
-        _plot(pyplot, report, plot)
-        err.print(f"wrote {plot}")
-    if format == ReportFormat.json:
-        doc = report.to_json()
-        doc["measured"] = None if measured is None else measured.to_json()
-        emit_json(doc)
-    elif format == ReportFormat.csv:
-        sys.stdout.write(_csv(report))
-    elif format == ReportFormat.markdown:
-        sys.stdout.write(_markdown(report, measured))
-    else:
-        _render(report, measured)
+    with distributed_run("auto", backend) as group:  # group is None unless launched by torchrun; rank 0 prints
+        measured = (
+            _measure(resolved, report, measure_layers, parse_tokens(measure_context), measure_batch, decode_steps, group)
+            if measure
+            else None
+        )
+        if pyplot is not None:
+            _plot(pyplot, report, plot)
+            err.print(f"wrote {plot}")
+        if format == ReportFormat.json:
+            doc = report.to_json()
+            doc["measured"] = None if measured is None else measured.to_json()
+            emit_json(doc)
+        elif format == ReportFormat.csv:
+            sys.stdout.write(_csv(report))
+        elif format == ReportFormat.markdown:
+            sys.stdout.write(_markdown(report, measured))
+        else:
+            _render(report, measured)
 
 
-def _measure(resolved: ResolvedConfig, report: CacheReport, layers: int | None, context: int, batch: int, steps: int) -> Any:
+def _measure(
+    resolved: ResolvedConfig,
+    report: CacheReport,
+    layers: int | None,
+    context: int,
+    batch: int,
+    steps: int,
+    group: ParallelGroup | None,
+) -> Any:
+    """Measure on this process, or under torchrun on the model split across the ranks (bytes of rank 0)."""
     from dsv2cli.analysis.kv_measure import measure_cache
+    from dsv2cli.checkpoint.loader import load_checkpoint
 
     directory = resolved.directory if resolved.source in ("directory", "bundled") else None
     checkpoint = directory if directory is not None and any(directory.glob("*.safetensors")) else None
     with err.status("measuring the KV cache") as status:
-        return measure_cache(
+        measured = measure_cache(
             resolved.config,
             resolved.name,
             batch_size=batch,
@@ -143,7 +160,17 @@ def _measure(resolved: ResolvedConfig, report: CacheReport, layers: int | None, 
             layers=layers,
             checkpoint=checkpoint,
             on_stage=status.update,
+            load=load_checkpoint if group is None else (lambda path, dtype: load_sharded(path, group, dtype)),
+            prepare=None if group is None else (lambda model: parallelize(model, group)),
         )
+    if group is None:
+        return measured
+    every = gather_objects(group, [(r.scheme, r.predicted_bytes, r.measured_bytes) for r in measured.rows])
+    for rank, rows in enumerate(every):
+        err.print(
+            f"[dim]rank {rank}: " + ", ".join(f"{scheme} {got:,} B (predicted {want:,})" for scheme, want, got in rows) + "[/]"
+        )
+    return dataclasses.replace(measured, ranks=group.world_size)
 
 
 # Rendering ---------------------------------------------------------------------------------------------------------
@@ -249,6 +276,12 @@ def _measure_caption(measured: Any) -> str:
         f"Measured on this machine: {measured.model}, {what}{changes}; {measured.config.num_hidden_layers} layers, "
         f"batch {measured.batch_size}, {measured.context} tokens ({measured.prompt_tokens} prefill + {measured.decode_steps} "
         f"decode), {measured.dtype}; logits of the two caches differ by {measured.logit_difference:.1e} (relative)"
+        + (
+            f"; bytes of rank 0 of {measured.ranks} (the latent cache is whole on every rank, the expanded one "
+            f"holds the rank's share of the heads)"
+            if measured.ranks > 1
+            else ""
+        )
     )
 
 
