@@ -11,9 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from dsv2cli.config import ModelConfig
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+# Router weights stay float32 whatever the model dtype (the reference keeps gate.weight in float32).
+ROUTER_SUFFIX = ".mlp.gate.weight"
 
 # Tensors some writers add that carry no weights (recomputed rotary tables).
 IGNORABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -88,6 +93,11 @@ def native_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{layer}.gate_up_proj"] = (e, 2 * i, d)
             shapes[f"{layer}.down_proj"] = (e, d, i)
     return shapes
+
+
+def runtime_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loaded tensor gets: ``dtype``, except float32 for the router."""
+    return torch.float32 if name.endswith(ROUTER_SUFFIX) else dtype
 
 
 def native_name(hf_name: str) -> str:

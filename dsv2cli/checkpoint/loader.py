@@ -17,16 +17,13 @@ import torch
 from safetensors import safe_open
 
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
-from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes
+from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes, runtime_dtype
 from dsv2cli.checkpoint.native import is_native, load_native
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Router weights stay in float32 whatever the model dtype (the reference keeps gate.weight in fp32).
-_FP32_SUFFIX = ".mlp.gate.weight"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -39,10 +36,6 @@ def build_empty(config: ModelConfig) -> DeepseekV2:
     """The model with every parameter on the meta device (rotary tables are real)."""
     with torch.device("meta"):
         return DeepseekV2(config)
-
-
-def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if name.endswith(_FP32_SUFFIX) else dtype
 
 
 def read_hf_state_dict(
@@ -68,7 +61,7 @@ def read_hf_state_dict(
                     expert = expert_slice(name)
                     if expert is None:
                         target = native_name(name)
-                        state[target] = tensor.to(device=device, dtype=_target_dtype(target, dtype))
+                        state[target] = tensor.to(device=device, dtype=runtime_dtype(target, dtype))
                     else:
                         stacked = state.get(expert.native_name)
                         if stacked is None:

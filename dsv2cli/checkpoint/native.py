@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from dsv2cli.checkpoint.files import read_safetensors_header
+from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
@@ -43,7 +44,6 @@ ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Router weights are computed in float32 whatever the model dtype (spec §4.2).
-ROUTER_SUFFIX = ".mlp.gate.weight"
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv2cli.checkpoint.files import TensorInfo
-from dsv2cli.checkpoint.hf_keys import expert_slice, native_name, native_shapes
-from dsv2cli.checkpoint.native import ROUTER_SUFFIX, expected_tensors, file_for
+from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name, native_shapes
+from dsv2cli.checkpoint.native import expected_tensors, file_for
 from dsv2cli.checkpoint.source import Source
 from dsv2cli.checkpoint.writer import TensorSpec, alignment_group
 from dsv2cli.errors import InputError

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
-from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name
+from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, runtime_dtype
 from dsv2cli.checkpoint.loader import build_empty
 from dsv2cli.checkpoint.native import is_native
 from dsv2cli.config import ModelConfig, load_config
@@ -24,9 +24,6 @@ from dsv2cli.model import DeepseekV2
 from dsv2cli.parallel.group import ParallelGroup
 from dsv2cli.parallel.layers import parallelize
 from dsv2cli.parallel.plan import ShardPlan
-
-# Router weights stay in float32 whatever the model dtype (as in the single-process loader).
-_FP32_SUFFIX = ".mlp.gate.weight"
 
 
 def read_local_state(
@@ -57,7 +54,7 @@ def read_local_state(
                         target = native_name(name)
                         split = plan.split_for(target)
                         tensor = f.get_tensor(name) if split is None else f.get_slice(name)[split.index()]
-                        wanted = torch.float32 if target.endswith(_FP32_SUFFIX) else dtype
+                        wanted = runtime_dtype(target, dtype)
                         state[target] = tensor.to(device=device, dtype=wanted)
                     else:
                         stacked = state.get(expert.native_name)
