@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 TINY_HF: dict[str, Any] = {
@@ -139,3 +140,12 @@ def one_error_line(result) -> str:
     assert sum(line.startswith("Error") for line in lines) == 1, result.output
     assert "Traceback" not in result.output
     return lines[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Tiny tensors: on a busy machine OpenMP's fork/join costs far more than the work itself (import it to use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from dsv2cli.checkpoint.convert import convert_checkpoint
 from dsv2cli.checkpoint.loader import load_checkpoint, load_hf_checkpoint
 from dsv2cli.cli.main import app
 from dsv2cli.errors import UnsupportedError
-from tests.helpers import reference_model, save_reference
+from tests.helpers import one_thread_per_module, reference_model, save_reference  # noqa: F401 (autouse fixture)
 
 runner = CliRunner()
 TOKENS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -43,15 +43,6 @@ def native(hf, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("native") / "native"
     convert_checkpoint(str(hf), output, probe=False)
     return output
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a busy machine OpenMP's fork/join costs far more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tensors(directory: Path) -> dict[str, tuple[torch.dtype, bytes]]:

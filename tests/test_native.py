@@ -12,7 +12,7 @@ from dsv2cli.checkpoint.loader import load_checkpoint, load_hf_checkpoint
 from dsv2cli.checkpoint.native import MANIFEST_NAME, read_manifest
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model.quantized import Int8Linear, Int8RoutedExperts, quantize_int8
-from tests.helpers import reference_model, save_reference
+from tests.helpers import one_thread_per_module, reference_model, save_reference  # noqa: F401 (autouse fixture)
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -28,15 +28,6 @@ def native(hf, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("n") / "native"
     convert_checkpoint(str(hf), output, probe=False)
     return output
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a busy machine OpenMP's fork/join costs far more than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mapped_ranges(paths: list[Path]) -> list[tuple[int, int]]:
