@@ -119,29 +119,48 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32).
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32)."""
+        return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
 
-        Assignments are sorted by expert so each active expert runs one matmul over its
-        tokens; experts nobody chose are never touched.
-        """
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        sorted_ids = flat_ids[order]
-        token_of = order // top_k
-        weight_of = weights.reshape(-1)[order]
-        counts = torch.bincount(sorted_ids + 1, minlength=self.num_experts + 1).tolist()  # slot 0 = dropped (-1)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        start = counts[0]
-        for expert, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            rows = token_of[start : start + count]
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])  # [count, D]
-            out.index_add_(0, rows, y.float() * weight_of[start : start + count, None])
-            start += count
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
+        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[index])
+
+
+def run_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``sum_k weights[:, k] * expert(expert_ids[:, k], x)`` -> ``[N, D]`` float32; ``expert(index, rows)`` runs one expert.
+
+    One token (a decode step of one sequence) walks its K experts directly. Several tokens are
+    sorted by expert so each active expert runs one matmul over its tokens; experts nobody chose
+    are never touched.
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if x.shape[0] == 1:
+        for index, weight in zip(expert_ids[0].tolist(), weights[0].tolist(), strict=True):
+            if index >= 0:
+                out.add_(expert(index, x).float(), alpha=weight)
         return out
+    top_k = expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // top_k
+    weight_of = weights.reshape(-1)[order]
+    counts = torch.bincount(flat_ids[order] + 1, minlength=num_experts + 1).tolist()  # slot 0 = dropped (-1)
+    start = counts[0]
+    for index, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        rows = token_of[start : start + count]
+        out.index_add_(0, rows, expert(index, x[rows]).float() * weight_of[start : start + count, None])
+        start += count
+    return out
 
 
 class MoE(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli.model.moe import RoutedExperts
+from dsv2cli.model.moe import RoutedExperts, run_experts
 
 # Linear layers that stay in floating point (see the module docstring for why).
 FLOAT_LINEARS = ("lm_head", "kv_b_proj")
@@ -115,23 +115,12 @@ class Int8RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``)."""
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // top_k
-        weight_of = weights.reshape(-1)[order]
-        counts = torch.bincount(flat_ids[order] + 1, minlength=self.num_experts + 1).tolist()  # slot 0 = dropped (-1)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        start = counts[0]
-        for expert, count in enumerate(counts[1:]):
-            if count == 0:
-                continue
-            rows = token_of[start : start + count]
-            gate, up = int8_linear(x[rows], self.gate_up_proj[expert], self.gate_up_proj_scale[expert]).chunk(2, dim=-1)
-            y = int8_linear(F.silu(gate) * up, self.down_proj[expert], self.down_proj_scale[expert])  # [count, D]
-            out.index_add_(0, rows, y.float() * weight_of[start : start + count, None])
-            start += count
-        return out
+        return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
+        gate, up = int8_linear(x, self.gate_up_proj[index], self.gate_up_proj_scale[index]).chunk(2, dim=-1)
+        return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index])
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
