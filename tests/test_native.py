@@ -99,7 +99,7 @@ def test_int8_native_loads_int8_modules(hf, tmp_path):
     assert isinstance(model.layers[1].self_attn.o_proj, Int8Linear)
     assert isinstance(model.layers[1].mlp.experts, Int8RoutedExperts)
     assert model.layers[1].mlp.experts.gate_up_proj.dtype == torch.int8
-    assert model.lm_head.weight.dtype == torch.float32
+    assert isinstance(model.lm_head, Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
     in_memory = quantize_int8(load_hf_checkpoint(hf))
     with torch.no_grad():
         got, ref = model(TOKENS), load_hf_checkpoint(hf)(TOKENS)
@@ -150,3 +150,18 @@ def test_missing_native_file(damaged):
     (damaged / "layer-02.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing file 'layer-02.safetensors'"):
         load_checkpoint(damaged)
+
+
+def test_int8_native_written_before_the_head_was_quantized_still_loads_and_verifies(hf, tmp_path, monkeypatch):
+    import dsv2cli.checkpoint.plan as plan
+    from dsv2cli.checkpoint.native import expected_tensors
+    from dsv2cli.checkpoint.verify import verify_checkpoint
+
+    monkeypatch.setattr(plan, "expected_tensors", lambda config, quantize: expected_tensors(config, quantize, False))
+    convert_checkpoint(str(hf), tmp_path / "old", quantize="int8", probe=False)
+    monkeypatch.undo()
+    model = load_checkpoint(tmp_path / "old")
+    assert model.lm_head.weight.dtype == torch.float32 and isinstance(model.layers[1].self_attn.o_proj, Int8Linear)
+    assert verify_checkpoint(tmp_path / "old").ok
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS)).all()

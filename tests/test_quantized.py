@@ -11,7 +11,9 @@ from dsv2cli.model.quantized import (
     Int8Linear,
     Int8RoutedExperts,
     dequantize_rows,
+    int8_gemv,
     int8_linear,
+    quantize_activation,
     quantize_int8,
     quantize_rows,
 )
@@ -73,23 +75,51 @@ def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights():
     with torch.no_grad():
         dequantized.gate_up_proj.copy_(dequantize_rows(int8.gate_up_proj, int8.gate_up_proj_scale, torch.float32))
         dequantized.down_proj.copy_(dequantize_rows(int8.down_proj, int8.down_proj_scale, torch.float32))
-    x = torch.randn(7, config.hidden_size)
-    ids = torch.tensor([[0, 3], [3, -1], [5, 1], [7, 0], [2, 2], [6, 4], [1, 5]])
-    weights = torch.rand(7, 2)
+    # Every chosen expert gets two or more tokens here: one-token matmuls take the int8 x int8 path.
+    x = torch.randn(8, config.hidden_size)
+    ids = torch.tensor([[0, 3], [3, 0], [5, 1], [1, 5], [2, -1], [6, 4], [4, 6], [2, 2]])
+    weights = torch.rand(8, 2)
     torch.testing.assert_close(int8(x, ids, weights), dequantized(x, ids, weights), rtol=1e-5, atol=1e-5)
+    # One token (a decode step): close to the dequantized experts, within the 8-bit activation error.
+    one = int8(x[:1], ids[:1], weights[:1])
+    reference = dequantized(x[:1], ids[:1], weights[:1])
+    assert (one - reference).abs().max() <= 0.02 * reference.abs().max()
 
 
-def test_transform_keeps_embeddings_norms_router_head_and_kv_b_in_float():
+def test_int8_gemv_is_exact_int8_arithmetic_on_the_quantized_token():
+    torch.manual_seed(7)
+    x, w = torch.randn(1, 64) * 3, torch.randn(40, 64)
+    q, scale = quantize_rows(w)
+    xq, x_scale = quantize_activation(x)
+    assert xq.dtype == torch.int8 and xq.abs().max() == 127
+    assert ((xq.double() * x_scale - x.double()).abs() <= x_scale / 2 + 1e-6).all()
+    expected = (xq.double() @ q.double().t()) * scale.double() * x_scale
+    got = int8_gemv(x, q, scale)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    # int8_linear routes one token there, in either activation dtype, and keeps the leading dims.
+    assert torch.equal(int8_linear(x.view(1, 1, 64), q, scale), got.view(1, 1, 40))
+    reference = F.linear(x, dequantize_rows(q, scale, torch.float32))
+    assert (got - reference).abs().max() <= 0.02 * reference.abs().max()
+    assert int8_linear(x.bfloat16(), q, scale).dtype == torch.bfloat16
+
+
+def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():
     torch.manual_seed(4)
     model = DeepseekV2(_config())
     quantize_int8(model)
     int8 = {name for name, t in model.state_dict().items() if t.dtype == torch.int8}
     assert "layers.1.mlp.experts.gate_up_proj" in int8 and "layers.0.mlp.down_proj.weight" in int8
     assert "layers.1.self_attn.q_a_proj.weight" in int8 and "layers.1.mlp.shared_experts.up_proj.weight" in int8
-    for kept in ("embed_tokens.weight", "lm_head.weight", "norm.weight", "layers.1.mlp.gate.weight"):
+    assert "lm_head.weight" in int8
+    for kept in ("embed_tokens.weight", "norm.weight", "layers.1.mlp.gate.weight"):
         assert kept not in int8
     assert "layers.1.self_attn.kv_b_proj.weight" not in int8
     assert not any(isinstance(m, RoutedExperts) for m in model.modules())
+    # Older int8 checkpoints kept the head in float; a head tied to the embedding always stays float.
+    legacy = quantize_int8(DeepseekV2(_config()), quantize_head=False)
+    assert legacy.state_dict()["lm_head.weight"].dtype == torch.float32
+    tied = quantize_int8(DeepseekV2(ModelConfig.from_hf({**TINY_HF, "tie_word_embeddings": True})))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
 
 
 def test_quantized_model_stays_close_to_float(tmp_path):

@@ -48,7 +48,7 @@ def _verify(directory: Path):
 def test_sound_checkpoints_pass(native, hf_copy):
     result, report = _verify(native)
     assert result.exit_code == 0 and report["ok"] and report["layout"] == "native"
-    assert report["files_hashed"] == 7 and report["tensors"] == 70
+    assert report["files_hashed"] == 7 and report["tensors"] == 71  # int8: lm_head.scale included
     result, report = _verify(hf_copy)
     assert result.exit_code == 0 and report["ok"] and report["layout"] == "hf" and report["tensors"] == 89
 

@@ -101,13 +101,16 @@ def file_for(native_name: str, num_layers: int) -> str:
     return "embed.safetensors" if native_name.startswith("embed_tokens.") else "head.safetensors"
 
 
-def expected_tensors(config: ModelConfig, quantization: str | None) -> dict[str, tuple[tuple[int, ...], str | None]]:
+def expected_tensors(
+    config: ModelConfig, quantization: str | None, int8_head: bool = True
+) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """Every tensor a native checkpoint of ``config`` holds: name -> (shape, required dtype or None = any float).
 
     Built from the model itself on the meta device (after the int8 transform when quantized),
-    so names can never drift from the modules they are assigned to.
+    so names can never drift from the modules they are assigned to. ``int8_head=False`` describes
+    int8 checkpoints written before ``lm_head`` was quantized.
     """
-    model = build_structure(config, quantization)
+    model = build_structure(config, quantization, int8_head)
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for name, tensor in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -121,19 +124,24 @@ def expected_tensors(config: ModelConfig, quantization: str | None) -> dict[str,
     return expected
 
 
-def build_structure(config: ModelConfig, quantization: str | None) -> DeepseekV2:
+def build_structure(config: ModelConfig, quantization: str | None, int8_head: bool = True) -> DeepseekV2:
     """The model on the meta device, with int8 modules installed for an int8 checkpoint."""
     with torch.device("meta"):
         model = DeepseekV2(config)
     if quantization == "int8":
-        quantize_int8(model)
+        quantize_int8(model, quantize_head=int8_head)
     return model
+
+
+def has_int8_head(manifest: Manifest) -> bool:
+    """Whether an int8 checkpoint stores ``lm_head`` in int8 (older ones kept it in floating point)."""
+    return "lm_head.scale" in manifest.tensors
 
 
 def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) -> list[str]:
     """Problems visible from the headers alone: files, names, shapes and dtypes (no hashing)."""
     problems: list[str] = []
-    expected = expected_tensors(config, manifest.quantization)
+    expected = expected_tensors(config, manifest.quantization, has_int8_head(manifest))
     stored: dict[str, tuple[str, tuple[int, ...], str]] = {}
     unavailable: set[str] = set()  # their tensors are accounted for by the file's own problem
     for file in sorted({str(t.get("file")) for t in manifest.tensors.values()}):
@@ -219,7 +227,7 @@ def load_native(
             state[name] = tensor.to(device=device, dtype=want)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model = build_structure(config, manifest.quantization)
+    model = build_structure(config, manifest.quantization, has_int8_head(manifest))
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -20,7 +20,7 @@ from dsv2cli.checkpoint.loader import read_hf_state_dict
 from dsv2cli.checkpoint.native import ST_TO_TORCH, file_for, is_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.model.norm import RMSNorm
-from dsv2cli.model.quantized import quantize_int8
+from dsv2cli.model.quantized import dequantize_rows, quantize_int8
 from dsv2cli.model.rope import RotaryEmbedding
 from dsv2cli.model.transformer import Block
 
@@ -125,6 +125,8 @@ def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbed
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     norm.weight = torch.nn.Parameter(head["norm.weight"], requires_grad=False)
     lm_head = embed if config.tie_word_embeddings else head["lm_head.weight"]
+    if "lm_head.scale" in head:
+        lm_head = dequantize_rows(lm_head, head["lm_head.scale"], x.dtype)
     return F.linear(norm(x), lm_head.to(x.dtype)).float()[0]  # [S, V]
 
 

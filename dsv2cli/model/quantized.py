@@ -7,13 +7,16 @@ A weight ``W [O, I]`` is stored as ``q [O, I]`` int8 and ``scale [O]`` with ``W 
 and ``scale = max|W[o, :]| / 127``. Activations stay in floating point.
 
 Like gpt-fast's ``quantize.py`` this is a transform applied to a built model (``quantize_int8``);
-the model files do not know about it. Embeddings, norms, the router and ``lm_head`` stay in
-floating point, and so does ``kv_b_proj``: absorbed attention reads its weight directly as
-W_UK / W_UV (``attention.py``), and it is small (H * (N + V) * C values per layer).
+the model files do not know about it. Embeddings, norms and the router stay in floating point,
+and so does ``kv_b_proj``: absorbed attention reads its weight directly as W_UK / W_UV
+(``attention.py``). ``lm_head`` is int8 too (it is the largest matrix a decode step reads) unless it
+is tied to the embedding; int8 checkpoints written before it was quantized keep a float head
+(``quantize_head=False``).
 
-On CPU with bfloat16 activations the matmul is ``torch._weight_int8pack_mm`` (an int8 kernel that
-reads half of bfloat16's weight bytes); with other activation dtypes the weight is dequantized on
-the fly, one matrix (or one expert) at a time (``benchmarks/bench_convert.py`` measures both).
+Decode steps on CPU (one token) quantize the token to int8 and use int8 x int8 dot products
+(:func:`int8_gemv`). Several tokens with bfloat16 activations use ``torch._weight_int8pack_mm``;
+with other activation dtypes the weight is dequantized on the fly, one matrix (or one expert) at a
+time (``benchmarks/bench_convert.py`` and ``benchmarks/bench_vs_llamacpp.py`` measure them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.nn import functional as F
 from dsv2cli.model.moe import RoutedExperts, run_experts
 
 # Linear layers that stay in floating point (see the module docstring for why).
-FLOAT_LINEARS = ("lm_head", "kv_b_proj")
+FLOAT_LINEARS = ("kv_b_proj",)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +51,14 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
-    torch's CPU int8 kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
+    One token on CPU (a decode step) takes the int8 x int8 path (:func:`int8_gemv`). Otherwise, with
+    bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
+    torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
     """
+    if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16):
+        return int8_gemv(x.reshape(1, -1), q, scale).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
@@ -60,6 +67,25 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         return out.reshape(*x.shape[:-1], q.shape[0])
     # Multiplying the output by the scale is exact in real arithmetic and avoids a scaled weight copy.
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One row ``x [1, I]`` -> ``(int8 [1, I], scale)`` with ``x ~ int8 * scale`` (symmetric, per token)."""
+    amax = torch.linalg.vector_norm(x, float("inf")).item()
+    scale = max(amax, 1e-30) / 127.0
+    return x.float().mul(1.0 / scale).round_().to(torch.int8), scale
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, x_int8: tuple[torch.Tensor, float] | None = None):
+    """One token ``x [1, I]`` against ``q [O, I]`` int8 -> ``[1, O]`` float32, as int8 x int8 dot products.
+
+    The token is quantized per row (symmetric, 8 bits, like llama.cpp's Q8_0 activations but one scale
+    per token instead of one per 32 values); ``torch._int_mm`` then streams the int8 weight at memory
+    speed (a float dequantizing kernel is compute-bound at about half that on AVX-512 CPUs without
+    VNNI-for-float). ``x_int8`` reuses a quantization of the same ``x`` made for another matrix.
+    """
+    xq, x_scale = x_int8 if x_int8 is not None else quantize_activation(x)
+    return torch._int_mm(xq, q.t()).mul(scale).mul_(x_scale)
 
 
 class Int8Linear(nn.Module):
@@ -123,16 +149,21 @@ class Int8RoutedExperts(nn.Module):
         return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index])
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: nn.Module, quantize_head: bool = True) -> nn.Module:
     """Replace the quantizable linears and every ``RoutedExperts`` of ``model`` in place; returns it.
 
     On a meta-device model this only installs the int8 structure (to assign an int8 checkpoint);
-    on a loaded model it quantizes the weights.
+    on a loaded model it quantizes the weights. ``lm_head`` stays float when ``quantize_head`` is
+    False or when it is tied to the embedding.
     """
+    embedding = getattr(model, "embed_tokens", None)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, RoutedExperts):
                 setattr(module, child_name, Int8RoutedExperts.from_experts(child))
             elif isinstance(child, nn.Linear) and child_name not in FLOAT_LINEARS and child.bias is None:
+                tied = embedding is not None and child.weight is embedding.weight
+                if child_name == "lm_head" and (tied or not quantize_head):
+                    continue
                 setattr(module, child_name, Int8Linear.from_linear(child))
     return model

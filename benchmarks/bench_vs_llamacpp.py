@@ -1,0 +1,328 @@
+"""dsv2 against llama.cpp on CPU: same random model, same precision, same threads, one run.
+
+Builds llama.cpp from the PyPI sdist of llama-cpp-python (its ``vendor/llama.cpp``: CMake files,
+``llama-bench``, ``convert_hf_to_gguf.py``) once into a cache directory, writes a random
+DeepSeek-V2-shaped checkpoint (the ``bench-300m`` preset: hidden 1024, 4 layers, 16 heads,
+q_lora_rank 384, kv_lora_rank 512, 64 routed experts top-6 + 2 shared, vocab 32000), converts it to
+GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same run:
+
+* decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 1024 tokens,
+  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8;
+* the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
+  divided by the bandwidth of a large copy measured in this run.
+
+Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster).
+
+    python benchmarks/bench_vs_llamacpp.py                      # a few minutes after the first build
+    python benchmarks/bench_vs_llamacpp.py --contexts 128 --steps 8 --skip-llamacpp
+    python benchmarks/bench_vs_llamacpp.py --cache-dir /tmp/llamacpp --threads 4
+
+The first run downloads the sdist with pip and builds ``llama-bench`` (about 15 minutes on 2 cores);
+later runs reuse ``--cache-dir``. The converter copy the benchmark uses accepts the random
+tokenizer's unknown pre-tokenizer (it would otherwise refuse it); nothing else is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_generate import make_checkpoint, memory_bandwidth_gbs  # noqa: E402
+
+from dsv2cli.analysis.params import count_params  # noqa: E402
+from dsv2cli.presets import preset_config  # noqa: E402
+
+LLAMA_CPP_PYTHON = "0.3.36"
+PRESET = "bench-300m"
+DEMO = ROOT / "dsv2cli" / "assets" / "demo"
+# The converter refuses tokenizers it does not know; the benchmark's copy treats them as the default one.
+PRE_TOKENIZER_CHECK = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
+PRE_TOKENIZER_BYPASS = 'res = "default"  # dsv2 benchmark: random tokenizer'
+DSV2_PRECISIONS = ("float32", "bfloat16", "int8")
+LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0"}  # dsv2 precision -> GGUF type compared with it
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- llama.cpp: build once, convert, bench -------------------------------------------------------------------
+
+
+def llama_source(cache: Path) -> Path:
+    """``vendor/llama.cpp`` of the llama-cpp-python sdist, downloaded with pip into ``cache`` once."""
+    source = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if (source / "CMakeLists.txt").is_file():
+        return source
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not archive.is_file():
+        log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist ...")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache),
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return source
+
+
+def llama_bench_binary(source: Path, jobs: int) -> Path:
+    """Build ``llama-bench`` (CPU, native instructions, Release) unless the cached build has it."""
+    binary = source / "build" / "bin" / "llama-bench"
+    if binary.is_file():
+        return binary
+    log(f"building llama-bench in {source / 'build'} (once; ~15 minutes on 2 cores) ...")
+    configure = ["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"]
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(source / "build"), "--target", "llama-bench", "-j", str(jobs)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return binary
+
+
+def converter(source: Path, cache: Path) -> Path:
+    """A copy of ``convert_hf_to_gguf.py`` (and its ``conversion`` package) that accepts any pre-tokenizer."""
+    copy = cache / "converter"
+    script = copy / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    staging = cache / "converter.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy2(source / "convert_hf_to_gguf.py", staging)
+    shutil.copytree(source / "conversion", staging / "conversion")
+    base = staging / "conversion" / "base.py"
+    text = base.read_text()
+    if PRE_TOKENIZER_CHECK not in text:
+        raise SystemExit(f"the pre-tokenizer check was not found in {base}; update PRE_TOKENIZER_CHECK")
+    base.write_text(text.replace(PRE_TOKENIZER_CHECK, PRE_TOKENIZER_BYPASS))
+    staging.rename(copy)
+    return script
+
+
+def to_gguf(script: Path, source: Path, checkpoint: Path, outtype: str) -> Path:
+    out = checkpoint.parent / f"{checkpoint.name}-{outtype}.gguf"
+    if out.is_file():
+        return out
+    log(f"converting to GGUF {outtype} ...")
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    partial = out.with_suffix(".partial")
+    subprocess.run([sys.executable, str(script), str(checkpoint), "--outtype", outtype, "--outfile", str(partial)],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial.rename(out)
+    return out
+
+
+def run_llama_bench(binary: Path, gguf: Path, threads: int, contexts: list[int], steps: int, prefill: int,
+                    repetitions: int) -> dict:
+    """Decode tokens/s at each depth and prefill tokens/s, from ``llama-bench -o json``."""
+    def bench(args: list[str]) -> list[dict]:
+        command = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(repetitions), "-o", "json", *args]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout)
+
+    result: dict = {"decode_tokens_per_s": {}}
+    for row in bench(["-p", "0", "-n", str(steps), "-d", ",".join(map(str, contexts))]):
+        result["decode_tokens_per_s"][str(row["n_depth"])] = row["avg_ts"]
+    (row,) = bench(["-p", str(prefill), "-n", "0"])
+    result["prefill_tokens_per_s"] = row["avg_ts"]
+    return result
+
+
+# ---- dsv2 ------------------------------------------------------------------------------------------------------
+
+
+def run_dsv2(checkpoint: Path, precision: str, threads: int, contexts: list[int], steps: int, prefill: int) -> dict:
+    """Prefill and decode through the same model call ``dsv2 generate`` makes (runs in its own process)."""
+    from dsv2cli.checkpoint.loader import load_checkpoint
+    from dsv2cli.inference.engine import prefill_attention
+    from dsv2cli.inference.session import configure_cpu
+
+    configure_cpu(threads)
+    torch.manual_seed(0)
+    if precision == "int8":
+        model = load_checkpoint(int8_directory(checkpoint))
+    else:
+        model = load_checkpoint(checkpoint, getattr(torch, precision))
+    vocab = model.config.vocab_size
+
+    def prefill_into(tokens: torch.Tensor, capacity: int):
+        cache = model.new_cache(1, capacity)
+        logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
+        return cache, logits
+
+    result: dict = {"decode_tokens_per_s": {}}
+    with torch.inference_mode():
+        cache, logits = prefill_into(torch.randint(0, vocab, (1, 32)), 40)
+        model(logits[:, -1:].argmax(-1), cache=cache)
+        tokens = torch.randint(0, vocab, (1, prefill))
+        start = time.perf_counter()
+        prefill_into(tokens, prefill + 1)
+        result["prefill_tokens_per_s"] = prefill / (time.perf_counter() - start)
+        for context in contexts:
+            cache, logits = prefill_into(torch.randint(0, vocab, (1, context)), context + steps + 3)
+            token = logits[:, -1:].argmax(-1)
+            times = []
+            for step in range(steps + 2):
+                start = time.perf_counter()
+                logits = model(token, cache=cache)
+                token = logits[:, -1:].argmax(-1)
+                if step >= 2:  # the first two steps warm this context's buffers
+                    times.append(time.perf_counter() - start)
+            result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(times)
+    return result
+
+
+def int8_directory(checkpoint: Path) -> Path:
+    return checkpoint.parent / f"{checkpoint.name}-dsv2-int8"
+
+
+def make_dsv2_int8(checkpoint: Path) -> None:
+    """``dsv2 convert --quantize int8`` of the checkpoint, beside it."""
+    from dsv2cli.checkpoint.convert import convert_checkpoint
+
+    if not (int8_directory(checkpoint) / "manifest.json").is_file():
+        log("converting to a dsv2 int8 checkpoint ...")
+        convert_checkpoint(str(checkpoint), int8_directory(checkpoint), quantize="int8", probe=False)
+
+
+def write_checkpoint(checkpoint: Path) -> None:
+    """Random bench-300m weights (written by transformers) with the demo's tokenizer files."""
+    if (checkpoint / "config.json").is_file():
+        return
+    log(f"writing a random {PRESET} checkpoint to {checkpoint} ...")
+    make_checkpoint(checkpoint, PRESET)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(DEMO / name, checkpoint / name)
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+
+def active_bytes(precision: str) -> float:
+    """Weight bytes one decoded token reads (embedding row excluded; int8 adds one float32 scale per row)."""
+    config = preset_config(PRESET)
+    counts = count_params(config)
+    params = counts.active_without_embedding
+    if precision == "float32":
+        return params * 4
+    if precision == "bfloat16":
+        return params * 2
+    # int8: lm_head and kv_b_proj stay float32 (see dsv2cli/model/quantized.py); the rest is int8.
+    lm_head = config.vocab_size * config.hidden_size
+    kv_b = config.num_hidden_layers * config.kv_lora_rank * config.num_attention_heads * (
+        config.qk_nope_head_dim + config.v_head_dim)
+    return (params - lm_head - kv_b) * 1 + (lm_head + kv_b) * 4
+
+
+def print_report(results: dict, contexts: list[int], prefill: int, threads: int, bandwidth: float) -> None:
+    print(f"\n{PRESET}: random DeepSeek-V2-shaped model, {threads} threads, CPU")
+    print(f"memory bandwidth (large copy, read + write) {bandwidth:.1f} GB/s\n")
+    columns = [("llama.cpp F32", "llama:f32"), ("dsv2 float32", "dsv2:float32"), ("dsv2 bfloat16", "dsv2:bfloat16"),
+               ("llama.cpp Q8_0", "llama:q8_0"), ("dsv2 int8", "dsv2:int8")]
+    columns = [(label, key) for label, key in columns if key in results]
+    lines = ["| tokens/s | " + " | ".join(label for label, _ in columns) + " | float32 ratio | int8 ratio |",
+             "|---" * (len(columns) + 3) + "|"]
+
+    def value(key: str, what: str, context: int | None) -> float | None:
+        if key not in results:
+            return None
+        r = results[key]
+        return r["prefill_tokens_per_s"] if context is None else r["decode_tokens_per_s"].get(str(context))
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    rows = [(f"decode @{c}", c) for c in contexts] + [(f"prefill {prefill}", None)]
+    for label, context in rows:
+        cells = [value(key, label, context) for _, key in columns]
+        text = ["-" if v is None else f"{v:.1f}" for v in cells]
+        r32 = ratio(value("dsv2:float32", label, context), value("llama:f32", label, context))
+        r8 = ratio(value("dsv2:int8", label, context), value("llama:q8_0", label, context))
+        lines.append(f"| {label} | " + " | ".join(text) + f" | {r32} | {r8} |")
+    print("\n".join(lines))
+    print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")
+    print("| dsv2 precision | weight MB/token | floor (ms/token) | " + " | ".join(f"@{c} x floor" for c in contexts) + " |")
+    print("|---" * (3 + len(contexts)) + "|")
+    for precision in DSV2_PRECISIONS:
+        key = f"dsv2:{precision}"
+        if key not in results:
+            continue
+        nbytes = active_bytes(precision)
+        floor_ms = nbytes / (bandwidth * 1e9) * 1000
+        multiples = [1000 / results[key]["decode_tokens_per_s"][str(c)] / floor_ms for c in contexts]
+        print(f"| {precision} | {nbytes / 1e6:.0f} | {floor_ms:.1f} | " + " | ".join(f"{m:.2f}" for m in multiples) + " |")
+    print("\nx floor = decode ms/token / (weight bytes / copy bandwidth); target for int8: <= 1.5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--prefill", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed at each context")
+    parser.add_argument("--repetitions", type=int, default=3, help="llama-bench repetitions")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "dsv2cli" / "llamacpp",
+                        help="where the sdist, the llama.cpp build and the converter copy are kept")
+    parser.add_argument("--checkpoint", type=Path, help="keep the random checkpoint here (its conversions go beside it)")
+    parser.add_argument("--precisions", nargs="+", choices=DSV2_PRECISIONS, default=list(DSV2_PRECISIONS))
+    parser.add_argument("--skip-llamacpp", action="store_true", help="measure dsv2 only")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = run_dsv2(args.checkpoint, args.worker, args.threads, args.contexts, args.steps, args.prefill)
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or Path(tmp) / PRESET
+        write_checkpoint(checkpoint)
+        results: dict = {}
+        if not args.skip_llamacpp:
+            source = llama_source(args.cache_dir)
+            binary = llama_bench_binary(source, max(1, os.cpu_count() or 1))
+            script = converter(source, args.cache_dir)
+            for precision, outtype in LLAMA_PRECISIONS.items():
+                if precision not in args.precisions:
+                    continue
+                gguf = to_gguf(script, source, checkpoint, outtype)
+                log(f"running llama-bench {outtype} ...")
+                results[f"llama:{outtype}"] = run_llama_bench(
+                    binary, gguf, args.threads, args.contexts, args.steps, args.prefill, args.repetitions)
+        if "int8" in args.precisions:
+            make_dsv2_int8(checkpoint)
+        for precision in args.precisions:
+            log(f"running dsv2 {precision} ...")
+            command = [sys.executable, __file__, "--worker", precision, "--checkpoint", str(checkpoint),
+                       "--threads", str(args.threads), "--contexts", *map(str, args.contexts),
+                       "--steps", str(args.steps), "--prefill", str(args.prefill)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            results[f"dsv2:{precision}"] = json.loads(done.stdout.strip().splitlines()[-1])
+    bandwidth = memory_bandwidth_gbs(args.threads)
+    print_report(results, args.contexts, args.prefill, args.threads, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
