@@ -155,16 +155,14 @@ def run_llama_bench(binary: Path, gguf: Path, threads: int, contexts: list[int],
 
 def run_dsv2(checkpoint: Path, precision: str, threads: int, contexts: list[int], steps: int, prefill: int) -> dict:
     """Prefill and decode through the same model call ``dsv2 generate`` makes (runs in its own process)."""
-    from dsv2cli.checkpoint.loader import load_checkpoint
     from dsv2cli.inference.engine import prefill_attention
-    from dsv2cli.inference.session import configure_cpu
+    from dsv2cli.inference.session import load_for_generation
 
-    configure_cpu(threads)
     torch.manual_seed(0)
     if precision == "int8":
-        model = load_checkpoint(int8_directory(checkpoint))
+        model = load_for_generation(str(int8_directory(checkpoint)), "cpu", "float32", threads).model
     else:
-        model = load_checkpoint(checkpoint, getattr(torch, precision))
+        model = load_for_generation(str(checkpoint), "cpu", precision, threads).model
     vocab = model.config.vocab_size
 
     def prefill_into(tokens: torch.Tensor, capacity: int):

@@ -122,3 +122,34 @@ def test_query_chunking_gives_the_same_logits(monkeypatch):
         monkeypatch.setattr(attention, "_SCORE_BUDGET", 2 * 4 * 40 * 3)  # 3 queries per chunk
         for impl, expected in whole.items():
             assert (model(tokens, attention=impl) - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+def test_fused_projections_give_the_same_logits_and_keep_the_state_dict(tmp_path):
+    from dsv2cli.checkpoint.loader import load_hf_checkpoint
+    from dsv2cli.model.fusion import fuse_projections
+    from dsv2cli.model.quantized import quantize_int8
+    from tests.helpers import reference_model, save_reference
+
+    save_reference(reference_model(), tmp_path)
+    tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(11))
+    for transform in (lambda m: m, quantize_int8):
+        plain = transform(load_hf_checkpoint(tmp_path))
+        fused = fuse_projections(transform(load_hf_checkpoint(tmp_path)))
+        attention = fused.layers[1].self_attn
+        assert attention.fused_input is not None and attention.fused_input.usable() is False  # grad mode is on
+        assert sorted(plain.state_dict()) == sorted(fused.state_dict())
+        with torch.inference_mode():
+            assert attention.fused_input.usable()
+            cache_plain, cache_fused = plain.new_cache(1, 12), fused.new_cache(1, 12)
+            expected = [plain(tokens, cache=cache_plain)[:, -1]]
+            got = [fused(tokens, cache=cache_fused)[:, -1]]
+            for token in (3, 7):  # decode steps: one token, the int8 x int8 path for int8 weights
+                step = torch.tensor([[token]])
+                expected.append(plain(step, cache=cache_plain)[:, -1])
+                got.append(fused(step, cache=cache_fused)[:, -1])
+        for e, g in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        # The separate modules still view the stack: a weight changed in place reaches the fused path.
+        with torch.no_grad():
+            fused.layers[1].self_attn.kv_a_proj_with_mqa.weight.zero_()
+        assert torch.count_nonzero(attention.fused_input.weight[-attention.kv_a_proj_with_mqa.weight.shape[0] :]) == 0

@@ -90,11 +90,12 @@ def test_int8_gemv_is_exact_int8_arithmetic_on_the_quantized_token():
     torch.manual_seed(7)
     x, w = torch.randn(1, 64) * 3, torch.randn(40, 64)
     q, scale = quantize_rows(w)
-    xq, x_scale = quantize_activation(x)
-    assert xq.dtype == torch.int8 and xq.abs().max() == 127
+    xq, step = quantize_activation(x)
+    assert xq.dtype == torch.int8 and xq.abs().max() == 127 and step.shape == (1, 1)
+    x_scale = step.item()
     assert ((xq.double() * x_scale - x.double()).abs() <= x_scale / 2 + 1e-6).all()
     expected = (xq.double() @ q.double().t()) * scale.double() * x_scale
-    got = int8_gemv(x, q, scale)
+    got = int8_gemv((xq, step), q, scale)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     # int8_linear routes one token there, in either activation dtype, and keeps the leading dims.
     assert torch.equal(int8_linear(x.view(1, 1, 64), q, scale), got.view(1, 1, 40))

@@ -12,6 +12,7 @@ from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
+from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.resolve import resolve_checkpoint
 
 
@@ -80,5 +81,5 @@ def load_for_generation(
     name, directory = resolve_checkpoint(spec)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device, directory)
-    model = load_checkpoint(directory, torch_dtype, torch_device)
+    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)

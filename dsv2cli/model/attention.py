@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.rope import apply_rope
 
@@ -48,14 +49,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
+        self.fused_input: FusedLinears | None = None  # set by fuse_projections(): query + kv_a in one matmul
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, S, D]`` -> q ``[B, S, H, N + R]``."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, S, D]`` -> q ``[B, S, H, N + R]`` and the compressed kv ``[B, S, C + R]`` (before norm and rope)."""
+        query = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        if self.fused_input is not None and self.fused_input.usable():
+            q, kv = self.fused_input(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.unflatten(-1, (self.num_heads, -1))
+            q, kv = query(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q.unflatten(-1, (self.num_heads, -1)), kv
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, N, C]`` and W_UV ``[H, V, C]`` as views of ``kv_b_proj``."""
@@ -73,10 +78,10 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """x ``[B, S, D]``; cos/sin ``[B, S, R/2]``; mask ``[B, S, T]`` bool or None (causal). Returns ``[B, S, D]``."""
         batch, seq, _ = x.shape
-        q = self._query(x)
+        q, compressed = self._project(x)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)  # [B, S, H, R]
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         entries = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [B, S, C + R]
         kv = entries if cache is None else cache.write(self.layer_idx, entries)  # [B, T, C + R]
         if impl == "absorbed":

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli.config import ModelConfig
+from dsv2cli.model.fusion import FusedLinears
 
 
 class MLP(nn.Module):
@@ -28,9 +29,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fused_gate_up: FusedLinears | None = None  # set by fuse_projections(): gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None and self.fused_gate_up.usable():
+            gate, up = self.fused_gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
     """
-    if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16):
-        return int8_gemv(x.reshape(1, -1), q, scale).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    if is_one_cpu_token(x):
+        return int8_gemv(quantize_activation(x.reshape(1, -1)), q, scale).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
@@ -69,23 +69,39 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
-def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One row ``x [1, I]`` -> ``(int8 [1, I], scale)`` with ``x ~ int8 * scale`` (symmetric, per token)."""
-    amax = torch.linalg.vector_norm(x, float("inf")).item()
-    scale = max(amax, 1e-30) / 127.0
-    return x.float().mul(1.0 / scale).round_().to(torch.int8), scale
+def is_one_cpu_token(x: torch.Tensor) -> bool:
+    """Whether ``x [..., I]`` is a single row of float activations on CPU (the int8 x int8 case)."""
+    return x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, x_int8: tuple[torch.Tensor, float] | None = None):
-    """One token ``x [1, I]`` against ``q [O, I]`` int8 -> ``[1, O]`` float32, as int8 x int8 dot products.
+# 127 as a tensor: arithmetic with a Python float costs an extra cast kernel per call on CPU.
+_INT8_LEVELS = torch.tensor(127.0)
 
-    The token is quantized per row (symmetric, 8 bits, like llama.cpp's Q8_0 activations but one scale
-    per token instead of one per 32 values); ``torch._int_mm`` then streams the int8 weight at memory
-    speed (a float dequantizing kernel is compute-bound at about half that on AVX-512 CPUs without
-    VNNI-for-float). ``x_int8`` reuses a quantization of the same ``x`` made for another matrix.
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row ``x [1, I]`` -> ``(int8 [1, I], step [1, 1] float32)`` with ``x ~ int8 * step`` (symmetric).
+
+    8 bits per value with one scale per token, like llama.cpp's Q8_0 activations (which keep one
+    scale per 32 values).
     """
-    xq, x_scale = x_int8 if x_int8 is not None else quantize_activation(x)
-    return torch._int_mm(xq, q.t()).mul(scale).mul_(x_scale)
+    x = x.float()
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
+    step = amax / _INT8_LEVELS
+    return torch.div(x, step).round_().to(torch.int8), step
+
+
+def int8_gemv(token: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A quantized token (:func:`quantize_activation`) against ``q [O, I]`` int8 -> ``[1, O]`` float32.
+
+    ``torch._int_mm`` (int8 x int8 -> int32 dot products) streams the int8 weight at memory speed for
+    one row, about twice as fast as a kernel that converts each weight to float (compute-bound on
+    AVX-512 CPUs); the int32 sums are exact, then scaled by the weight's rows and the token's step.
+    One quantized token serves every matrix that reads it (q_a and kv_a, all experts' gate_up).
+    """
+    values, step = token
+    if scale.dtype != torch.float32:
+        scale = scale.float()
+    return torch._int_mm(values, q.t()).mul(scale).mul_(step)
 
 
 class Int8Linear(nn.Module):
@@ -139,14 +155,25 @@ class Int8RoutedExperts(nn.Module):
         module.down_proj, module.down_proj_scale = quantize_rows(experts.down_proj.detach())
         return module
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``)."""
-        return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
-
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
+        if is_one_cpu_token(x):
+            return self.expert_on_token(index, quantize_activation(x), x.dtype)
         gate, up = int8_linear(x, self.gate_up_proj[index], self.gate_up_proj_scale[index]).chunk(2, dim=-1)
         return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index])
+
+    def expert_on_token(self, index: int, token: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``index`` on one quantized token -> ``[1, D]``; the token's quantization is shared by all K experts."""
+        gate, up = int8_gemv(token, self.gate_up_proj[index], self.gate_up_proj_scale[index]).to(dtype).chunk(2, dim=-1)
+        hidden = F.silu(gate).mul_(up)
+        return int8_gemv(quantize_activation(hidden), self.down_proj[index], self.down_proj_scale[index]).to(dtype)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``)."""
+        if is_one_cpu_token(x):
+            token = quantize_activation(x)
+            return run_experts(x, expert_ids, weights, self.num_experts, lambda i, _: self.expert_on_token(i, token, x.dtype))
+        return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
 
 
 def quantize_int8(model: nn.Module, quantize_head: bool = True) -> nn.Module:

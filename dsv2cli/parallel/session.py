@@ -6,6 +6,7 @@ import os
 
 from dsv2cli.inference.session import LoadedModel, choose_dtype, configure_cpu, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
@@ -35,7 +36,7 @@ def load_model(
         configure_cpu(threads)
         name, directory = resolve_checkpoint(spec)
         torch_dtype = choose_dtype(dtype, group.device, directory)
-        model = load_sharded(directory, group, torch_dtype)
+        model = fuse_projections(load_sharded(directory, group, torch_dtype))
         if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
             raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
         return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype)
