@@ -150,3 +150,23 @@ def test_int8_linear_bfloat16_with_an_input_dim_the_kernel_cannot_take():
     got = int8_linear(x, q, scale)
     reference = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
     assert torch.isfinite(got).all() and (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids():
+    from dsv2cli.model.moe import run_experts
+
+    config = _config()
+    torch.manual_seed(8)
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    int8 = Int8RoutedExperts.from_experts(experts)
+    x = torch.randn(1, config.hidden_size)
+    for ids in ([[2, 5]], [[4, -1]], [[-1, -1]]):
+        ids_t, weights = torch.tensor(ids), torch.tensor([[0.7, 0.3]])
+        sorted_path = run_experts(x, ids_t, weights, experts.num_experts, experts.expert)
+        torch.testing.assert_close(experts(x, ids_t, weights), sorted_path, rtol=1e-5, atol=1e-6)
+        int8_sorted = run_experts(x, ids_t, weights, int8.num_experts, int8.expert)  # one row: int8 x int8 too
+        torch.testing.assert_close(int8(x, ids_t, weights), int8_sorted, rtol=1e-4, atol=1e-5)
+        assert (int8(x, ids_t, weights) - sorted_path).abs().max() <= 0.03 * sorted_path.abs().max() + 1e-6

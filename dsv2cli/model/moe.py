@@ -126,12 +126,46 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32)."""
+        if x.shape[0] == 1:
+            return experts_on_one_token(
+                x,
+                expert_ids,
+                weights,
+                lambda index: F.linear(x, self.gate_up_proj[index]),
+                lambda indices, hidden: torch.cat(
+                    [F.linear(hidden[k : k + 1], self.down_proj[i]) for k, i in enumerate(indices)]
+                ),
+            )
         return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
         gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[index])
+
+
+def experts_on_one_token(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: Callable[[int], torch.Tensor],
+    down: Callable[[list[int], torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The K experts of one token (a decode step), each step batched over the K experts.
+
+    x ``[1, D]``; expert_ids/weights ``[1, K]`` (-1 = dropped); ``gate_up(index)`` -> ``[1, 2I]`` for one expert;
+    ``down(indices, hidden [K', I])`` -> ``[K', D]``, row k through expert ``indices[k]``.
+    SiLU, the product and the weighted sum run once over all K rows. Returns ``[1, D]`` float32.
+    """
+    ids = expert_ids[0].tolist()
+    if -1 in ids:
+        kept = [k for k, i in enumerate(ids) if i >= 0]
+        ids, weights = [ids[k] for k in kept], weights[:, kept]
+    if not ids:
+        return torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
+    gate, up = torch.cat([gate_up(i) for i in ids]).chunk(2, dim=-1)  # [K, I] each
+    out = down(ids, F.silu(gate).mul_(up))  # [K, D]
+    return torch.mm(weights.to(torch.float32), out.float())  # [1, D]
 
 
 def run_experts(
@@ -143,16 +177,10 @@ def run_experts(
 ) -> torch.Tensor:
     """``sum_k weights[:, k] * expert(expert_ids[:, k], x)`` -> ``[N, D]`` float32; ``expert(index, rows)`` runs one expert.
 
-    One token (a decode step of one sequence) walks its K experts directly. Several tokens are
-    sorted by expert so each active expert runs one matmul over its tokens; experts nobody chose
-    are never touched.
+    Assignments are sorted by expert so each active expert runs one matmul over its tokens; experts
+    nobody chose are never touched. (One token takes :func:`experts_on_one_token` instead.)
     """
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    if x.shape[0] == 1:
-        for index, weight in zip(expert_ids[0].tolist(), weights[0].tolist(), strict=True):
-            if index >= 0:
-                out.add_(expert(index, x).float(), alpha=weight)
-        return out
     top_k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)

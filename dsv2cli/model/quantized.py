@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli.model.moe import RoutedExperts, run_experts
+from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts
 
 # Linear layers that stay in floating point (see the module docstring for why).
 FLOAT_LINEARS = ("kv_b_proj",)
@@ -79,7 +79,7 @@ _INT8_LEVELS = torch.tensor(127.0)
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row ``x [1, I]`` -> ``(int8 [1, I], step [1, 1] float32)`` with ``x ~ int8 * step`` (symmetric).
+    """Rows ``x [n, I]`` -> ``(int8 [n, I], step [n, 1] float32)`` with ``x ~ int8 * step`` (symmetric, per row).
 
     8 bits per value with one scale per token, like llama.cpp's Q8_0 activations (which keep one
     scale per 32 values).
@@ -157,23 +157,30 @@ class Int8RoutedExperts(nn.Module):
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
-        if is_one_cpu_token(x):
-            return self.expert_on_token(index, quantize_activation(x), x.dtype)
         gate, up = int8_linear(x, self.gate_up_proj[index], self.gate_up_proj_scale[index]).chunk(2, dim=-1)
         return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index])
 
-    def expert_on_token(self, index: int, token: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Expert ``index`` on one quantized token -> ``[1, D]``; the token's quantization is shared by all K experts."""
-        gate, up = int8_gemv(token, self.gate_up_proj[index], self.gate_up_proj_scale[index]).to(dtype).chunk(2, dim=-1)
-        hidden = F.silu(gate).mul_(up)
-        return int8_gemv(quantize_activation(hidden), self.down_proj[index], self.down_proj_scale[index]).to(dtype)
-
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``)."""
-        if is_one_cpu_token(x):
-            token = quantize_activation(x)
-            return run_experts(x, expert_ids, weights, self.num_experts, lambda i, _: self.expert_on_token(i, token, x.dtype))
-        return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``).
+
+        One token on CPU: quantized once for all K gate_up matmuls, and the K hidden rows quantized
+        together (one step per row) for the down matmuls.
+        """
+        if not is_one_cpu_token(x):
+            return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+        token = quantize_activation(x)
+
+        def down(indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
+            values, steps = quantize_activation(hidden)  # [K, I], [K, 1]
+            rows = [
+                torch._int_mm(values[k : k + 1], self.down_proj[i].t()).mul(self.down_proj_scale[i].float())
+                for k, i in enumerate(indices)
+            ]
+            return torch.cat(rows).mul_(steps)
+
+        return experts_on_one_token(
+            x, expert_ids, weights, lambda i: int8_gemv(token, self.gate_up_proj[i], self.gate_up_proj_scale[i]), down
+        )
 
 
 def quantize_int8(model: nn.Module, quantize_head: bool = True) -> nn.Module:
