@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.rope import apply_rope
@@ -126,7 +127,7 @@ def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype
     """Softmax over the last dim in float32, cast back to the activation dtype (spec §3.7)."""
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype)
+    return cast(scores.softmax(dim=-1, dtype=torch.float32), dtype)
 
 
 def _attend_shared(

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli.config import ModelConfig
+from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 
 
@@ -103,7 +104,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(cast(x, torch.float32), cast(self.weight, torch.float32))
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         values, ids = select_experts(scores, self.top_k, self.method, self.n_group, self.topk_group)
         if self.top_k > 1 and self.norm_topk_prob:
@@ -165,7 +166,7 @@ def experts_on_one_token(
         return torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
     gate, up = torch.cat([gate_up(i) for i in ids]).chunk(2, dim=-1)  # [K, I] each
     out = down(ids, F.silu(gate).mul_(up))  # [K, D]
-    return torch.mm(weights.to(torch.float32), out.float())  # [1, D]
+    return torch.mm(cast(weights, torch.float32), cast(out, torch.float32))  # [1, D]
 
 
 def run_experts(
@@ -218,7 +219,7 @@ class MoE(nn.Module):
             changed = routing_hook(decision)
             if changed is not None:
                 ids, weights = changed.expert_ids, changed.weights
-        out = self.experts(flat, ids, weights).to(x.dtype)
+        out = cast(self.experts(flat, ids, weights), x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(batch, seq, dim)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts
 
 # Linear layers that stay in floating point (see the module docstring for why).
@@ -58,7 +59,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
     """
     if is_one_cpu_token(x):
-        return int8_gemv(quantize_activation(x.reshape(1, -1)), q, scale).to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+        out = int8_gemv(quantize_activation(x.reshape(1, -1)), q, scale)
+        return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
@@ -84,7 +86,7 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     8 bits per value with one scale per token, like llama.cpp's Q8_0 activations (which keep one
     scale per 32 values).
     """
-    x = x.float()
+    x = cast(x, torch.float32)
     amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
     step = amax / _INT8_LEVELS
     return torch.div(x, step).round_().to(torch.int8), step
@@ -173,7 +175,7 @@ class Int8RoutedExperts(nn.Module):
         def down(indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
             values, steps = quantize_activation(hidden)  # [K, I], [K, 1]
             rows = [
-                torch._int_mm(values[k : k + 1], self.down_proj[i].t()).mul(self.down_proj_scale[i].float())
+                torch._int_mm(values[k : k + 1], self.down_proj[i].t()).mul(cast(self.down_proj_scale[i], torch.float32))
                 for k, i in enumerate(indices)
             ]
             return torch.cat(rows).mul_(steps)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dsv2cli.config import ModelConfig, yarn_mscale
+from dsv2cli.model.dtypes import cast
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -71,8 +72,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = cast(x, torch.float32).unflatten(-1, (-1, 2))
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()
     rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+    return cast(torch.view_as_real(rotated).flatten(-2), x.dtype)
