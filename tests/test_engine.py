@@ -40,7 +40,9 @@ def test_greedy_tokens_and_logprobs_equal_transformers(checkpoint):
         return_dict_in_generate=True,
     )
     expected_ids = out.sequences[0, len(prompt) :].tolist()
-    expected_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, expected_ids, strict=True)]
+    expected_logprobs = [
+        torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, expected_ids, strict=True)
+    ]
     assert result.token_ids == expected_ids
     assert result.logprobs == pytest.approx(expected_logprobs, abs=1e-4)
     assert result.finish_reason == "length"

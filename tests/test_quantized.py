@@ -63,14 +63,19 @@ def test_int8_linear_bfloat16_uses_the_int8_kernel():
     assert (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
 
 
-def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights():
-    config = _config()
-    torch.manual_seed(3)
+def _random_experts(config: ModelConfig, seed: int) -> tuple[RoutedExperts, Int8RoutedExperts]:
+    """Float experts with random weights and their int8 quantization."""
+    torch.manual_seed(seed)
     experts = RoutedExperts(config)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.1)
         experts.down_proj.normal_(0, 0.1)
-    int8 = Int8RoutedExperts.from_experts(experts)
+    return experts, Int8RoutedExperts.from_experts(experts)
+
+
+def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights():
+    config = _config()
+    experts, int8 = _random_experts(config, seed=3)
     dequantized = RoutedExperts(config)
     with torch.no_grad():
         dequantized.gate_up_proj.copy_(dequantize_rows(int8.gate_up_proj, int8.gate_up_proj_scale, torch.float32))
@@ -156,12 +161,7 @@ def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids():
     from dsv2cli.model.moe import run_experts
 
     config = _config()
-    torch.manual_seed(8)
-    experts = RoutedExperts(config)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.1)
-        experts.down_proj.normal_(0, 0.1)
-    int8 = Int8RoutedExperts.from_experts(experts)
+    experts, int8 = _random_experts(config, seed=8)
     x = torch.randn(1, config.hidden_size)
     for ids in ([[2, 5]], [[4, -1]], [[-1, -1]]):
         ids_t, weights = torch.tensor(ids), torch.tensor([[0.7, 0.3]])
