@@ -323,28 +323,19 @@ def best_of(runs: list[dict]) -> dict:
 
 
 def int8_quality(directory: Path, tokens: torch.Tensor) -> dict:
-    """The int8 decode path against float32 on the same tokens: teacher-forced, one token per step.
+    """The int8 decode path against float32 on the same tokens (``teacher_forced_decode_change``).
 
-    float32 scores every position with one forward; the int8 model (quantized in memory, like
-    ``dsv2 convert --quantize int8``) reads the same tokens one decode step at a time, so every
-    matmul takes the int8 x int8 path. Returns the mean change of log p(next token) and how often
-    the top-1 token agrees.
+    The int8 model is quantized in memory like ``dsv2 convert --quantize int8`` and fused like
+    ``dsv2 generate`` loads it, so every decode-step matmul takes the int8 x int8 path.
     """
     from dsv2cli.checkpoint.loader import load_checkpoint
+    from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.model.fusion import fuse_projections
     from dsv2cli.model.quantized import quantize_int8
 
     reference = load_checkpoint(directory, torch.float32)
     int8 = fuse_projections(quantize_int8(load_checkpoint(directory, torch.float32)))
-    with torch.inference_mode():
-        expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
-        cache = int8.new_cache(1, tokens.shape[1])
-        steps = [int8(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
-        got = torch.log_softmax(torch.stack(steps).float(), dim=-1)
-    targets = tokens[0, 1:]
-    change = (got.gather(1, targets[:, None]) - expected.gather(1, targets[:, None])).mean().item()
-    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    return {"tokens": int(targets.numel()), "log_likelihood_change": change, "top1_agreement": agreement}
+    return teacher_forced_decode_change(reference, int8, tokens).to_json()
 
 
 def main() -> None:

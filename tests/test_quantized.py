@@ -170,3 +170,22 @@ def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids():
         int8_sorted = run_experts(x, ids_t, weights, int8.num_experts, int8.expert)  # one row: int8 x int8 too
         torch.testing.assert_close(int8(x, ids_t, weights), int8_sorted, rtol=1e-4, atol=1e-5)
         assert (int8(x, ids_t, weights) - sorted_path).abs().max() <= 0.03 * sorted_path.abs().max() + 1e-6
+
+
+def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_change():
+    """docs/convert.md states the int8 decode path's cost on the bundled demo: about -0.001 nats, 98 % top-1."""
+    from dsv2cli.inference.quality import teacher_forced_decode_change
+    from dsv2cli.inference.tokenizer import TextTokenizer
+    from dsv2cli.model.fusion import fuse_projections
+    from dsv2cli.resolve import bundled_model_dir
+
+    demo = bundled_model_dir()
+    assert demo is not None
+    tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])
+    reference = load_hf_checkpoint(demo)
+    int8 = fuse_projections(quantize_int8(load_hf_checkpoint(demo)))
+    quality = teacher_forced_decode_change(reference, int8, tokens)
+    assert quality.tokens == 127
+    assert abs(quality.log_likelihood_change) <= 0.02 and quality.top1_agreement >= 0.95
+    same = teacher_forced_decode_change(reference, reference, tokens)  # the float32 decode path itself
+    assert abs(same.log_likelihood_change) <= 1e-4 and same.top1_agreement == 1.0

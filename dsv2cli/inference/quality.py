@@ -1,0 +1,41 @@
+"""How much a model's decode path changes next-token log-likelihoods against a reference model.
+
+Used to state the cost of the int8 decode path (int8 x int8 matmuls on a quantized token): the
+reference scores every position in one forward; the candidate reads the same tokens one decode
+step at a time through its latent cache, the way `dsv2 generate` runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv2cli.model import DeepseekV2
+
+
+@dataclass(frozen=True)
+class DecodeQuality:
+    tokens: int  # positions compared
+    log_likelihood_change: float  # mean of log p_candidate(next) - log p_reference(next)
+    top1_agreement: float  # share of positions where both predict the same token
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "tokens": self.tokens,
+            "log_likelihood_change": self.log_likelihood_change,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+@torch.inference_mode()
+def teacher_forced_decode_change(reference: DeepseekV2, candidate: DeepseekV2, tokens: torch.Tensor) -> DecodeQuality:
+    """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps."""
+    expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
+    cache = candidate.new_cache(1, tokens.shape[1])
+    steps = [candidate(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
+    got = torch.log_softmax(torch.stack(steps).float(), dim=-1)  # [S-1, V]
+    targets = tokens[0, 1:, None]
+    change = (got.gather(1, targets) - expected.gather(1, targets)).mean().item()
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    return DecodeQuality(int(targets.shape[0]), change, agreement)
