@@ -309,3 +309,15 @@ def test_not_enough_free_space_is_refused_before_writing(hf, tmp_path, monkeypat
 def test_source_that_is_neither_directory_nor_repo(tmp_path):
     result = _convert(str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.exit_code == 1 and "not a checkpoint directory" in result.stderr
+
+
+def test_demo_converts_to_int8_and_generates(tmp_path):
+    """`demo` names the bundled model as SOURCE, as it does as MODEL for generate."""
+    result = _convert("demo", str(tmp_path / "demo-int8"), "--quantize", "int8", "--no-probe")
+    assert result.exit_code == 0, result.stderr
+    generated = runner.invoke(
+        app, ["generate", "def add(a, b):", "--model", str(tmp_path / "demo-int8"), "--max-new-tokens", "8", "--format", "json"]
+    )
+    assert generated.exit_code == 0, generated.stderr
+    record = json.loads(generated.stdout)["results"][0]
+    assert len(record["token_ids"]) == 8 and record["text"]

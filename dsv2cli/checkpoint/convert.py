@@ -117,17 +117,23 @@ def _return_large_blocks_to_the_os() -> None:
 
 
 def resolve_source(spec: str) -> Path:
-    """SOURCE as typed: a directory, or a Hub repo id fetched through the HF cache."""
-    from dsv2cli.resolve import looks_like_repo_id
+    """SOURCE as typed: a directory, ``demo`` (the bundled model), or a Hub repo id fetched through the HF cache."""
+    from dsv2cli.resolve import DEMO_NAME, bundled_model_dir, looks_like_repo_id
 
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    demo = bundled_model_dir()
+    if spec == DEMO_NAME and demo is not None:
+        return demo
     if looks_like_repo_id(spec):
         from dsv2cli.checkpoint.hub import fetch_checkpoint
 
         return fetch_checkpoint(spec, download=os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""))
-    raise InputError(f"SOURCE '{spec}' is not a checkpoint directory or a Hugging Face repo id (owner/name)")
+    raise InputError(
+        f"SOURCE '{spec}' is not a checkpoint directory, 'demo' or a Hugging Face repo id (owner/name)",
+        hint="pass a directory with config.json and *.safetensors, or owner/name",
+    )
 
 
 def convert_checkpoint(

@@ -21,7 +21,8 @@ EPILOG = (
     "  dsv2 convert deepseek-ai/DeepSeek-V2-Lite ./lite-native\n\n"
     "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int8 --quantize int8 --format json\n\n"
     "  dsv2 convert ./lite-native ./lite-hf --to hf --dtype float32\n\n"
-    "SOURCE is a Hub repo id (fetched like `dsv2 download`), a HF-layout directory or a native one. "
+    "  dsv2 convert demo ./demo-int8 --quantize int8   (the bundled model)\n\n"
+    "SOURCE is a Hub repo id (fetched like `dsv2 download`), a HF-layout directory, a native one or `demo`. "
     "OUTPUT appears only when the conversion is complete; an existing OUTPUT is replaced only with --overwrite."
 )
 
