@@ -101,9 +101,7 @@ def int8_gemv(token: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, scale: 
     One quantized token serves every matrix that reads it (q_a and kv_a, all experts' gate_up).
     """
     values, step = token
-    if scale.dtype != torch.float32:
-        scale = scale.float()
-    return torch._int_mm(values, q.t()).mul(scale).mul_(step)
+    return torch._int_mm(values, q.t()).mul(cast(scale, torch.float32)).mul_(step)
 
 
 class Int8Linear(nn.Module):
