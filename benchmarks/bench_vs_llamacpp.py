@@ -11,9 +11,10 @@ GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same ru
 * the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
   divided by the bandwidth of a large copy measured in this run.
 
-Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster).
+Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster). Every engine runs ``--rounds``
+times, interleaved, and keeps its best: shared machines only ever slow a run down.
 
-    python benchmarks/bench_vs_llamacpp.py                      # a few minutes after the first build
+    python benchmarks/bench_vs_llamacpp.py                      # ~12 minutes after the first build
     python benchmarks/bench_vs_llamacpp.py --contexts 128 --steps 8 --skip-llamacpp
     python benchmarks/bench_vs_llamacpp.py --cache-dir /tmp/llamacpp --threads 4
 
