@@ -95,11 +95,14 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         w_uk, w_uv = self._kv_b_weights()
-        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        query = torch.cat((q_latent, q_pe), dim=-1)  # [B, S, H, C + R]
+        batch, seq, heads, _ = q_nope.shape
+        # Per-head products as one batched matmul over heads (what einsum would do, minus its planning).
+        q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
+        query = torch.cat((q_latent.transpose(0, 1).unflatten(0, (batch, seq)), q_pe), dim=-1)  # [B, S, H, C + R]
         latent = kv[..., : self.kv_lora_rank]  # [B, T, C]
         out_latent = _attend_shared(query, kv, latent, mask, self.softmax_scale)  # [B, S, H, C]
-        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+        out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
+        return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
