@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,6 +23,9 @@ from dsv2cli.checkpoint.native import is_native, load_native
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
+
+if TYPE_CHECKING:
+    from dsv2cli.parallel.plan import ShardPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,31 +48,42 @@ def read_hf_state_dict(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     on_tensor: Callable[[str], None] | None = None,
+    plan: ShardPlan | None = None,
 ) -> dict[str, torch.Tensor]:
-    """dsv2-named state dict from HF files: experts stacked, dtypes converted."""
+    """dsv2-named state dict from HF files: experts stacked, dtypes converted.
+
+    With a ``plan`` (one rank of a multi-process run) only that rank's part is read: split tensors
+    are sliced as they are read, its own experts stacked, other ranks' experts never touched.
+    """
     shapes = native_shapes(config)
+    first, stop = plan.experts if plan is not None else (0, config.n_routed_experts or 0)
+    intermediate = config.moe_intermediate_size
+    rows = {"gate": slice(0, intermediate), "up": slice(intermediate, 2 * intermediate), "down": slice(None)}
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name, info in files.tensors.items():
-        if not IGNORABLE.match(name):
-            by_file.setdefault(info.file, []).append(name)
-    intermediate = config.moe_intermediate_size
+        expert = expert_slice(name)
+        if IGNORABLE.match(name) or (plan is not None and expert is not None and not first <= expert.expert < stop):
+            continue
+        by_file.setdefault(info.file, []).append(name)
     for path, names in sorted(by_file.items()):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
                     expert = expert_slice(name)
                     if expert is None:
                         target = native_name(name)
+                        split = None if plan is None else plan.split_for(target)
+                        tensor = f.get_tensor(name) if split is None else f.get_slice(name)[split.index()]
                         state[target] = tensor.to(device=device, dtype=runtime_dtype(target, dtype))
                     else:
                         stacked = state.get(expert.native_name)
                         if stacked is None:
-                            stacked = torch.empty(shapes[expert.native_name], dtype=dtype, device=device)
-                            state[expert.native_name] = stacked
-                        rows = {"gate": slice(0, intermediate), "up": slice(intermediate, 2 * intermediate), "down": slice(None)}
-                        stacked[expert.expert, rows[expert.part]] = tensor
+                            shape = shapes[expert.native_name]
+                            if plan is not None:
+                                shape = plan.local_shape(expert.native_name, shape)
+                            stacked = state[expert.native_name] = torch.empty(shape, dtype=dtype, device=device)
+                        stacked[expert.expert - first, rows[expert.part]] = f.get_tensor(name)
                     if on_tensor is not None:
                         on_tensor(name)
         except (OSError, RuntimeError) as exc:  # safetensors raises SafetensorError (a RuntimeError subclass) on bad bytes
