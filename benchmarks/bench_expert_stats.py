@@ -25,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_generate import fill_random_  # noqa: E402
 
 from dsv2cli.analysis import expert_stats as expert_stats_module  # noqa: E402
 from dsv2cli.analysis.expert_drop import drop_batches, forward_groups  # noqa: E402
@@ -40,14 +43,7 @@ def random_model(preset: str, dtype: torch.dtype, device: str) -> DeepseekV2:
     torch.manual_seed(0)
     with torch.device(device):
         model = DeepseekV2(preset_config(preset))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("gate.weight"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, 0.02)
+    fill_random_(model)
     return model.to(dtype).eval()
 
 

@@ -47,15 +47,20 @@ def make_checkpoint(directory: Path, preset: str) -> None:
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(config)
     model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("gate.weight"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, 0.02)
+    fill_random_(model)
     model.save_pretrained(directory)
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module) -> None:
+    """The benchmarks' random weights: norms 1, a spread-out router (std 0.5), everything else std 0.02."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith("gate.weight"):
+            p.normal_(0, 0.5)
+        else:
+            p.normal_(0, 0.02)
 
 
 def memory_bandwidth_gbs(threads: int) -> float:

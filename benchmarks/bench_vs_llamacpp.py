@@ -284,7 +284,7 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
         "|---" * (len(columns) + 3) + "|",
     ]
 
-    def value(key: str, what: str, context: int | None) -> float | None:
+    def value(key: str, context: int | None) -> float | None:
         if key not in results:
             return None
         r = results[key]
@@ -295,10 +295,10 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
 
     rows = [(f"decode @{c}", c) for c in contexts] + [(f"prefill {prefill}", None)]
     for label, context in rows:
-        cells = [value(key, label, context) for _, key in columns]
+        cells = [value(key, context) for _, key in columns]
         text = ["-" if v is None else f"{v:.1f}" for v in cells]
-        r32 = ratio(value("dsv2:float32", label, context), value("llama:f32", label, context))
-        r8 = ratio(value("dsv2:int8", label, context), value("llama:q8_0", label, context))
+        r32 = ratio(value("dsv2:float32", context), value("llama:f32", context))
+        r8 = ratio(value("dsv2:int8", context), value("llama:q8_0", context))
         lines.append(f"| {label} | " + " | ".join(text) + f" | {r32} | {r8} |")
     print("\n".join(lines))
     print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")

@@ -6,17 +6,8 @@ import torch
 from dsv2cli.analysis.expert_drop import DropHook, drop_batches, forward_groups, simulate_drops
 from dsv2cli.analysis.token_drop import device_drop_mask, drop_rates, expert_drop_mask
 from dsv2cli.model.moe import RoutingDecision
+from tests.test_token_drop import IDS, SCORES  # the hand-made case: 4 tokens, top-2, 4 experts on 2 devices
 
-# The hand-made case of test_token_drop: 4 tokens, top-2, 4 experts on 2 devices ({0, 1}, {2, 3}).
-SCORES = torch.tensor(
-    [
-        [0.40, 0.30, 0.20, 0.10],
-        [0.10, 0.50, 0.30, 0.10],
-        [0.35, 0.25, 0.15, 0.25],
-        [0.05, 0.15, 0.60, 0.20],
-    ]
-)
-IDS = torch.tensor([[0, 1], [1, 2], [0, 1], [2, 0]])
 AFFINITY = SCORES.gather(1, IDS)
 
 
