@@ -11,6 +11,7 @@ import typer
 
 from dsv2cli.cli.common import err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
+from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
 from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.sampling import SamplingParams
@@ -27,6 +28,7 @@ EPILOG = (
     "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
     "  echo 'class Stack:' | dsv2 generate -\n\n"
     "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
+    "  dsv2 generate --compile -n 512 --model ./bench-int8 'def main():'   # compiled decode steps\n\n"
     "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default)."
@@ -85,6 +87,12 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Decode one prompt at a time through torch.compile (CPU; needs a C++ compiler; compiling takes "
+        "10-90 s once, then each token is faster). Batches decode eagerly.",
+    ),
     backend: str = typer.Option(
         "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
     ),
@@ -97,7 +105,10 @@ def generate(
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
         inputs = from_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
+        if compile and group is not None:
+            raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
         loaded, shards = load_model(model, group, device, dtype, threads)
+        decoder = CompiledDecoder(loaded.model) if compile else None
         if shards is not None:
             for line in shards.lines():
                 err.print(f"[dim]{line}[/]", soft_wrap=True)
@@ -120,10 +131,12 @@ def generate(
             attention=attention.value,
         )
         if interactive:
-            _interactive(loaded, options, system, group)
+            _interactive(loaded, options, system, group, decoder)
             return
         requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
-        _run_batches(loaded, requests, options, format, batch_size)
+        if decoder is not None and batch_size > 1 and len(requests) > 1:
+            batch_size = 1  # the compiled step serves one row; one prompt at a time is faster than an eager batch
+        _run_batches(loaded, requests, options, format, batch_size, decoder)
 
 
 def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:
@@ -152,13 +165,18 @@ def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str |
 
 
 def _run_batches(
-    loaded: LoadedModel, requests: list[GenerationRequest], options: GenerationOptions, fmt: OutputFormat, batch_size: int
+    loaded: LoadedModel,
+    requests: list[GenerationRequest],
+    options: GenerationOptions,
+    fmt: OutputFormat,
+    batch_size: int,
+    decoder: CompiledDecoder | None = None,
 ) -> None:
     results: list[GenerationResult] = []
     cache_bytes = 0
     stream_text = fmt == OutputFormat.text and len(requests) == 1
     for start in range(0, len(requests), batch_size):
-        generation = Generation(loaded.model, requests[start : start + batch_size], options, loaded.tokenizer)
+        generation = Generation(loaded.model, requests[start : start + batch_size], options, loaded.tokenizer, decoder)
         for event in generation:
             if stream_text and event.text:
                 out.file.write(event.text)
@@ -198,6 +216,8 @@ def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedMo
     prefill = results[0].timings if results else None
     rate = f"{tokens / decode_s:.1f} tokens/s" if decode_s > 0 else "-"
     prefill_rate = f", prefill {prefill.prefill_tokens_per_s:.0f} tokens/s" if prefill and prefill.prefill_s > 0 else ""
+    compile_s = sum(r.timings.compile_s for r in results)
+    prefill_rate += f", compiled in {compile_s:.1f} s" if compile_s > 0 else ""
     reasons = ", ".join(sorted({r.finish_reason or "?" for r in results}))
     dtype = str(loaded.dtype).removeprefix("torch.")
     err.print(
@@ -216,7 +236,13 @@ def _read_line() -> str | None:
         return None
 
 
-def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | None, group: ParallelGroup | None = None) -> None:
+def _interactive(
+    loaded: LoadedModel,
+    options: GenerationOptions,
+    system: str | None,
+    group: ParallelGroup | None = None,
+    decoder: CompiledDecoder | None = None,
+) -> None:
     if loaded.tokenizer is None:
         raise InputError("--interactive needs a checkpoint with a tokenizer")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -237,7 +263,7 @@ def _interactive(loaded: LoadedModel, options: GenerationOptions, system: str | 
         history.append({"role": "user", "content": line})
         text = chat_prompt(loaded.tokenizer, history)
         request = GenerationRequest(loaded.tokenizer.encode(text, add_bos=False), text, 0)
-        generation = Generation(loaded.model, [request], options, loaded.tokenizer)
+        generation = Generation(loaded.model, [request], options, loaded.tokenizer, decoder)
         answer = []
         try:
             for event in generation:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv2cli.errors import InputError
+from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.inference.sampling import SamplingParams, choose_tokens, row_generators
 from dsv2cli.inference.tokenizer import StreamDecoder, TextTokenizer
 from dsv2cli.model import DeepseekV2
@@ -50,6 +51,7 @@ def prefill_attention(requested: str, new_tokens: int) -> str:
 
 @dataclass
 class Timings:
+    compile_s: float = 0.0  # compiling the decode step for this cache shape (0 when eager or already compiled)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     prefill_tokens: int = 0
@@ -65,6 +67,7 @@ class Timings:
 
     def to_json(self) -> dict[str, float]:
         return {
+            "compile_s": self.compile_s,
             "prefill_s": self.prefill_s,
             "decode_s": self.decode_s,
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
@@ -134,7 +137,10 @@ class _RowText:
 
 
 class Generation:
-    """A batch being generated: iterate for :class:`TokenEvent` s, then read ``results``."""
+    """A batch being generated: iterate for :class:`TokenEvent` s, then read ``results``.
+
+    With a :class:`CompiledDecoder`, a single prompt decodes through it (batches decode eagerly).
+    """
 
     def __init__(
         self,
@@ -142,6 +148,7 @@ class Generation:
         requests: list[GenerationRequest],
         options: GenerationOptions,
         tokenizer: TextTokenizer | None = None,
+        decoder: CompiledDecoder | None = None,
     ) -> None:
         if not requests:
             raise InputError("no prompts to generate from")
@@ -169,6 +176,7 @@ class Generation:
         self.requests = requests
         self.options = options
         self.tokenizer = tokenizer
+        self.decoder = decoder
         self.results = [GenerationResult(r.index, r.prompt, list(r.prompt_token_ids)) for r in requests]
         self.limits = [min(options.max_new_tokens, context - len(r.prompt_token_ids)) for r in requests]
         self.cache_bytes = 0
@@ -191,7 +199,10 @@ class Generation:
         tokens = torch.zeros(rows, longest, dtype=torch.long)
         for row, r in enumerate(self.requests):
             tokens[row, pad[row] :] = torch.tensor(r.prompt_token_ids)
-        cache = model.new_cache(rows, longest + max(self.limits), pad=pad)
+        capacity = longest + max(self.limits)
+        if self.decoder is not None and rows == 1:
+            capacity = round_capacity(capacity)  # similar lengths share one compiled graph
+        cache = model.new_cache(rows, capacity, pad=pad)
         self.cache_bytes = cache.nbytes()
         generators = row_generators(options.sampling.seed, [r.index for r in self.requests])
         seen = None
@@ -206,8 +217,16 @@ class Generation:
         start = time.perf_counter()
         logits = model(tokens.to(device), cache=cache, attention=prefill_attention(options.attention, longest), last_only=True)
         prefill_s = time.perf_counter() - start
+        use_compiled = self.decoder is not None and options.attention == "absorbed" and self.decoder.serves(cache)
+        compiled = self.decoder if use_compiled else None
+        compile_s = 0.0
+        if compiled is not None:
+            start = time.perf_counter()
+            compiled.prepare(cache)
+            compile_s = time.perf_counter() - start
         for row, result in enumerate(self.results):
             result.timings.prefill_s, result.timings.prefill_tokens = prefill_s, lengths[row]
+            result.timings.compile_s = compile_s
         decode_start = time.perf_counter()
         step = 0
         while active:
@@ -242,5 +261,7 @@ class Generation:
                     still_active.append(row)
                 yield TokenEvent(result.index, token, result.logprobs[-1], delta, finished)
             active = still_active
-            if active:
+            if active and compiled is not None:
+                logits = compiled.step(chosen[:, None], cache)
+            elif active:
                 logits = model(chosen[:, None], cache=cache, attention=options.attention)

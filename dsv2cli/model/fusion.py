@@ -43,8 +43,18 @@ class FusedLinears:
             start += size
 
     def usable(self) -> bool:
-        """True while the modules still view the stack and no gradient is being recorded."""
-        return not torch.is_grad_enabled() and self.first.weight.data_ptr() == self.weight.data_ptr()
+        """True while the modules still view the stack and no gradient is being recorded.
+
+        Under ``torch.compile`` pointers cannot be compared; the compiled decode step checks
+        :meth:`current` before it compiles (``dsv2cli/inference/compiled.py``).
+        """
+        if torch.compiler.is_compiling():
+            return not torch.is_grad_enabled()
+        return not torch.is_grad_enabled() and self.current()
+
+    def current(self) -> bool:
+        """Whether the first module's weight still views the stack."""
+        return self.first.weight.data_ptr() == self.weight.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x ``[..., I]`` -> one output per linear, ``[..., O_i]`` each."""

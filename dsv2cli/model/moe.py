@@ -128,16 +128,20 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32)."""
         if x.shape[0] == 1:
-            return experts_on_one_token(
-                x,
-                expert_ids,
-                weights,
-                lambda index: F.linear(x, self.gate_up_proj[index]),
-                lambda indices, hidden: torch.cat(
-                    [F.linear(hidden[k : k + 1], self.down_proj[i]) for k, i in enumerate(indices)]
-                ),
-            )
+            return experts_on_one_token(x, expert_ids, weights, self.one_token)
         return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+
+    def one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """x ``[1, D]`` through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32."""
+        return weighted_experts_of_one_token(
+            x,
+            ids,
+            weights,
+            lambda index: F.linear(x, self.gate_up_proj[index]),
+            lambda indices, hidden: torch.cat(
+                [F.linear(hidden[k : k + 1], self.down_proj[i]) for k, i in enumerate(indices)]
+            ),
+        )
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
@@ -149,14 +153,12 @@ def experts_on_one_token(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: Callable[[int], torch.Tensor],
-    down: Callable[[list[int], torch.Tensor], torch.Tensor],
+    one_token: Callable[[torch.Tensor, list[int], torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """The K experts of one token (a decode step), each step batched over the K experts.
+    """The K experts of one token (a decode step): x ``[1, D]``, expert_ids/weights ``[1, K]`` (-1 = dropped).
 
-    x ``[1, D]``; expert_ids/weights ``[1, K]`` (-1 = dropped); ``gate_up(index)`` -> ``[1, 2I]`` for one expert;
-    ``down(indices, hidden [K', I])`` -> ``[K', D]``, row k through expert ``indices[k]``.
-    SiLU, the product and the weighted sum run once over all K rows. Returns ``[1, D]`` float32.
+    Drops the -1 assignments and calls ``one_token(x, ids, weights)`` (the experts' own
+    ``one_token`` method) with the rest. Returns ``[1, D]`` float32.
     """
     ids = expert_ids[0].tolist()
     if -1 in ids:
@@ -164,6 +166,22 @@ def experts_on_one_token(
         ids, weights = [ids[k] for k in kept], weights[:, kept]
     if not ids:
         return torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
+    return one_token(x, ids, weights)
+
+
+def weighted_experts_of_one_token(
+    x: torch.Tensor,
+    ids: list[int],
+    weights: torch.Tensor,
+    gate_up: Callable[[int], torch.Tensor],
+    down: Callable[[list[int], torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``sum_k weights[0, k] * expert(ids[k], x)`` for one token, each step batched over the K experts.
+
+    x ``[1, D]``; ``gate_up(index)`` -> ``[1, 2I]`` for one expert; ``down(indices, hidden [K, I])`` ->
+    ``[K, D]``, row k through expert ``indices[k]``. SiLU, the product and the weighted sum run once
+    over all K rows. Returns ``[1, D]`` float32.
+    """
     gate, up = torch.cat([gate_up(i) for i in ids]).chunk(2, dim=-1)  # [K, I] each
     out = down(ids, F.silu(gate).mul_(up))  # [K, D]
     return torch.mm(cast(weights, torch.float32), cast(out, torch.float32))  # [1, D]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli.model.dtypes import cast
-from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts
+from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts, weighted_experts_of_one_token
 
 # Linear layers that stay in floating point (see the module docstring for why).
 FLOAT_LINEARS = ("kv_b_proj",)
@@ -168,6 +168,10 @@ class Int8RoutedExperts(nn.Module):
         """
         if not is_one_cpu_token(x):
             return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+        return experts_on_one_token(x, expert_ids, weights, self.one_token)
+
+    def one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """x ``[1, D]`` on CPU through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32."""
         token = quantize_activation(x)
 
         def down(indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -178,8 +182,8 @@ class Int8RoutedExperts(nn.Module):
             ]
             return torch.cat(rows).mul_(steps)
 
-        return experts_on_one_token(
-            x, expert_ids, weights, lambda i: int8_gemv(token, self.gate_up_proj[i], self.gate_up_proj_scale[i]), down
+        return weighted_experts_of_one_token(
+            x, ids, weights, lambda i: int8_gemv(token, self.gate_up_proj[i], self.gate_up_proj_scale[i]), down
         )
 
 

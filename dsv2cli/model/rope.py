@@ -69,10 +69,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Each pair ``(even, odd)`` is the complex number ``even + i odd`` multiplied by ``cos + i sin``:
     one complex product instead of six real ones (decode runs this twice per layer per token).
+    Under ``torch.compile`` (which does not generate complex arithmetic) the same product is
+    written out in real numbers; the compiler fuses it into one kernel either way.
     """
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     pairs = cast(x, torch.float32).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated_pairs = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return cast(rotated_pairs.flatten(-2), x.dtype)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()
     rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)

@@ -1,0 +1,106 @@
+"""Decode steps through ``torch.compile``: one graph per cache shape instead of ~450 eager operations.
+
+:class:`CompiledDecoder` wraps :func:`dsv2cli.model.decode.decode_step` for one model. Inductor
+fuses the norms, rope, softmax, activation quantization and scale products into a few dozen C++
+kernels and calls the same matmul kernels as eager mode (MKL GEMV, ``torch._int_mm``); the C++
+wrapper (``cpp_wrapper``) runs the graph without Python between kernels.
+
+What it costs: compiling takes tens of seconds the first time (inductor keeps its kernels in
+its on-disk cache, so later runs in new processes reuse them), it needs a C++ compiler, and each
+step attends over the cache's whole capacity (masked) so that every step has the same shapes.
+It serves one row without padding, on CPU, with no routing hook; everything else decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import torch
+
+from dsv2cli.errors import InputError
+from dsv2cli.model import DeepseekV2
+from dsv2cli.model.attention import MultiHeadLatentAttention
+from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.decode import decode_step, transposed_key_weights
+from dsv2cli.model.fusion import FusedLinears
+from dsv2cli.model.moe import MLP
+
+# Capacities are rounded up to this many slots when the engine allocates a cache for compiled decoding,
+# so that generations of similar lengths reuse one compiled graph.
+CAPACITY_STEP = 256
+
+
+def compiler_available() -> bool:
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+def round_capacity(tokens: int) -> int:
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
+
+
+class CompiledDecoder:
+    """Compiled one-token decode steps for ``model`` (which must not change while this is used)."""
+
+    def __init__(self, model: DeepseekV2) -> None:
+        if model.embed_tokens.weight.device.type != "cpu":
+            raise InputError("--compile is implemented for CPU decoding only", hint="drop --compile or use --device cpu")
+        if not compiler_available():
+            raise InputError("--compile needs a C++ compiler (c++, g++ or clang++) on PATH", hint="install one or drop --compile")
+        self.model = model
+        self.key_weights = transposed_key_weights(model)
+        self.compile_s = 0.0
+        self._compiled_shapes: set[tuple[int, ...]] = set()
+        self._step = torch.compile(
+            self._decode, fullgraph=True, options={"cpp_wrapper": True, "compile_threads": 1}
+        )
+
+    def _decode(self, token: torch.Tensor, slot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, self.key_weights, token, slot, entries)
+
+    def serves(self, cache: LatentKVCache, routing_hook: object = None) -> bool:
+        """Whether the next step on ``cache`` can run compiled (else the caller decodes eagerly)."""
+        return (
+            routing_hook is None
+            and cache.batch_size == 1
+            and not cache.has_padding
+            and cache.entries.device.type == "cpu"
+            and _stacks_current(self.model)
+        )
+
+    def prepare(self, cache: LatentKVCache) -> None:
+        """Compile for ``cache``'s shape now (a step on token 0 at the next slot, which the real step overwrites)."""
+        shape = tuple(cache.entries.shape)
+        if shape in self._compiled_shapes:
+            return
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self._run(torch.zeros(1, 1, dtype=torch.long), cache)
+        self.compile_s += time.perf_counter() - start
+        self._compiled_shapes.add(shape)
+
+    def step(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """token ``[1, 1]`` -> logits ``[1, 1, vocab]``; writes the next slot of ``cache`` and advances it."""
+        logits = self._run(token, cache)
+        cache.advance(1)
+        return logits
+
+    def _run(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        if cache.length >= cache.capacity:
+            raise ValueError(f"cache holds {cache.capacity} tokens; {cache.length + 1} were asked for")
+        slot = torch.tensor([cache.length], dtype=torch.long)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self._step(token, slot, cache.entries)
+
+
+def _stacks_current(model: DeepseekV2) -> bool:
+    """The compiled step uses the fused stacks (``fuse_projections``) without checking them each step."""
+    for module in model.modules():
+        stack: FusedLinears | None = None
+        if isinstance(module, MultiHeadLatentAttention):
+            stack = module.fused_input
+        elif isinstance(module, MLP):
+            stack = module.fused_gate_up
+        if stack is not None and not stack.current():
+            return False
+    return True
