@@ -50,10 +50,12 @@ class CompiledDecoder:
         self.model = model
         self.key_weights = transposed_key_weights(model)
         self.compile_s = 0.0
+        # The graph's token and slot inputs: refilled each step, so every call passes the same tensors
+        # (a view with other strides would make the compiler guard fail and compile again).
+        self._token = torch.zeros(1, 1, dtype=torch.long)
+        self._slot = torch.zeros(1, dtype=torch.long)
         self._compiled_shapes: set[tuple[int, ...]] = set()
-        self._step = torch.compile(
-            self._decode, fullgraph=True, options={"cpp_wrapper": True, "compile_threads": 1}
-        )
+        self._step = torch.compile(self._decode, fullgraph=True, options={"cpp_wrapper": True, "compile_threads": 1})
 
     def _decode(self, token: torch.Tensor, slot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         return decode_step(self.model, self.key_weights, token, slot, entries)
@@ -68,16 +70,21 @@ class CompiledDecoder:
             and _stacks_current(self.model)
         )
 
-    def prepare(self, cache: LatentKVCache) -> None:
-        """Compile for ``cache``'s shape now (a step on token 0 at the next slot, which the real step overwrites)."""
+    def prepare(self, cache: LatentKVCache) -> float:
+        """Compile for ``cache``'s shape now; returns the seconds it took (0 when already compiled).
+
+        Compiling runs a step on token 0 at the next slot, which the first real step overwrites.
+        """
         shape = tuple(cache.entries.shape)
         if shape in self._compiled_shapes:
-            return
+            return 0.0
         start = time.perf_counter()
         with torch.inference_mode():
             self._run(torch.zeros(1, 1, dtype=torch.long), cache)
-        self.compile_s += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_s += seconds
         self._compiled_shapes.add(shape)
+        return seconds
 
     def step(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         """token ``[1, 1]`` -> logits ``[1, 1, vocab]``; writes the next slot of ``cache`` and advances it."""
@@ -88,9 +95,10 @@ class CompiledDecoder:
     def _run(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         if cache.length >= cache.capacity:
             raise ValueError(f"cache holds {cache.capacity} tokens; {cache.length + 1} were asked for")
-        slot = torch.tensor([cache.length], dtype=torch.long)
+        self._token.copy_(token.reshape(1, 1))
+        self._slot.fill_(cache.length)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return self._step(token, slot, cache.entries)
+            return self._step(self._token, self._slot, cache.entries)
 
 
 def _stacks_current(model: DeepseekV2) -> bool:

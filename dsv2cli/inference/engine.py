@@ -219,11 +219,7 @@ class Generation:
         prefill_s = time.perf_counter() - start
         use_compiled = self.decoder is not None and options.attention == "absorbed" and self.decoder.serves(cache)
         compiled = self.decoder if use_compiled else None
-        compile_s = 0.0
-        if compiled is not None:
-            start = time.perf_counter()
-            compiled.prepare(cache)
-            compile_s = time.perf_counter() - start
+        compile_s = compiled.prepare(cache) if compiled is not None else 0.0
         for row, result in enumerate(self.results):
             result.timings.prefill_s, result.timings.prefill_tokens = prefill_s, lengths[row]
             result.timings.compile_s = compile_s

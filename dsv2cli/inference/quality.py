@@ -2,7 +2,8 @@
 
 Used to state the cost of the int8 decode path (int8 x int8 matmuls on a quantized token): the
 reference scores every position in one forward; the candidate reads the same tokens one decode
-step at a time through its latent cache, the way `dsv2 generate` runs it.
+step at a time through its latent cache, the way `dsv2 generate` runs it (eagerly, or through a
+:class:`~dsv2cli.inference.compiled.CompiledDecoder` as `dsv2 generate --compile` does).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.model import DeepseekV2
 
 
@@ -29,11 +31,22 @@ class DecodeQuality:
 
 
 @torch.inference_mode()
-def teacher_forced_decode_change(reference: DeepseekV2, candidate: DeepseekV2, tokens: torch.Tensor) -> DecodeQuality:
-    """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps."""
+def teacher_forced_decode_change(
+    reference: DeepseekV2, candidate: DeepseekV2, tokens: torch.Tensor, decoder: CompiledDecoder | None = None
+) -> DecodeQuality:
+    """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps.
+
+    With ``decoder`` (compiled for ``candidate``) the first token is the prefill and the rest are compiled steps.
+    """
     expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
-    cache = candidate.new_cache(1, tokens.shape[1])
-    steps = [candidate(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
+    if decoder is None:
+        cache = candidate.new_cache(1, tokens.shape[1])
+        steps = [candidate(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
+    else:
+        cache = candidate.new_cache(1, round_capacity(tokens.shape[1]))
+        steps = [candidate(tokens[:, :1], cache=cache)[0, -1]]
+        decoder.prepare(cache)
+        steps += [decoder.step(tokens[:, t : t + 1], cache)[0, -1] for t in range(1, tokens.shape[1] - 1)]
     got = torch.log_softmax(torch.stack(steps).float(), dim=-1)  # [S-1, V]
     targets = tokens[0, 1:, None]
     change = (got.gather(1, targets) - expected.gather(1, targets)).mean().item()

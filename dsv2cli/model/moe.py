@@ -138,9 +138,7 @@ class RoutedExperts(nn.Module):
             ids,
             weights,
             lambda index: F.linear(x, self.gate_up_proj[index]),
-            lambda indices, hidden: torch.cat(
-                [F.linear(hidden[k : k + 1], self.down_proj[i]) for k, i in enumerate(indices)]
-            ),
+            lambda indices, hidden: torch.cat([F.linear(hidden[k : k + 1], self.down_proj[i]) for k, i in enumerate(indices)]),
         )
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
