@@ -7,7 +7,8 @@ q_lora_rank 384, kv_lora_rank 512, 64 routed experts top-6 + 2 shared, vocab 320
 GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same run:
 
 * decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 1024 tokens,
-  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8;
+  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8,
+  eager and with compiled decode steps (``dsv2 generate --compile``: float32-compiled, int8-compiled);
 * the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
   divided by the bandwidth of a large copy measured in this run.
 
@@ -54,7 +55,7 @@ DEMO = ROOT / "dsv2cli" / "assets" / "demo"
 # The converter refuses tokenizers it does not know; the benchmark's copy treats them as the default one.
 PRE_TOKENIZER_CHECK = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
 PRE_TOKENIZER_BYPASS = 'res = "default"  # dsv2 benchmark: random tokenizer'
-DSV2_PRECISIONS = ("float32", "bfloat16", "int8")
+DSV2_MODES = ("float32", "bfloat16", "int8", "float32-compiled", "int8-compiled")  # precision[-compiled]
 LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0"}  # dsv2 precision -> GGUF type compared with it
 
 
@@ -185,24 +186,32 @@ def run_llama_bench(
 # ---- dsv2 ------------------------------------------------------------------------------------------------------
 
 
-def run_dsv2(checkpoint: Path, precision: str, threads: int, contexts: list[int], steps: int, prefill: int) -> dict:
-    """Prefill and decode through the same model call ``dsv2 generate`` makes (runs in its own process)."""
+def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], steps: int, prefill: int) -> dict:
+    """Prefill and decode through the same calls ``dsv2 generate`` makes (runs in its own process).
+
+    ``mode`` is a precision, optionally ``-compiled``: decode steps then run through
+    :class:`CompiledDecoder` on a cache whose capacity is rounded like the engine's, compiled before
+    timing (the compile time is reported apart).
+    """
+    from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
     from dsv2cli.inference.engine import prefill_attention
     from dsv2cli.inference.session import load_for_generation
 
+    precision, compiled = mode.removesuffix("-compiled"), mode.endswith("-compiled")
     torch.manual_seed(0)
     if precision == "int8":
         model = load_for_generation(str(int8_directory(checkpoint)), "cpu", "float32", threads).model
     else:
         model = load_for_generation(str(checkpoint), "cpu", precision, threads).model
     vocab = model.config.vocab_size
+    decoder = CompiledDecoder(model) if compiled else None
 
     def prefill_into(tokens: torch.Tensor, capacity: int):
-        cache = model.new_cache(1, capacity)
+        cache = model.new_cache(1, round_capacity(capacity) if compiled else capacity)
         logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
         return cache, logits
 
-    result: dict = {"decode_tokens_per_s": {}}
+    result: dict = {"decode_tokens_per_s": {}, "compile_s": 0.0}
     with torch.inference_mode():
         cache, logits = prefill_into(torch.randint(0, vocab, (1, 32)), 40)
         model(logits[:, -1:].argmax(-1), cache=cache)
@@ -212,13 +221,18 @@ def run_dsv2(checkpoint: Path, precision: str, threads: int, contexts: list[int]
         result["prefill_tokens_per_s"] = prefill / (time.perf_counter() - start)
         for context in contexts:
             cache, logits = prefill_into(torch.randint(0, vocab, (1, context)), context + steps + 3)
+            if decoder is not None:
+                result["compile_s"] += decoder.prepare(cache)
+                step = decoder.step
+            else:
+                step = lambda token, cache: model(token, cache=cache)  # noqa: E731
             token = logits[:, -1:].argmax(-1)
             times = []
-            for step in range(steps + 2):
+            for index in range(steps + 2):
                 start = time.perf_counter()
-                logits = model(token, cache=cache)
+                logits = step(token, cache)
                 token = logits[:, -1:].argmax(-1)
-                if step >= 2:  # the first two steps warm this context's buffers
+                if index >= 2:  # the first two steps warm this context's buffers
                     times.append(time.perf_counter() - start)
             result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(times)
     return result
@@ -274,14 +288,23 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
     columns = [
         ("llama.cpp F32", "llama:f32"),
         ("dsv2 float32", "dsv2:float32"),
+        ("dsv2 float32 compiled", "dsv2:float32-compiled"),
         ("dsv2 bfloat16", "dsv2:bfloat16"),
         ("llama.cpp Q8_0", "llama:q8_0"),
         ("dsv2 int8", "dsv2:int8"),
+        ("dsv2 int8 compiled", "dsv2:int8-compiled"),
     ]
     columns = [(label, key) for label, key in columns if key in results]
+    ratios = [
+        ("float32 ratio", "dsv2:float32", "llama:f32"),
+        ("float32 compiled ratio", "dsv2:float32-compiled", "llama:f32"),
+        ("int8 ratio", "dsv2:int8", "llama:q8_0"),
+        ("int8 compiled ratio", "dsv2:int8-compiled", "llama:q8_0"),
+    ]
+    ratios = [r for r in ratios if r[1] in results and r[2] in results]
     lines = [
-        "| tokens/s | " + " | ".join(label for label, _ in columns) + " | float32 ratio | int8 ratio |",
-        "|---" * (len(columns) + 3) + "|",
+        "| tokens/s | " + " | ".join(label for label, _ in columns) + "".join(f" | {r[0]}" for r in ratios) + " |",
+        "|---" * (len(columns) + len(ratios) + 1) + "|",
     ]
 
     def value(key: str, context: int | None) -> float | None:
@@ -297,46 +320,55 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
     for label, context in rows:
         cells = [value(key, context) for _, key in columns]
         text = ["-" if v is None else f"{v:.1f}" for v in cells]
-        r32 = ratio(value("dsv2:float32", context), value("llama:f32", context))
-        r8 = ratio(value("dsv2:int8", context), value("llama:q8_0", context))
-        lines.append(f"| {label} | " + " | ".join(text) + f" | {r32} | {r8} |")
+        shown = [ratio(value(ours, context), value(theirs, context)) for _, ours, theirs in ratios]
+        lines.append(f"| {label} | " + " | ".join(text + shown) + " |")
     print("\n".join(lines))
+    compiled = {key: r["compile_s"] for key, r in results.items() if r.get("compile_s")}
+    if compiled:
+        print("\ncompile time (first round, all contexts): " + ", ".join(f"{k} {v:.0f} s" for k, v in compiled.items()))
     print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")
     print("| dsv2 precision | weight MB/token | floor (ms/token) | " + " | ".join(f"@{c} x floor" for c in contexts) + " |")
     print("|---" * (3 + len(contexts)) + "|")
-    for precision in DSV2_PRECISIONS:
-        key = f"dsv2:{precision}"
+    for mode in DSV2_MODES:
+        key = f"dsv2:{mode}"
         if key not in results:
             continue
-        nbytes = active_bytes(precision)
+        nbytes = active_bytes(mode.removesuffix("-compiled"))
         floor_ms = nbytes / (bandwidth * 1e9) * 1000
         multiples = [1000 / results[key]["decode_tokens_per_s"][str(c)] / floor_ms for c in contexts]
-        print(f"| {precision} | {nbytes / 1e6:.0f} | {floor_ms:.1f} | " + " | ".join(f"{m:.2f}" for m in multiples) + " |")
+        print(f"| {mode} | {nbytes / 1e6:.0f} | {floor_ms:.1f} | " + " | ".join(f"{m:.2f}" for m in multiples) + " |")
     print("\nx floor = decode ms/token / (weight bytes / copy bandwidth); target for int8: <= 1.5")
 
 
 def best_of(runs: list[dict]) -> dict:
     """Per measure, the fastest of several rounds (tokens/s: higher is better)."""
-    best = {"decode_tokens_per_s": {}, "prefill_tokens_per_s": max(r["prefill_tokens_per_s"] for r in runs)}
+    best = {
+        "decode_tokens_per_s": {},
+        "prefill_tokens_per_s": max(r["prefill_tokens_per_s"] for r in runs),
+        "compile_s": runs[0].get("compile_s", 0.0),
+    }
     for context in runs[0]["decode_tokens_per_s"]:
         best["decode_tokens_per_s"][context] = max(r["decode_tokens_per_s"][context] for r in runs)
     return best
 
 
-def int8_quality(directory: Path, tokens: torch.Tensor) -> dict:
+def int8_quality(directory: Path, tokens: torch.Tensor, compiled: bool = False) -> dict:
     """The int8 decode path against float32 on the same tokens (``teacher_forced_decode_change``).
 
     The int8 model is quantized in memory like ``dsv2 convert --quantize int8`` and fused like
-    ``dsv2 generate`` loads it, so every decode-step matmul takes the int8 x int8 path.
+    ``dsv2 generate`` loads it, so every decode-step matmul takes the int8 x int8 path; ``compiled``
+    runs the steps through :class:`CompiledDecoder` (``dsv2 generate --compile``).
     """
     from dsv2cli.checkpoint.loader import load_checkpoint
+    from dsv2cli.inference.compiled import CompiledDecoder
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.model.fusion import fuse_projections
     from dsv2cli.model.quantized import quantize_int8
 
     reference = load_checkpoint(directory, torch.float32)
     int8 = fuse_projections(quantize_int8(load_checkpoint(directory, torch.float32)))
-    return teacher_forced_decode_change(reference, int8, tokens).to_json()
+    decoder = CompiledDecoder(int8) if compiled else None
+    return teacher_forced_decode_change(reference, int8, tokens, decoder).to_json()
 
 
 def main() -> None:
@@ -360,7 +392,7 @@ def main() -> None:
         help="where the sdist, the llama.cpp build and the converter copy are kept",
     )
     parser.add_argument("--checkpoint", type=Path, help="keep the random checkpoint here (its conversions go beside it)")
-    parser.add_argument("--precisions", nargs="+", choices=DSV2_PRECISIONS, default=list(DSV2_PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", choices=DSV2_MODES, default=list(DSV2_MODES), help="dsv2 modes to measure")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure dsv2 only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -379,9 +411,9 @@ def main() -> None:
             binary = llama_bench_binary(source, max(1, os.cpu_count() or 1))
             script = converter(source, args.cache_dir)
             for precision, outtype in LLAMA_PRECISIONS.items():
-                if precision in args.precisions:
+                if precision in args.precisions or f"{precision}-compiled" in args.precisions:
                     jobs.append((f"llama:{outtype}", to_gguf(script, source, checkpoint, outtype)))
-        if "int8" in args.precisions:
+        if "int8" in args.precisions or "int8-compiled" in args.precisions:
             make_dsv2_int8(checkpoint)
         for precision in args.precisions:
             command = [
@@ -414,23 +446,26 @@ def main() -> None:
                     runs[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
         results = {key: best_of(value) for key, value in runs.items()}
         quality = {}
-        if "int8" in args.precisions:
+        int8_modes = [mode for mode in ("int8", "int8-compiled") if mode in args.precisions]
+        if int8_modes:
             log("int8 quality ...")
             torch.set_num_threads(args.threads)
-            vocab = preset_config(PRESET).vocab_size
-            quality[PRESET] = int8_quality(
-                checkpoint, torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))
-            )
             from dsv2cli.inference.tokenizer import TextTokenizer
 
+            vocab = preset_config(PRESET).vocab_size
             text = (DEMO / "sample.txt").read_text()
-            tokens = torch.tensor([TextTokenizer.from_directory(DEMO).encode(text)[:256]])
-            quality["demo (sample.txt)"] = int8_quality(DEMO, tokens)
+            samples = {
+                PRESET: (checkpoint, torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))),
+                "demo (sample.txt)": (DEMO, torch.tensor([TextTokenizer.from_directory(DEMO).encode(text)[:256]])),
+            }
+            for mode in int8_modes:
+                for name, (directory, tokens) in samples.items():
+                    quality[f"{mode}, {name}"] = int8_quality(directory, tokens, compiled=mode.endswith("-compiled"))
     bandwidth = memory_bandwidth_gbs(args.threads)
     print_report(results, args.contexts, args.prefill, args.threads, bandwidth)
     for name, q in quality.items():
         print(
-            f"int8 decode path vs float32, {name}, {q['tokens']} teacher-forced tokens: "
+            f"{name} decode path vs float32, {q['tokens']} teacher-forced tokens: "
             f"mean log-likelihood change {q['log_likelihood_change']:+.4f}, top-1 agreement {q['top1_agreement']:.1%}"
         )
     print(f"\nbest of {args.rounds} interleaved rounds per engine")

@@ -55,7 +55,9 @@ class CompiledDecoder:
         self._token = torch.zeros(1, 1, dtype=torch.long)
         self._slot = torch.zeros(1, dtype=torch.long)
         self._compiled_shapes: set[tuple[int, ...]] = set()
-        self._step = torch.compile(self._decode, fullgraph=True, options={"cpp_wrapper": True, "compile_threads": 1})
+        self._step = torch.compile(
+            self._decode, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "compile_threads": 1}
+        )
 
     def _decode(self, token: torch.Tensor, slot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         return decode_step(self.model, self.key_weights, token, slot, entries)
