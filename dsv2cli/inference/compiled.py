@@ -22,9 +22,10 @@ from dsv2cli.errors import InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.cache import LatentKVCache
-from dsv2cli.model.decode import decode_step, transposed_key_weights
+from dsv2cli.model.decode import absorbed_weights, decode_step
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.moe import MLP
+from dsv2cli.model.quantized import Int8Linear
 
 # Capacities are rounded up to this many slots when the engine allocates a cache for compiled decoding,
 # so that generations of similar lengths reuse one compiled graph.
@@ -48,7 +49,8 @@ class CompiledDecoder:
         if not compiler_available():
             raise InputError("--compile needs a C++ compiler (c++, g++ or clang++) on PATH", hint="install one or drop --compile")
         self.model = model
-        self.key_weights = transposed_key_weights(model)
+        # An int8 model's absorbed products read kv_b_proj in int8 too (a quarter of its float bytes).
+        self.absorbed = absorbed_weights(model, quantize=any(isinstance(m, Int8Linear) for m in model.modules()))
         self.compile_s = 0.0
         # The graph's token and slot inputs: refilled each step, so every call passes the same tensors
         # (a view with other strides would make the compiler guard fail and compile again).
@@ -60,7 +62,7 @@ class CompiledDecoder:
         )
 
     def _decode(self, token: torch.Tensor, slot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-        return decode_step(self.model, self.key_weights, token, slot, entries)
+        return decode_step(self.model, self.absorbed, token, slot, entries)
 
     def serves(self, cache: LatentKVCache, routing_hook: object = None) -> bool:
         """Whether the next step on ``cache`` can run compiled (else the caller decodes eagerly)."""

@@ -13,8 +13,10 @@ graph whose shapes never change from step to step (``dsv2cli/inference/compiled.
   the compiled graph, not a copy of the cache);
 * the K chosen experts are read with ``.tolist()`` (the compiler captures them as symbolic
   integers) and run as in eager decoding;
-* W_UK comes pre-transposed (``[H, C, N]``, :func:`transposed_key_weights`) so that the absorbed
-  query product reduces over contiguous memory; W_UV ``[H, V, C]`` already does.
+* W_UK comes pre-transposed (``[H, C, N]``, :func:`absorbed_weights`) so that the absorbed
+  query product reduces over contiguous memory; W_UV ``[H, V, C]`` already does. For int8 models
+  both are int8 with a scale per row (``kv_b_proj`` is the one float matrix of an int8 checkpoint;
+  the compiled step reads it at a quarter of the bytes, dequantizing inside the fused reduction).
 
 Eager PyTorch pays a few microseconds per operation (about 450 per step for the benchmark
 model); compiled, the small ones fuse into a few dozen C++ kernels around the matmuls. Rows of a
@@ -23,23 +25,45 @@ batch, padding and routing hooks take the eager path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dsv2cli.model.attention import MultiHeadLatentAttention, _attend_shared
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import MoE
+from dsv2cli.model.quantized import quantize_rows
 from dsv2cli.model.rope import apply_rope
 from dsv2cli.model.transformer import DeepseekV2
 
 
-def transposed_key_weights(model: DeepseekV2) -> list[torch.Tensor]:
-    """W_UK of every layer as a contiguous ``[H, C, N]`` copy (``H * C * N`` values per layer)."""
-    return [layer.self_attn._kv_b_weights()[0].transpose(1, 2).contiguous() for layer in model.layers]
+@dataclass(frozen=True)
+class AbsorbedWeights:
+    """One layer's W_UK^T ``[H, C, N]`` and W_UV ``[H, V, C]``: float, or int8 with row scales ``[H, C]`` / ``[H, V]``."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+
+
+def absorbed_weights(model: DeepseekV2, quantize: bool = False) -> list[AbsorbedWeights]:
+    """W_UK^T (a contiguous copy, ``H * C * N`` values per layer) and W_UV of every layer; int8 when ``quantize``."""
+    layers = []
+    for layer in model.layers:
+        w_uk, w_uv = layer.self_attn._kv_b_weights()
+        key = w_uk.transpose(1, 2).contiguous()
+        if quantize:
+            (key, key_scale), (value, value_scale) = quantize_rows(key), quantize_rows(w_uv)
+            layers.append(AbsorbedWeights(key, value, key_scale, value_scale))
+        else:
+            layers.append(AbsorbedWeights(key, w_uv))
+    return layers
 
 
 def decode_step(
     model: DeepseekV2,
-    key_weights: list[torch.Tensor],
+    weights: list[AbsorbedWeights],
     token: torch.Tensor,
     slot: torch.Tensor,
     entries: torch.Tensor,
@@ -47,14 +71,14 @@ def decode_step(
     """token ``[1, 1]`` at cache slot ``slot [1]`` (int64; also its position) -> logits ``[1, 1, vocab]``.
 
     ``entries`` is the cache tensor ``[L, 1, T, C + R]`` with slots ``0..slot-1`` filled; this step
-    writes slot ``slot``. ``key_weights`` is :func:`transposed_key_weights` of ``model``.
+    writes slot ``slot``. ``weights`` is :func:`absorbed_weights` of ``model``.
     """
     capacity = entries.shape[2]
     mask = (torch.arange(capacity, device=entries.device) <= slot)[None, None, :]  # [1, 1, T]
     cos, sin = model.rotary.cos_sin(slot[None])  # [1, 1, R/2]
     x = model.embed_tokens(token)  # [1, 1, D]
-    for layer, w_uk_t in zip(model.layers, key_weights, strict=True):
-        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, w_uk_t)
+    for layer, absorbed in zip(model.layers, weights, strict=True):
+        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, absorbed)
         normed = layer.post_attention_layernorm(h)
         x = h + (_moe(layer.mlp, normed) if isinstance(layer.mlp, MoE) else layer.mlp(normed))
     return model.lm_head(model.norm(x))
@@ -68,7 +92,7 @@ def _attention(
     mask: torch.Tensor,
     slot: torch.Tensor,
     entries: torch.Tensor,
-    w_uk_t: torch.Tensor,
+    absorbed: AbsorbedWeights,
 ) -> torch.Tensor:
     """Absorbed MLA for the one token ``x [1, 1, D]`` -> ``[1, 1, D]``; writes its cache entry."""
     heads = attn.num_heads
@@ -79,12 +103,18 @@ def _attention(
     layer = torch.full((1,), attn.layer_idx, dtype=torch.long, device=entries.device)
     entries.index_put_((layer, torch.zeros_like(slot), slot), entry[:, 0])
     kv = entries[attn.layer_idx]  # [1, T, C + R]
-    q_latent = (w_uk_t * cast(q_nope, w_uk_t.dtype).reshape(heads, 1, -1)).sum(-1)  # [H, C]
+    q_latent = _per_head(absorbed.key, absorbed.key_scale, q_nope.reshape(heads, -1))  # [H, C]
     query = torch.cat((cast(q_latent, q_pe.dtype).view(1, 1, heads, -1), apply_rope(q_pe, cos, sin)), dim=-1)
     out_latent = _attend_shared(query, kv, kv[..., : attn.kv_lora_rank], mask, attn.softmax_scale)  # [1, 1, H, C]
-    w_uv = attn._kv_b_weights()[1]  # [H, V, C]
-    out = (w_uv * cast(out_latent, w_uv.dtype).view(heads, 1, -1)).sum(-1)  # [H, V]
+    out = _per_head(absorbed.value, absorbed.value_scale, out_latent.view(heads, -1))  # [H, V]
     return attn.o_proj(cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim))
+
+
+def _per_head(weight: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``weight [H, O, I] @ x [H, I]`` per head -> ``[H, O]``, int8 weights dequantized by their row ``scale [H, O]``."""
+    if scale is None:
+        return (weight * cast(x, weight.dtype)[:, None, :]).sum(-1)
+    return (weight.to(torch.float32) * cast(x, torch.float32)[:, None, :]).sum(-1) * scale
 
 
 def _moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
