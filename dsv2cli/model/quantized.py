@@ -9,7 +9,7 @@ and ``scale = max|W[o, :]| / 127``. Activations stay in floating point.
 Like gpt-fast's ``quantize.py`` this is a transform applied to a built model (``quantize_int8``);
 the model files do not know about it. Embeddings, norms and the router stay in floating point,
 and so does ``kv_b_proj``: absorbed attention reads its weight directly as W_UK / W_UV
-(``attention.py``). ``lm_head`` is int8 too (it is the largest matrix a decode step reads) unless it
+(``attention.py``; the compiled decode step, ``decode.py``, reads an int8 copy made at load time). ``lm_head`` is int8 too (it is the largest matrix a decode step reads) unless it
 is tied to the embedding; int8 checkpoints written before it was quantized keep a float head
 (``quantize_head=False``).
 
