@@ -29,7 +29,8 @@ def test_json_contract(model_dir):
     assert len(doc["results"]) == 2
     for r in doc["results"]:
         assert set(r) >= {"prompt", "prompt_token_ids", "text", "token_ids", "logprobs", "finish_reason", "timings"}
-        assert set(r["timings"]) == {"prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+        assert set(r["timings"]) == {"compile_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+        assert r["timings"]["compile_s"] == 0.0  # eager unless --compile
         assert len(r["token_ids"]) == len(r["logprobs"]) == 5
         assert all(lp <= 0 for lp in r["logprobs"])
         assert r["finish_reason"] == "length"
