@@ -28,7 +28,7 @@ EPILOG = (
     "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
     "  echo 'class Stack:' | dsv2 generate -\n\n"
     "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
-    "  dsv2 generate --compile -n 512 --model ./bench-int8 'def main():'   # compiled decode steps\n\n"
+    "  dsv2 generate --compile -n 256 'class Queue:'   # compiled decode steps (needs a C++ compiler)\n\n"
     "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default)."

@@ -51,7 +51,6 @@ class CompiledDecoder:
         self.model = model
         # An int8 model's absorbed products read kv_b_proj in int8 too (a quarter of its float bytes).
         self.absorbed = absorbed_weights(model, quantize=any(isinstance(m, Int8Linear) for m in model.modules()))
-        self.compile_s = 0.0
         # The graph's token and slot inputs: refilled each step, so every call passes the same tensors
         # (a view with other strides would make the compiler guard fail and compile again).
         self._token = torch.zeros(1, 1, dtype=torch.long)
@@ -85,10 +84,8 @@ class CompiledDecoder:
         start = time.perf_counter()
         with torch.inference_mode():
             self._run(torch.zeros(1, 1, dtype=torch.long), cache)
-        seconds = time.perf_counter() - start
-        self.compile_s += seconds
         self._compiled_shapes.add(shape)
-        return seconds
+        return time.perf_counter() - start
 
     def step(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         """token ``[1, 1]`` -> logits ``[1, 1, vocab]``; writes the next slot of ``cache`` and advances it."""
@@ -97,8 +94,7 @@ class CompiledDecoder:
         return logits
 
     def _run(self, token: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
-        if cache.length >= cache.capacity:
-            raise ValueError(f"cache holds {cache.capacity} tokens; {cache.length + 1} were asked for")
+        cache.check_room(1)
         self._token.copy_(token.reshape(1, 1))
         self._slot.fill_(cache.length)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):

@@ -88,11 +88,15 @@ class LatentKVCache:
 
     def write(self, layer_idx: int, entries: torch.Tensor) -> torch.Tensor:
         """Store ``entries [B, S, C + R]`` at the next slots; return all filled slots ``[B, length + S, C + R]``."""
+        self.check_room(entries.shape[1])
         end = self.length + entries.shape[1]
-        if end > self.capacity:
-            raise ValueError(f"cache holds {self.capacity} tokens; {end} were asked for")
         self.entries[layer_idx, :, self.length : end] = entries
         return self.entries[layer_idx, :, :end]
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise unless ``new_tokens`` more slots fit in the capacity."""
+        if self.length + new_tokens > self.capacity:
+            raise ValueError(f"cache holds {self.capacity} tokens; {self.length + new_tokens} were asked for")
 
     def advance(self, new_tokens: int) -> None:
         """Mark ``new_tokens`` slots as filled (called once per forward, after every layer wrote)."""
