@@ -1,9 +1,10 @@
 """Decode steps through ``torch.compile``: one graph per cache shape instead of ~450 eager operations.
 
 :class:`CompiledDecoder` wraps :func:`dsv2cli.model.decode.decode_step` for one model. Inductor
-fuses the norms, rope, softmax, activation quantization and scale products into a few dozen C++
-kernels and calls the same matmul kernels as eager mode (MKL GEMV, ``torch._int_mm``); the C++
-wrapper (``cpp_wrapper``) runs the graph without Python between kernels.
+generates C++ kernels for the whole step: each weight product is a vectorized reduction that
+streams the weight (float or int8) with the norms, rope, SwiGLU and scales fused around it, and
+the attention over the cache calls BLAS; the C++ wrapper (``cpp_wrapper``) runs the graph without
+Python between kernels.
 
 What it costs: compiling takes tens of seconds the first time (inductor keeps its kernels in
 its on-disk cache, so later runs in new processes reuse them), it needs a C++ compiler, and each
@@ -97,8 +98,7 @@ class CompiledDecoder:
         cache.check_room(1)
         self._token.copy_(token.reshape(1, 1))
         self._slot.fill_(cache.length)
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
-            return self._step(self._token, self._slot, cache.entries)
+        return self._step(self._token, self._slot, cache.entries)
 
 
 def _stacks_current(model: DeepseekV2) -> bool:

@@ -11,12 +11,17 @@ graph whose shapes never change from step to step (``dsv2cli/inference/compiled.
   slot is a tensor, not a Python int, so every step has the same shapes;
 * its latent entry is written with ``index_put_`` into the cache tensor itself (in place in
   the compiled graph, not a copy of the cache);
-* the K chosen experts are read with ``.tolist()`` (the compiler captures them as symbolic
-  integers) and run as in eager decoding;
+* every matrix-vector product is :func:`matvec`, a product and a sum that inductor turns into
+  one vectorized reduction converting each weight (float32, bfloat16 or int8 with row scales) as
+  it streams it; the K chosen experts are gathered by their id tensor inside those reductions, so
+  no expert id becomes a Python integer and every token runs the same graph;
 * W_UK comes pre-transposed (``[H, C, N]``, :func:`absorbed_weights`) so that the absorbed
   query product reduces over contiguous memory; W_UV ``[H, V, C]`` already does. For int8 models
   both are int8 with a scale per row (``kv_b_proj`` is the one float matrix of an int8 checkpoint;
-  the compiled step reads it at a quarter of the bytes, dequantizing inside the fused reduction).
+  the compiled step reads it at a quarter of the bytes).
+
+An int8 model's step is therefore weight-only int8 (activations stay float32), unlike eager int8
+decoding, which also quantizes each activation to run int8 x int8 products.
 
 Eager PyTorch pays a few microseconds per operation (about 450 per step for the benchmark
 model); compiled, the small ones fuse into a few dozen C++ kernels around the matmuls. Rows of a
@@ -28,10 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from dsv2cli.model.attention import MultiHeadLatentAttention, _attend_shared
 from dsv2cli.model.dtypes import cast
-from dsv2cli.model.moe import MoE
+from dsv2cli.model.fusion import FusedLinears
+from dsv2cli.model.moe import MLP, MoE
 from dsv2cli.model.quantized import quantize_rows
 from dsv2cli.model.rope import apply_rope
 from dsv2cli.model.transformer import DeepseekV2
@@ -80,8 +88,30 @@ def decode_step(
     for layer, absorbed in zip(model.layers, weights, strict=True):
         h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, absorbed)
         normed = layer.post_attention_layernorm(h)
-        x = h + (_moe(layer.mlp, normed) if isinstance(layer.mlp, MoE) else layer.mlp(normed))
-    return model.lm_head(model.norm(x))
+        x = h + (_moe(layer.mlp, normed) if isinstance(layer.mlp, MoE) else _mlp(layer.mlp, normed))
+    return cast(_linear(model.lm_head, model.norm(x)), x.dtype)
+
+
+def matvec(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight [..., O, I] @ x [..., I]`` -> ``[..., O]`` float32; int8 weights are scaled by their rows' ``scale [..., O]``.
+
+    Written as a product and a sum so that inductor emits one vectorized reduction that converts
+    each weight as it streams it (gathers such as ``experts[ids]`` fuse into the same loop). For one
+    token this reads weights faster than the library GEMV kernels called one by one
+    (``docs/performance.md``).
+    """
+    product = (weight.to(torch.float32) * cast(x, torch.float32).unsqueeze(-2)).sum(-1)
+    return product if scale is None else product * scale
+
+
+def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A bias-free ``nn.Linear`` or ``Int8Linear`` on ``x [..., I]`` -> ``[..., O]`` float32."""
+    return matvec(linear.weight, x, getattr(linear, "scale", None))
+
+
+def _stacked(stack: FusedLinears, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Stacked linears (``fuse_projections``) on ``x [..., I]`` -> one float32 output per linear."""
+    return matvec(stack.weight, x, stack.scale).split(stack.sizes, dim=-1)
 
 
 def _attention(
@@ -96,36 +126,52 @@ def _attention(
 ) -> torch.Tensor:
     """Absorbed MLA for the one token ``x [1, 1, D]`` -> ``[1, 1, D]``; writes its cache entry."""
     heads = attn.num_heads
-    q, compressed = attn._project(x)  # [1, 1, H, N + R], [1, 1, C + R]
-    q_nope, q_pe = q.split([attn.nope_dim, attn.rope_dim], dim=-1)
+    query_proj = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
+    if attn.fused_input is not None and attn.fused_input.usable():
+        q, compressed = _stacked(attn.fused_input, x)
+    else:
+        q, compressed = _linear(query_proj, x), _linear(attn.kv_a_proj_with_mqa, x)
+    q, compressed = cast(q, x.dtype), cast(compressed, x.dtype)
+    if attn.q_lora_rank is not None:
+        q = cast(_linear(attn.q_b_proj, attn.q_a_layernorm(q)), x.dtype)
+    q_nope, q_pe = q.view(1, 1, heads, -1).split([attn.nope_dim, attn.rope_dim], dim=-1)  # [1, 1, H, N], [1, 1, H, R]
     latent, k_pe = compressed.split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
     entry = torch.cat((attn.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [1, 1, C + R]
     layer = torch.full((1,), attn.layer_idx, dtype=torch.long, device=entries.device)
-    entries.index_put_((layer, torch.zeros_like(slot), slot), entry[:, 0])
+    entries.index_put_((layer, torch.zeros_like(slot), slot), cast(entry[:, 0], entries.dtype))
     kv = entries[attn.layer_idx]  # [1, T, C + R]
-    q_latent = _per_head(absorbed.key, absorbed.key_scale, q_nope.reshape(heads, -1))  # [H, C]
+    q_latent = matvec(absorbed.key, q_nope.reshape(heads, -1), absorbed.key_scale)  # [H, C]
     query = torch.cat((cast(q_latent, q_pe.dtype).view(1, 1, heads, -1), apply_rope(q_pe, cos, sin)), dim=-1)
     out_latent = _attend_shared(query, kv, kv[..., : attn.kv_lora_rank], mask, attn.softmax_scale)  # [1, 1, H, C]
-    out = _per_head(absorbed.value, absorbed.value_scale, out_latent.view(heads, -1))  # [H, V]
-    return attn.o_proj(cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim))
+    out = matvec(absorbed.value, out_latent.view(heads, -1), absorbed.value_scale)  # [H, V]
+    return cast(_linear(attn.o_proj, cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim)), x.dtype)
 
 
-def _per_head(weight: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``weight [H, O, I] @ x [H, I]`` per head -> ``[H, O]``, int8 weights dequantized by their row ``scale [H, O]``."""
-    if scale is None:
-        return (weight * cast(x, weight.dtype)[:, None, :]).sum(-1)
-    return (weight.to(torch.float32) * cast(x, torch.float32)[:, None, :]).sum(-1) * scale
+def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP (dense layer or shared experts) on ``x [..., D]`` -> ``[..., D]`` in x's dtype."""
+    if mlp.fused_gate_up is not None and mlp.fused_gate_up.usable():
+        gate, up = _stacked(mlp.fused_gate_up, x)
+    else:
+        gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
+    hidden = cast(F.silu(gate) * up, x.dtype)
+    return cast(_linear(mlp.down_proj, hidden), x.dtype)
 
 
 def _moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """DeepSeekMoE for the one token ``x [1, 1, D]`` (no routing hook) -> ``[1, 1, D]``."""
-    flat = x.reshape(1, -1)
-    _, _, ids, weights = moe.gate(flat)
-    expert_ids = ids[0].tolist()
-    for index in expert_ids:  # tells the compiler the ids index the expert stack
-        torch._check(index >= 0)
-        torch._check(index < moe.experts.num_experts)
-    out = cast(moe.experts.one_token(flat, expert_ids, weights), x.dtype)
+    """DeepSeekMoE for the one token ``x [1, 1, D]`` (no routing hook) -> ``[1, 1, D]``.
+
+    The K chosen experts are gathered by their ids inside the reductions (no Python integers, so
+    the graph is the same whichever experts a token picks).
+    """
+    flat = x.reshape(1, -1)  # [1, D]
+    _, ids, weights = moe.gate.choose(matvec(moe.gate.weight, flat))  # [1, K] each
+    experts, ids = moe.experts, ids[0]
+    gate_up_scale = getattr(experts, "gate_up_proj_scale", None)
+    down_scale = getattr(experts, "down_proj_scale", None)
+    gate, up = matvec(experts.gate_up_proj[ids], flat, None if gate_up_scale is None else gate_up_scale[ids]).chunk(2, dim=-1)
+    hidden = cast(F.silu(gate) * up, x.dtype)  # [K, M]
+    down = matvec(experts.down_proj[ids], hidden, None if down_scale is None else down_scale[ids])  # [K, D]
+    out = torch.mm(weights, down)  # [1, D]
     if moe.shared_experts is not None:
-        out = out + moe.shared_experts(flat)
-    return out.view(1, 1, -1)
+        out = out + _mlp(moe.shared_experts, flat)
+    return cast(out, x.dtype).view(1, 1, -1)

@@ -105,6 +105,10 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids)."""
         logits = F.linear(cast(x, torch.float32), cast(self.weight, torch.float32))
+        return (logits, *self.choose(logits))
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits ``[N, E]`` float32 -> scores ``[N, E]``, ids and weights ``[N, K]``."""
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         values, ids = select_experts(scores, self.top_k, self.method, self.n_group, self.topk_group)
         if self.top_k > 1 and self.norm_topk_prob:
@@ -112,7 +116,7 @@ class Router(nn.Module):
             weights = values / (values.sum(dim=-1, keepdim=True) + 1e-20)
         else:
             weights = values * self.routed_scaling_factor
-        return logits, scores, ids, weights
+        return scores, ids, weights
 
 
 class RoutedExperts(nn.Module):

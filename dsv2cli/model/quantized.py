@@ -175,14 +175,6 @@ class Int8RoutedExperts(nn.Module):
         token = quantize_activation(x)
 
         def down(indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling():
-                # torch 2.13's CPU _int_mm misreads a one-row input whose row stride is 0, the layout inductor
-                # gives a row view of a buffer; a row quantized on its own is a buffer of its own.
-                rows = [
-                    int8_gemv(quantize_activation(hidden[k : k + 1]), self.down_proj[i], self.down_proj_scale[i])
-                    for k, i in enumerate(indices)
-                ]
-                return torch.cat(rows)
             values, steps = quantize_activation(hidden)  # [K, I], [K, 1]
             rows = [
                 torch._int_mm(values[k : k + 1], self.down_proj[i].t()).mul(cast(self.down_proj_scale[i], torch.float32))
