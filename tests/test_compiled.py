@@ -77,6 +77,24 @@ def test_generation_through_the_compiled_step_equals_eager(compiled):
         assert row.token_ids == alone.token_ids and row.timings.compile_s == 0.0
 
 
+@needs_compiler
+@pytest.mark.slow  # compiles a second model
+def test_two_decoders_each_run_their_own_model(compiled, tmp_path):
+    """The compiled graphs skip guards on the model: each decoder must still run its own model (here: another vocabulary)."""
+    model, decoder = compiled
+    save_reference(reference_model(seed=8, vocab_size=176), tmp_path)
+    other = fuse_projections(load_hf_checkpoint(tmp_path))
+    other_decoder = CompiledDecoder(other)
+    prompt = torch.randint(0, 160, (1, 5), generator=torch.Generator().manual_seed(4))
+    token = torch.tensor([[7]])
+    with torch.inference_mode():
+        for m, d in ((model, decoder), (other, other_decoder), (model, decoder)):
+            eager_cache, compiled_cache = m.new_cache(1, CAPACITY_STEP), m.new_cache(1, CAPACITY_STEP)
+            m(prompt, cache=eager_cache)
+            m(prompt, cache=compiled_cache)
+            torch.testing.assert_close(d.step(token, compiled_cache), m(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
+
+
 def test_steps_it_does_not_serve(compiled):
     model, decoder = compiled
     assert decoder.serves(model.new_cache(1, 8))
