@@ -37,6 +37,21 @@ def test_json_contract(model_dir):
     assert doc["results"][0]["prompt"] == "def add(a, b):"
 
 
+def test_bfloat16_latent_cache(model_dir):
+    args = ["generate", "-m", str(model_dir), "def add(a, b):", "-n", "5", "-f", "json"]
+    plain = _json(runner.invoke(app, args))
+    narrow = _json(runner.invoke(app, [*args, "--kv-cache-dtype", "bfloat16"]))
+    assert plain["cache"]["dtype"] == "float32" and narrow["cache"]["dtype"] == "bfloat16"
+    assert narrow["cache"]["bytes"] * 2 == plain["cache"]["bytes"]
+    assert len(narrow["results"][0]["token_ids"]) == 5
+    assert narrow["results"][0]["token_ids"][0] == plain["results"][0]["token_ids"][0]
+    summary = runner.invoke(app, [*args[:-2], "--kv-cache-dtype", "bfloat16"])
+    assert summary.exit_code == 0 and "(bfloat16)" in summary.stderr
+    bad = runner.invoke(app, [*args, "--kv-cache-dtype", "int4"])
+    assert bad.exit_code != 0
+    assert one_error_line(bad).startswith("Error: unknown --kv-cache-dtype 'int4'")
+
+
 def test_streams_text_and_summary_on_stderr(model_dir):
     result = runner.invoke(app, ["generate", "-m", str(model_dir), "class Stack:", "-n", "6"])
     assert result.exit_code == 0, result.output

@@ -98,3 +98,25 @@ def test_absorbed_weights_are_w_uk_transposed_and_w_uv_per_head(tmp_path):
         (quantized.value, quantized.value_scale, plain.value),
     ):
         assert ((q.float() * scale[..., None] - exact).abs() <= scale[..., None] / 2 + 1e-7).all()  # within half a step
+
+
+def test_decode_step_with_a_bfloat16_cache_equals_the_model_with_that_cache(tmp_path):
+    save_reference(reference_model(seed=5), tmp_path)
+    model = fuse_projections(load_hf_checkpoint(tmp_path))
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected_cache = model.new_cache(1, 16, dtype=torch.bfloat16)
+        cache = model.new_cache(1, 16, dtype=torch.bfloat16)
+        logits = model(prompt, cache=expected_cache, last_only=True)
+        model(prompt, cache=cache, last_only=True)
+        weights = absorbed_weights(model)
+        token = logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            expected = model(token, cache=expected_cache)
+            got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
+            cache.advance(1)
+            assert got.dtype == torch.float32 and cache.entries.dtype == torch.bfloat16
+            # bfloat16 products round their results: the two paths may round differently, never by much.
+            torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+            token = expected[:, -1:].argmax(-1)
+        torch.testing.assert_close(cache.entries.float(), expected_cache.entries.float(), rtol=1e-2, atol=1e-2)

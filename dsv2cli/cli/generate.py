@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
 from dsv2cli.cli.common import err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder
@@ -29,6 +30,7 @@ EPILOG = (
     "  echo 'class Stack:' | dsv2 generate -\n\n"
     "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
     "  dsv2 generate --compile -n 256 'class Queue:'   # compiled decode steps (needs a C++ compiler)\n\n"
+    "  dsv2 generate --compile --kv-cache-dtype bfloat16 -n 2000 'import'   # half the cache, faster long contexts\n\n"
     "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default)."
@@ -85,6 +87,13 @@ def generate(
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
+    kv_cache_dtype: str = typer.Option(
+        "auto",
+        "--kv-cache-dtype",
+        help="auto (the model's dtype), float32, bfloat16 or float16: the latent cache's values. bfloat16 halves "
+        "the cache; with float32 activations attention then runs in bfloat16 (faster at long contexts on CPUs "
+        "with AVX512-BF16; docs/generate.md states its cost).",
+    ),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
     compile: bool = typer.Option(
@@ -103,6 +112,8 @@ def generate(
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if kv_cache_dtype != "auto" and kv_cache_dtype not in DTYPES:
+        raise InputError(f"unknown --kv-cache-dtype '{kv_cache_dtype}'", hint=f"choose auto or one of {', '.join(DTYPES)}")
     with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
         inputs = from_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
         if compile and group is not None:
@@ -129,6 +140,7 @@ def generate(
             ignore_eos=ignore_eos,
             stop=tuple(stop or ()),
             attention=attention.value,
+            cache_dtype=None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype),
         )
         if interactive:
             _interactive(loaded, options, system, group, decoder)
@@ -195,14 +207,14 @@ def _run_batches(
         document = {
             "model": loaded.name,
             "results": [r.to_json() for r in results],
-            "cache": {"scheme": "mla-latent", "bytes": cache_bytes},
+            "cache": {"scheme": "mla-latent", "bytes": cache_bytes, "dtype": _cache_dtype_name(options, loaded)},
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     elif stream_text:
         if results[0].text is None:  # no tokenizer: show the ids
             out.file.write(" ".join(map(str, results[0].token_ids)))
         out.file.write("\n")
-    _summary(results, cache_bytes, loaded)
+    _summary(results, cache_bytes, loaded, _cache_dtype_name(options, loaded))
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -210,7 +222,11 @@ def _short(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedModel) -> None:
+def _cache_dtype_name(options: GenerationOptions, loaded: LoadedModel) -> str:
+    return str(options.cache_dtype or loaded.dtype).removeprefix("torch.")
+
+
+def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedModel, cache_dtype: str) -> None:
     tokens = sum(len(r.token_ids) for r in results)
     decode_s = max((r.timings.decode_s for r in results), default=0.0)
     prefill = results[0].timings if results else None
@@ -220,8 +236,9 @@ def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedMo
     prefill_rate += f", compiled in {compile_s:.1f} s" if compile_s > 0 else ""
     reasons = ", ".join(sorted({r.finish_reason or "?" for r in results}))
     dtype = str(loaded.dtype).removeprefix("torch.")
+    cache_note = "" if cache_dtype == dtype else f" ({cache_dtype})"
     err.print(
-        f"[dim]{tokens} tokens, {rate}{prefill_rate} · latent cache {human_bytes(cache_bytes)} · {dtype} on {loaded.device} · finished: {reasons}[/]",
+        f"[dim]{tokens} tokens, {rate}{prefill_rate} · latent cache {human_bytes(cache_bytes)}{cache_note} · {dtype} on {loaded.device} · finished: {reasons}[/]",
         soft_wrap=True,
     )
 

@@ -59,7 +59,7 @@ class CompiledDecoder:
         # (a view with other strides would make the compiler guard fail and compile again).
         self._token = torch.zeros(1, 1, dtype=torch.long)
         self._slot = torch.zeros(1, dtype=torch.long)
-        self._compiled_shapes: set[tuple[int, ...]] = set()
+        self._compiled_shapes: set[tuple] = set()  # cache shapes and dtypes compiled for
         options = {"cpp_wrapper": True, "compile_threads": 1, "guard_filter_fn": _guards_on_step_inputs}
         self._step = torch.compile(_own_step(model, self.absorbed), fullgraph=True, dynamic=False, options=options)
 
@@ -74,11 +74,11 @@ class CompiledDecoder:
         )
 
     def prepare(self, cache: LatentKVCache) -> float:
-        """Compile for ``cache``'s shape now; returns the seconds it took (0 when already compiled).
+        """Compile for ``cache``'s shape and dtype now; returns the seconds it took (0 when already compiled).
 
         Compiling runs a step on token 0 at the next slot, which the first real step overwrites.
         """
-        shape = tuple(cache.entries.shape)
+        shape = (*cache.entries.shape, cache.entries.dtype)
         if shape in self._compiled_shapes:
             return 0.0
         start = time.perf_counter()

@@ -35,6 +35,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     attention: str = "absorbed"
+    cache_dtype: torch.dtype | None = None  # the latent cache's values; None = the model's dtype
 
 
 # A prefill this long is compute-bound: expanding K/V once for the new tokens is cheaper than attending in the
@@ -202,7 +203,7 @@ class Generation:
         capacity = longest + max(self.limits)
         if self.decoder is not None and rows == 1:
             capacity = round_capacity(capacity)  # similar lengths share one compiled graph
-        cache = model.new_cache(rows, capacity, pad=pad)
+        cache = model.new_cache(rows, capacity, pad=pad, dtype=options.cache_dtype)
         self.cache_bytes = cache.nbytes()
         generators = row_generators(options.sampling.seed, [r.index for r in self.requests])
         seen = None

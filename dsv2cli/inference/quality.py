@@ -1,6 +1,7 @@
 """How much a model's decode path changes next-token log-likelihoods against a reference model.
 
-Used to state the cost of the int8 decode path (int8 x int8 matmuls on a quantized token): the
+Used to state the cost of the int8 decode path (int8 weights, and in eager decoding int8 x int8
+matmuls on a quantized token) and of a bfloat16 latent cache: the
 reference scores every position in one forward; the candidate reads the same tokens one decode
 step at a time through its latent cache, the way `dsv2 generate` runs it (eagerly, or through a
 :class:`~dsv2cli.inference.compiled.CompiledDecoder` as `dsv2 generate --compile` does).
@@ -32,18 +33,23 @@ class DecodeQuality:
 
 @torch.inference_mode()
 def teacher_forced_decode_change(
-    reference: DeepseekV2, candidate: DeepseekV2, tokens: torch.Tensor, decoder: CompiledDecoder | None = None
+    reference: DeepseekV2,
+    candidate: DeepseekV2,
+    tokens: torch.Tensor,
+    decoder: CompiledDecoder | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> DecodeQuality:
     """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps.
 
     With ``decoder`` (compiled for ``candidate``) the first token is the prefill and the rest are compiled steps.
+    The candidate's latent cache holds ``cache_dtype`` values (default: its own dtype).
     """
     expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
     if decoder is None:
-        cache = candidate.new_cache(1, tokens.shape[1])
+        cache = candidate.new_cache(1, tokens.shape[1], dtype=cache_dtype)
         steps = [candidate(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
     else:
-        cache = candidate.new_cache(1, round_capacity(tokens.shape[1]))
+        cache = candidate.new_cache(1, round_capacity(tokens.shape[1]), dtype=cache_dtype)
         steps = [candidate(tokens[:, :1], cache=cache)[0, -1]]
         decoder.prepare(cache)
         steps += [decoder.step(tokens[:, t : t + 1], cache)[0, -1] for t in range(1, tokens.shape[1] - 1)]

@@ -105,7 +105,7 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = cast(kv, q_nope.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # the cache may be narrower
         expanded = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))  # [B, T, H, N + V]
         k_nope, value = expanded.split([self.nope_dim, self.v_dim], dim=-1)
         key = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)  # [B, T, H, N + R]
@@ -141,7 +141,12 @@ def _attend_shared(
     query ``[B, S, H, C + R]``, keys ``[B, T, C + R]``, values ``[B, T, C]``, mask ``[B, S, T]`` -> ``[B, S, H, C]``.
     Scores are computed as ``keys @ query^T`` (``[B, T, S*H]``): with few queries and many cached
     slots, BLAS streams the cache row by row this way, several times faster than ``query @ keys^T``.
+    Both products run in the cache's dtype (a bfloat16 cache: bfloat16 products with float32
+    accumulation, as fast again as float32 ones on CPUs with AVX512-BF16) and the softmax in float32;
+    the result comes back in the query's dtype.
     """
+    out_dtype = query.dtype
+    query = cast(query, keys.dtype)
     batch, seq, heads, _ = query.shape
     total = keys.shape[1]
     mask = _causal_or(mask, seq, total, query.device)
@@ -154,7 +159,7 @@ def _attend_shared(
         scores = scores.transpose(1, 2).view(batch, s, heads, total) * scale
         m = None if mask is None else mask[:, start : start + step, None, :]  # [B, s, 1, T]
         probs = _softmax(scores, m, query.dtype)  # [B, s, H, T]
-        outputs.append(torch.matmul(probs.view(batch, s * heads, total), values).view(batch, s, heads, -1))
+        outputs.append(cast(torch.matmul(probs.view(batch, s * heads, total), values), out_dtype).view(batch, s, heads, -1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
