@@ -169,16 +169,23 @@ def _attend_per_head(
     """Standard attention. query ``[B, S, H, N + R]``, key ``[B, T, H, N + R]``, value ``[B, T, H, V]`` -> ``[B, S, H, V]``.
 
     Queries are chunked like the absorbed path, so a long prefill never holds all ``S x T`` scores.
+    On CPU the values are padded with zero columns to the query's head size (dropped after): torch's
+    CPU flash-attention kernel needs one head size, and without it SDPA materializes every score
+    and runs a separate softmax (2x slower for a 1024-token prefill of the benchmark model). A causal
+    prefill from an empty cache (no mask, ``S == T``) uses the kernel's own causal masking.
     """
     batch, seq, heads, _ = query.shape
-    total = key.shape[1]
-    mask = _causal_or(mask, seq, total, query.device)
-    key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, T, .]
+    total, v_dim = key.shape[1], value.shape[-1]
     step = _chunks(batch, seq, heads, total)
+    causal = mask is None and seq == total and step >= seq
+    mask = None if causal else _causal_or(mask, seq, total, query.device)
+    if query.device.type == "cpu" and v_dim < query.shape[-1]:
+        value = F.pad(value, (0, query.shape[-1] - v_dim))
+    key_t, value_t = key.transpose(1, 2), value.transpose(1, 2)  # [B, H, T, .]
     outputs = []
     for start in range(0, seq, step):
         q = query[:, start : start + step].transpose(1, 2)  # [B, H, s, N + R]
         attn_mask = None if mask is None else mask[:, None, start : start + step]  # [B, 1, s, T]
-        out = F.scaled_dot_product_attention(q, key_t, value_t, attn_mask=attn_mask, scale=scale)
-        outputs.append(out.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, key_t, value_t, attn_mask=attn_mask, is_causal=causal, scale=scale)
+        outputs.append(out[..., :v_dim].transpose(1, 2))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

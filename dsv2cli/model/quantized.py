@@ -21,6 +21,8 @@ time (``benchmarks/bench_convert.py`` and ``benchmarks/bench_vs_llamacpp.py`` me
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -52,8 +54,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
-    One token on CPU (a decode step) takes the int8 x int8 path (:func:`int8_gemv`). Otherwise, with
-    bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
+    One token on CPU (a decode step) takes the int8 x int8 path (:func:`int8_gemv`). Several tokens on a
+    CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after. Otherwise,
+    with bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
@@ -61,6 +64,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     if is_one_cpu_token(x):
         out = int8_gemv(quantize_activation(x.reshape(1, -1)), q, scale)
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and fast_cpu_bfloat16():
+        # int8 values are exact in bfloat16, and on AVX512-BF16 a bfloat16 GEMM runs ~4x faster than a float32 one
+        # and ~3x faster than torch's int8-weight kernel (float32 activations and outputs round to bfloat16).
+        return cast(F.linear(cast(x, torch.bfloat16), q.to(torch.bfloat16)), x.dtype) * cast(scale, x.dtype)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
@@ -69,6 +76,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         return out.reshape(*x.shape[:-1], q.shape[0])
     # Multiplying the output by the scale is exact in real arithmetic and avoids a scaled weight copy.
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+@functools.cache
+def fast_cpu_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16); elsewhere bfloat16 GEMMs are slower than float32."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
 
 
 def is_one_cpu_token(x: torch.Tensor) -> bool:

@@ -91,7 +91,7 @@ class DeepseekV2(nn.Module):
         seq = tokens.shape[1]
         if cache is not None:
             positions = cache.positions(seq)
-            mask = cache.attention_mask(seq) if (cache.has_padding or seq > 1) else None
+            mask = cache.attention_mask(seq) if cache.has_padding else None  # None: causal (attention builds it)
         else:
             if positions is None:
                 positions = torch.arange(seq, device=tokens.device)[None].expand(tokens.shape[0], -1)
