@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli.model.attention import MultiHeadLatentAttention, _attend_shared
+from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.moe import MLP, MoE
@@ -142,9 +142,21 @@ def _attention(
     kv = entries[attn.layer_idx]  # [1, T, C + R]
     q_latent = matvec(absorbed.key, q_nope.reshape(heads, -1), absorbed.key_scale)  # [H, C]
     query = torch.cat((cast(q_latent, q_pe.dtype).view(1, 1, heads, -1), apply_rope(q_pe, cos, sin)), dim=-1)
-    out_latent = _attend_shared(query, kv, kv[..., : attn.kv_lora_rank], mask, attn.softmax_scale)  # [1, 1, H, C]
-    out = matvec(absorbed.value, out_latent.view(heads, -1), absorbed.value_scale)  # [H, V]
+    out_latent = _attend(query.view(heads, -1), kv[0], attn.kv_lora_rank, mask[0, 0], attn.softmax_scale)  # [H, C]
+    out = matvec(absorbed.value, out_latent, absorbed.value_scale)  # [H, V]
     return cast(_linear(attn.o_proj, cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim)), x.dtype)
+
+
+def _attend(query: torch.Tensor, kv: torch.Tensor, rank: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One row's absorbed attention: query ``[H, C + R]`` over kv ``[T, C + R]`` with mask ``[T]`` -> ``[H, C]``.
+
+    ``_attend_shared``'s math for one row as two 2-D matmuls in the cache's dtype (a bfloat16 cache: bfloat16
+    products, float32 softmax), which skip the batched matmul's copies of the strided latent view.
+    """
+    query = cast(query, kv.dtype)
+    scores = torch.mm(kv, query.t()).t().float() * scale  # [H, T]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return cast(torch.mm(cast(probs, kv.dtype), kv[:, :rank]), torch.float32)
 
 
 def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
