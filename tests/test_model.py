@@ -36,7 +36,8 @@ def test_prefill_then_decode_equals_full_forward():
         full = model(tokens)
         for impl in ("absorbed", "naive"):
             cache = model.new_cache(2, 30)
-            parts = [model(tokens[:, :17], cache=cache, attention=impl)]
+            # A first prefill (causal from an empty cache), a second one after it (T > S), then single steps.
+            parts = [model(tokens[:, :11], cache=cache, attention=impl), model(tokens[:, 11:17], cache=cache, attention=impl)]
             parts += [model(tokens[:, i : i + 1], cache=cache, attention=impl) for i in range(17, 30)]
             stepped = torch.cat(parts, dim=1)
             assert (stepped - full).abs().max() < 1e-5 * full.abs().max()
