@@ -95,6 +95,25 @@ def test_two_decoders_each_run_their_own_model(compiled, tmp_path):
             torch.testing.assert_close(d.step(token, compiled_cache), m(token, cache=eager_cache), rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
+@pytest.mark.slow  # compiles a second cache shape
+def test_another_cache_shape_compiles_its_own_graph(compiled):
+    """A larger cache gets a graph of its own (the guards kept include the cache tensor's)."""
+    model, decoder = compiled
+    prompt = torch.randint(0, 160, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        eager_cache, compiled_cache = model.new_cache(1, 2 * CAPACITY_STEP), model.new_cache(1, 2 * CAPACITY_STEP)
+        logits = model(prompt, cache=eager_cache, last_only=True)
+        model(prompt, cache=compiled_cache, last_only=True)
+        assert decoder.prepare(compiled_cache) > 0
+        token = logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            expected = model(token, cache=eager_cache)
+            torch.testing.assert_close(decoder.step(token, compiled_cache), expected, rtol=1e-5, atol=1e-5)
+            token = expected[:, -1:].argmax(-1)
+    assert compiled_module._root_name("entries") == "entries" and compiled_module._root_name("L['slot'].stride") == "slot"
+
+
 def test_steps_it_does_not_serve(compiled):
     model, decoder = compiled
     assert decoder.serves(model.new_cache(1, 8))

@@ -15,6 +15,7 @@ It serves one row without padding, on CPU, with no routing hook; everything else
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import time
 import types
@@ -126,7 +127,13 @@ def _guards_on_step_inputs(guards: list) -> list[bool]:
     of an int8 step of the benchmark model) that cannot fail: the model must not change while its
     decoder is used (the fused stacks, the one thing that can, are checked by :meth:`CompiledDecoder.serves`).
     """
-    return [guard.name == "" or guard.name.split(".")[0].split("[")[0] in _STEP_INPUTS for guard in guards]
+    return [guard.name == "" or _root_name(guard.name) in _STEP_INPUTS for guard in guards]
+
+
+def _root_name(source: str) -> str:
+    """The local a guard's source starts from: ``entries`` for ``entries`` or ``L['entries'].shape``-style names."""
+    match = re.match(r"(?:L\[')?(\w+)", source)
+    return match.group(1) if match else ""
 
 
 def _stacks_current(model: DeepseekV2) -> bool:
