@@ -14,9 +14,11 @@ is tied to the embedding; int8 checkpoints written before it was quantized keep 
 (``quantize_head=False``).
 
 Decode steps on CPU (one token) quantize the token to int8 and use int8 x int8 dot products
-(:func:`int8_gemv`). Several tokens with bfloat16 activations use ``torch._weight_int8pack_mm``;
-with other activation dtypes the weight is dequantized on the fly, one matrix (or one expert) at a
-time (``benchmarks/bench_convert.py`` and ``benchmarks/bench_vs_llamacpp.py`` measure them).
+(:func:`int8_gemv`); compiled decode steps (``decode.py``) convert the int8 weights inside their own
+reductions instead. Several tokens (a prefill) on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
+int8 values; elsewhere bfloat16 activations use ``torch._weight_int8pack_mm`` and other activation
+dtypes dequantize the weight on the fly, one matrix (or one expert) at a time
+(``benchmarks/bench_convert.py`` and ``benchmarks/bench_vs_llamacpp.py`` measure them).
 """
 
 from __future__ import annotations
