@@ -10,9 +10,22 @@ from dsv2cli.model.quantized import Int8Linear, Int8RoutedExperts, dequantize_ro
 from tests.helpers import reference_model, save_reference
 
 
-def _prefilled(model, prompt: torch.Tensor, capacity: int):
-    cache = model.new_cache(1, capacity)
+def _prefilled(model, prompt: torch.Tensor, capacity: int, dtype: torch.dtype | None = None):
+    cache = model.new_cache(1, capacity, dtype=dtype)
     return cache, model(prompt, cache=cache, last_only=True)
+
+
+def _side_by_side(reference, model, weights, expected_cache, cache, token, steps: int):
+    """Yield ``(got, expected)`` per step: ``decode_step`` on ``model`` and ``cache``, ``reference`` on its own cache.
+
+    Both read the token ``reference`` chose at the step before (greedy), starting from ``token``.
+    """
+    for _ in range(steps):
+        expected = reference(token, cache=expected_cache)
+        got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
+        cache.advance(1)
+        yield got, expected
+        token = expected[:, -1:].argmax(-1)
 
 
 @pytest.mark.parametrize(
@@ -30,14 +43,9 @@ def test_decode_step_equals_the_model_with_its_cache(tmp_path, overrides):
     with torch.inference_mode():
         expected_cache, logits = _prefilled(model, prompt, 40)
         cache, _ = _prefilled(model, prompt, 40)
-        weights = absorbed_weights(model)
         token = logits[:, -1:].argmax(-1)
-        for _ in range(6):
-            expected = model(token, cache=expected_cache)
-            got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
-            cache.advance(1)
+        for got, expected in _side_by_side(model, model, absorbed_weights(model), expected_cache, cache, token, 6):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-            token = expected[:, -1:].argmax(-1)
         # The step wrote the same latent entries into the same slots, and nothing past them.
         torch.testing.assert_close(cache.entries, expected_cache.entries, rtol=1e-5, atol=1e-6)
         assert torch.count_nonzero(cache.entries[:, :, cache.length :]) == 0
@@ -69,16 +77,12 @@ def test_decode_step_on_int8_weights_is_the_dequantized_model(tmp_path, int8_abs
         cache, _ = _prefilled(twin, prompt, 20)
         weights = absorbed_weights(model, quantize=int8_absorbed)
         token = logits[:, -1:].argmax(-1)
-        for _ in range(4):
-            expected = twin(token, cache=expected_cache)
-            got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
-            cache.advance(1)
+        for got, expected in _side_by_side(twin, model, weights, expected_cache, cache, token, 4):
             if int8_absorbed:  # kv_b read in int8 too: its own rounding
                 torch.testing.assert_close(got, expected, rtol=0, atol=3e-2 * expected.abs().max().item())
                 assert got.argmax() == expected.argmax()
             else:
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
-            token = expected[:, -1:].argmax(-1)
 
 
 def test_absorbed_weights_are_w_uk_transposed_and_w_uv_per_head(tmp_path):
@@ -105,18 +109,11 @@ def test_decode_step_with_a_bfloat16_cache_equals_the_model_with_that_cache(tmp_
     model = fuse_projections(load_hf_checkpoint(tmp_path))
     prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected_cache = model.new_cache(1, 16, dtype=torch.bfloat16)
-        cache = model.new_cache(1, 16, dtype=torch.bfloat16)
-        logits = model(prompt, cache=expected_cache, last_only=True)
-        model(prompt, cache=cache, last_only=True)
-        weights = absorbed_weights(model)
+        expected_cache, logits = _prefilled(model, prompt, 16, torch.bfloat16)
+        cache, _ = _prefilled(model, prompt, 16, torch.bfloat16)
         token = logits[:, -1:].argmax(-1)
-        for _ in range(4):
-            expected = model(token, cache=expected_cache)
-            got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
-            cache.advance(1)
+        for got, expected in _side_by_side(model, model, absorbed_weights(model), expected_cache, cache, token, 4):
             assert got.dtype == torch.float32 and cache.entries.dtype == torch.bfloat16
             # bfloat16 products round their results: the two paths may round differently, never by much.
             torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
-            token = expected[:, -1:].argmax(-1)
         torch.testing.assert_close(cache.entries.float(), expected_cache.entries.float(), rtol=1e-2, atol=1e-2)
