@@ -8,7 +8,8 @@ GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same ru
 
 * decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 1024 tokens,
   for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8,
-  eager and with compiled decode steps (``dsv2 generate --compile``: float32-compiled, int8-compiled);
+  eager and with compiled decode steps (``dsv2 generate --compile``: ``-compiled`` modes), and compiled
+  with a bfloat16 latent cache (``--kv-cache-dtype bfloat16``: ``-bf16cache`` modes);
 * the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
   divided by the bandwidth of a large copy, measured after every round; the fastest copy sets the
   floor (neighbours on a shared host slow copies down as they slow decoding down).
@@ -63,6 +64,7 @@ DSV2_MODES = (
     "bfloat16",
     "int8",
     "float32-compiled",
+    "bfloat16-compiled",
     "int8-compiled",
     "float32-compiled-bf16cache",
     "int8-compiled-bf16cache",
@@ -311,6 +313,7 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
         ("dsv2 float32 compiled", "dsv2:float32-compiled"),
         ("dsv2 float32 compiled, bf16 cache", "dsv2:float32-compiled-bf16cache"),
         ("dsv2 bfloat16", "dsv2:bfloat16"),
+        ("dsv2 bfloat16 compiled", "dsv2:bfloat16-compiled"),
         ("llama.cpp Q8_0", "llama:q8_0"),
         ("dsv2 int8", "dsv2:int8"),
         ("dsv2 int8 compiled", "dsv2:int8-compiled"),
