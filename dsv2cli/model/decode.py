@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli.model.attention import MultiHeadLatentAttention
+from dsv2cli.model.attention import MultiHeadLatentAttention, _softmax
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.moe import MLP, MoE
@@ -154,9 +154,9 @@ def _attend(query: torch.Tensor, kv: torch.Tensor, rank: int, mask: torch.Tensor
     products, float32 softmax), which skip the batched matmul's copies of the strided latent view.
     """
     query = cast(query, kv.dtype)
-    scores = torch.mm(kv, query.t()).t().float() * scale  # [H, T]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return cast(torch.mm(cast(probs, kv.dtype), kv[:, :rank]), torch.float32)
+    scores = torch.mm(kv, query.t()).t() * scale  # [H, T]
+    probs = _softmax(scores, mask, kv.dtype)  # float32 softmax, back in the cache's dtype
+    return cast(torch.mm(probs, kv[:, :rank]), torch.float32)
 
 
 def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
