@@ -46,6 +46,7 @@ def test_compiled_steps_give_the_eager_logits(compiled):
         logits = model(prompt, cache=eager_cache, last_only=True)
         model(prompt, cache=compiled_cache, last_only=True)
         assert decoder.serves(compiled_cache)
+        assert decoder.attention_kernel  # the one-pass C++ attention serves this model (latent rank 32)
         assert decoder.prepare(compiled_cache) > 0
         assert decoder.prepare(compiled_cache) == 0.0  # this shape is compiled now
         token = logits[:, -1:].argmax(-1)

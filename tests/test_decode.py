@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.model.decode import absorbed_weights, decode_step
 from dsv2cli.model.fusion import fuse_projections
@@ -15,14 +16,14 @@ def _prefilled(model, prompt: torch.Tensor, capacity: int, dtype: torch.dtype | 
     return cache, model(prompt, cache=cache, last_only=True)
 
 
-def _side_by_side(reference, model, weights, expected_cache, cache, token, steps: int):
+def _side_by_side(reference, model, weights, expected_cache, cache, token, steps: int, attention_kernel: bool = False):
     """Yield ``(got, expected)`` per step: ``decode_step`` on ``model`` and ``cache``, ``reference`` on its own cache.
 
     Both read the token ``reference`` chose at the step before (greedy), starting from ``token``.
     """
     for _ in range(steps):
         expected = reference(token, cache=expected_cache)
-        got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries)
+        got = decode_step(model, weights, token, torch.tensor([cache.length]), cache.entries, attention_kernel)
         cache.advance(1)
         yield got, expected
         token = expected[:, -1:].argmax(-1)
@@ -36,7 +37,10 @@ def _side_by_side(reference, model, weights, expected_cache, cache, token, steps
     ],
     ids=["q_lora-group_limited", "no_q_lora-greedy"],
 )
-def test_decode_step_equals_the_model_with_its_cache(tmp_path, overrides):
+@pytest.mark.parametrize("attention_kernel", [False, True], ids=["blas", "kernel"])
+def test_decode_step_equals_the_model_with_its_cache(tmp_path, overrides, attention_kernel):
+    if attention_kernel and not kernels.load():
+        pytest.skip("the C++ kernels do not build here (see the logged reason)")
     save_reference(reference_model(seed=3, **overrides), tmp_path)
     model = fuse_projections(load_hf_checkpoint(tmp_path))
     prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(5))  # past YaRN's 16 positions
@@ -44,7 +48,8 @@ def test_decode_step_equals_the_model_with_its_cache(tmp_path, overrides):
         expected_cache, logits = _prefilled(model, prompt, 40)
         cache, _ = _prefilled(model, prompt, 40)
         token = logits[:, -1:].argmax(-1)
-        for got, expected in _side_by_side(model, model, absorbed_weights(model), expected_cache, cache, token, 6):
+        weights = absorbed_weights(model)
+        for got, expected in _side_by_side(model, model, weights, expected_cache, cache, token, 6, attention_kernel):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # The step wrote the same latent entries into the same slots, and nothing past them.
         torch.testing.assert_close(cache.entries, expected_cache.entries, rtol=1e-5, atol=1e-6)
@@ -104,7 +109,10 @@ def test_absorbed_weights_are_w_uk_transposed_and_w_uv_per_head(tmp_path):
         assert ((q.float() * scale[..., None] - exact).abs() <= scale[..., None] / 2 + 1e-7).all()  # within half a step
 
 
-def test_decode_step_with_a_bfloat16_cache_equals_the_model_with_that_cache(tmp_path):
+@pytest.mark.parametrize("attention_kernel", [False, True], ids=["blas", "kernel"])
+def test_decode_step_with_a_bfloat16_cache_equals_the_model_with_that_cache(tmp_path, attention_kernel):
+    if attention_kernel and not kernels.load():
+        pytest.skip("the C++ kernels do not build here (see the logged reason)")
     save_reference(reference_model(seed=5), tmp_path)
     model = fuse_projections(load_hf_checkpoint(tmp_path))
     prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
@@ -112,7 +120,8 @@ def test_decode_step_with_a_bfloat16_cache_equals_the_model_with_that_cache(tmp_
         expected_cache, logits = _prefilled(model, prompt, 16, torch.bfloat16)
         cache, _ = _prefilled(model, prompt, 16, torch.bfloat16)
         token = logits[:, -1:].argmax(-1)
-        for got, expected in _side_by_side(model, model, absorbed_weights(model), expected_cache, cache, token, 4):
+        weights = absorbed_weights(model)
+        for got, expected in _side_by_side(model, model, weights, expected_cache, cache, token, 4, attention_kernel):
             assert got.dtype == torch.float32 and cache.entries.dtype == torch.bfloat16
             # bfloat16 products round their results: the two paths may round differently, never by much.
             torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())

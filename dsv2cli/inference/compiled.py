@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from dsv2cli import kernels
 from dsv2cli.errors import InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
@@ -48,7 +49,7 @@ def round_capacity(tokens: int) -> int:
 class CompiledDecoder:
     """Compiled one-token decode steps for ``model`` (which must not change while this is used)."""
 
-    def __init__(self, model: DeepseekV2) -> None:
+    def __init__(self, model: DeepseekV2, attention_kernel: bool = True) -> None:
         if model.embed_tokens.weight.device.type != "cpu":
             raise InputError("--compile is implemented for CPU decoding only", hint="drop --compile or use --device cpu")
         if not compiler_available():
@@ -62,7 +63,10 @@ class CompiledDecoder:
         self._slot = torch.zeros(1, dtype=torch.long)
         self._compiled_shapes: set[tuple] = set()  # cache shapes and dtypes compiled for
         options = {"cpp_wrapper": True, "compile_threads": 1, "guard_filter_fn": _guards_on_step_inputs}
-        self._step = torch.compile(_own_step(model, self.absorbed), fullgraph=True, dynamic=False, options=options)
+        # Attention through the one-pass C++ kernel when it builds here (dsv2cli/kernels), else two BLAS calls.
+        self.attention_kernel = attention_kernel and kernels.load()
+        step = _own_step(model, self.absorbed, self.attention_kernel)
+        self._step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
     def serves(self, cache: LatentKVCache, routing_hook: object = None) -> bool:
         """Whether the next step on ``cache`` can run compiled (else the caller decodes eagerly)."""
@@ -106,7 +110,7 @@ _STEP_INPUTS = ("token", "slot", "entries")
 _decoders = itertools.count()
 
 
-def _own_step(model: DeepseekV2, absorbed: list) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def _own_step(model: DeepseekV2, absorbed: list, attention_kernel: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``decode_step`` bound to this model, as a function with a code object of its own.
 
     The compiler keeps its graphs (and their guards) per code object; with one per decoder, a
@@ -114,7 +118,7 @@ def _own_step(model: DeepseekV2, absorbed: list) -> Callable[[torch.Tensor, torc
     """
 
     def step(token: torch.Tensor, slot: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-        return decode_step(model, absorbed, token, slot, entries)
+        return decode_step(model, absorbed, token, slot, entries, attention_kernel)
 
     code = step.__code__.replace(co_name=f"decode_step_{next(_decoders)}")
     return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)

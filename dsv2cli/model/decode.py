@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dsv2cli import kernels
 from dsv2cli.model.attention import MultiHeadLatentAttention, _softmax
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
@@ -75,18 +76,21 @@ def decode_step(
     token: torch.Tensor,
     slot: torch.Tensor,
     entries: torch.Tensor,
+    attention_kernel: bool = False,
 ) -> torch.Tensor:
     """token ``[1, 1]`` at cache slot ``slot [1]`` (int64; also its position) -> logits ``[1, 1, vocab]``.
 
     ``entries`` is the cache tensor ``[L, 1, T, C + R]`` with slots ``0..slot-1`` filled; this step
-    writes slot ``slot``. ``weights`` is :func:`absorbed_weights` of ``model``.
+    writes slot ``slot``. ``weights`` is :func:`absorbed_weights` of ``model``. ``attention_kernel``:
+    attend with ``torch.ops.dsv2cli.latent_attention`` where it serves (the caller loaded it,
+    :func:`dsv2cli.kernels.load`).
     """
     capacity = entries.shape[2]
     mask = (torch.arange(capacity, device=entries.device) <= slot)[None, None, :]  # [1, 1, T]
     cos, sin = model.rotary.cos_sin(slot[None])  # [1, 1, R/2]
     x = model.embed_tokens(token)  # [1, 1, D]
     for layer, absorbed in zip(model.layers, weights, strict=True):
-        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, absorbed)
+        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, absorbed, attention_kernel)
         normed = layer.post_attention_layernorm(h)
         x = h + (_moe(layer.mlp, normed) if isinstance(layer.mlp, MoE) else _mlp(layer.mlp, normed))
     return cast(_linear(model.lm_head, model.norm(x)), x.dtype)
@@ -123,6 +127,7 @@ def _attention(
     slot: torch.Tensor,
     entries: torch.Tensor,
     absorbed: AbsorbedWeights,
+    attention_kernel: bool,
 ) -> torch.Tensor:
     """Absorbed MLA for the one token ``x [1, 1, D]`` -> ``[1, 1, D]``; writes its cache entry."""
     heads = attn.num_heads
@@ -142,7 +147,11 @@ def _attention(
     kv = entries[attn.layer_idx]  # [1, T, C + R]
     q_latent = matvec(absorbed.key, q_nope.reshape(heads, -1), absorbed.key_scale)  # [H, C]
     query = torch.cat((cast(q_latent, q_pe.dtype).view(1, 1, heads, -1), apply_rope(q_pe, cos, sin)), dim=-1)
-    out_latent = _attend(query.view(heads, -1), kv[0], attn.kv_lora_rank, mask[0, 0], attn.softmax_scale)  # [H, C]
+    query = query.view(heads, -1)
+    if attention_kernel and kernels.latent_attention_supported(query, kv[0], attn.kv_lora_rank):
+        out_latent = kernels.latent_attention(query, kv[0], slot + 1, attn.kv_lora_rank, attn.softmax_scale)  # [H, C]
+    else:
+        out_latent = _attend(query, kv[0], attn.kv_lora_rank, mask[0, 0], attn.softmax_scale)
     out = matvec(absorbed.value, out_latent, absorbed.value_scale)  # [H, V]
     return cast(_linear(attn.o_proj, cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim)), x.dtype)
 
@@ -152,6 +161,7 @@ def _attend(query: torch.Tensor, kv: torch.Tensor, rank: int, mask: torch.Tensor
 
     ``_attend_shared``'s math for one row as two 2-D matmuls in the cache's dtype (a bfloat16 cache: bfloat16
     products, float32 softmax), which skip the batched matmul's copies of the strided latent view.
+    The C++ kernel (``dsv2cli/kernels``) does the same in one pass over the filled slots only.
     """
     query = cast(query, kv.dtype)
     scores = torch.mm(kv, query.t()).t() * scale  # [H, T]

@@ -1,0 +1,91 @@
+"""C++ kernels built on the user's machine: ``torch.ops.dsv2cli.latent_attention``.
+
+``latent_attention.cpp`` is absorbed MLA attention of one decode step over the latent cache in a
+single pass (flash-decoding on CPU): each cached entry is read once, scored against all heads and
+accumulated with an online softmax, instead of two BLAS calls that each stream (and pack) the
+whole cache. :func:`load` compiles it with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
+``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
+first time (about 10 s on 2 cores) and loads it from there afterwards; :func:`loaded` says whether
+the operator is registered in this process. Model code calls the operator only when it is
+(:func:`latent_attention_supported`); loading is the caller's I/O (``CompiledDecoder`` does it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("latent_attention.cpp")
+_NAME = "dsv2cli_kernels"
+_state: dict[str, object] = {"loaded": False, "error": None}
+log = logging.getLogger(__name__)
+
+
+def loaded() -> bool:
+    """Whether ``torch.ops.dsv2cli.latent_attention`` is registered in this process."""
+    return bool(_state["loaded"])
+
+
+def load() -> bool:
+    """Build (once per machine and source) and load the kernels; False, with the reason logged, when they cannot be.
+
+    Only CPUs with AVX2 or AVX-512 (as inductor detects them) are served; elsewhere, or without a
+    compiler or ninja, decoding keeps the BLAS path.
+    """
+    if _state["loaded"] or _state["error"] is not None:
+        return loaded()
+    try:
+        _build_and_load()
+        _state["loaded"] = True
+    except Exception as error:  # a missing compiler or ninja, an unsupported CPU, a failed build
+        _state["error"] = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        log.warning("dsv2cli kernels unavailable, decoding with BLAS attention: %s", _state["error"])
+    return loaded()
+
+
+def latent_attention_supported(query: torch.Tensor, entries: torch.Tensor, rank: int) -> bool:
+    """Whether the loaded kernel serves query ``[rows, C + R]`` over entries ``[T, C + R]`` with latent rank ``C``."""
+    return (
+        loaded()
+        and query.device.type == "cpu"
+        and entries.dtype in (torch.float32, torch.bfloat16)
+        and entries.stride(-1) == 1
+        and rank % 16 == 0
+        and entries.shape[-1] % 2 == 0
+    )
+
+
+def latent_attention(query: torch.Tensor, entries: torch.Tensor, filled: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+    """query ``[rows, C + R]`` over the first ``filled`` (int64 ``[1]``) of entries ``[T, C + R]`` -> ``[rows, C]`` float32.
+
+    ``softmax(scale * query @ entries[:filled]^T) @ entries[:filled, :C]`` with float32 sums; with a
+    bfloat16 cache on AVX512-BF16 CPUs the products round the query and the probabilities to bfloat16
+    (as the BLAS path's bfloat16 matmuls do).
+    """
+    return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
+
+
+def _build_and_load() -> None:
+    from torch._inductor import cpu_vec_isa
+    from torch.utils import cpp_extension
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isinstance(isa, (cpu_vec_isa.VecAVX2, cpu_vec_isa.VecAVX512)):
+        raise RuntimeError("the kernels are written for x86 CPUs with AVX2 or AVX-512")
+    try:  # the ninja wheel's binary, when this environment's bin directory is not on PATH
+        import ninja
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    flags = ["-O3", "-march=native", "-fopenmp", *(f"-D{macro}" for macro in isa.build_macro()), *isa.build_arch_flags().split()]
+    cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+
+    @torch.library.register_fake("dsv2cli::latent_attention")
+    def _(query, entries, filled, rank, scale):  # shapes for torch.compile
+        return query.new_empty(query.shape[0], rank, dtype=torch.float32)

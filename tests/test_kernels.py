@@ -1,0 +1,97 @@
+"""``torch.ops.dsv2cli.latent_attention`` (dsv2cli/kernels): one-pass attention over a latent cache, against softmax attention in float64."""
+
+import logging
+
+import pytest
+import torch
+
+from dsv2cli import kernels
+from dsv2cli.inference.compiled import compiler_available
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not compiler_available() or not kernels.load():
+        pytest.skip("the C++ kernels do not build here (no compiler, ninja or AVX2)")
+
+
+def _expected(query: torch.Tensor, entries: torch.Tensor, filled: int, rank: int, scale: float) -> torch.Tensor:
+    """softmax(scale * query @ entries[:filled]^T) @ entries[:filled, :rank], in float64."""
+    kept = entries[:filled].double()
+    probs = torch.softmax(scale * query.double() @ kept.t(), dim=-1)
+    return (probs @ kept[:, :rank]).float()
+
+
+# (rows, rank, rope, filled): a row group of 16 and ragged ones, one entry, a block's tail, several
+# blocks, and enough entries for each thread to take a range of its own.
+SHAPES = [(16, 512, 64, 1), (16, 512, 64, 7), (16, 512, 64, 200), (5, 32, 16, 99), (20, 64, 2, 650), (3, 16, 8, 1000)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_cache_equals_softmax_attention(shape, threads):
+    rows, rank, rope, filled = shape
+    generator = torch.Generator().manual_seed(filled)
+    cache = torch.randn(2, filled + 37, rank + rope, generator=generator)  # a layer's view: rows of a bigger tensor
+    query = torch.randn(rows, rank + rope, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.latent_attention(query, cache[1], torch.tensor([filled]), rank, 0.07)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.shape == (rows, rank) and got.dtype == torch.float32
+    torch.testing.assert_close(got, _expected(query, cache[1], filled, rank, 0.07), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_cache_is_within_bfloat16_rounding(shape):
+    """Against the same attention with the query rounded to bfloat16 (what bfloat16 products see):
+    what is left is the rounding of the probabilities, well under 1 % of the output's range."""
+    rows, rank, rope, filled = shape
+    generator = torch.Generator().manual_seed(filled)
+    cache = torch.randn(filled + 5, rank + rope, generator=generator).to(torch.bfloat16)
+    query = torch.randn(rows, rank + rope, generator=generator)
+    got = kernels.latent_attention(query, cache, torch.tensor([filled]), rank, 0.07)
+    expected = _expected(query.to(torch.bfloat16).float(), cache.float(), filled, rank, 0.07)
+    assert (got - expected).abs().max() <= 5e-3 * expected.abs().max()
+
+
+def test_compiled_call_equals_the_eager_call():
+    """Under torch.compile the operator is one opaque call whose output shape comes from its fake kernel."""
+    cache = torch.randn(40, 80)
+    query = torch.randn(4, 80)
+
+    def attend(query, cache, slot):
+        return kernels.latent_attention(query * 2, cache, slot + 1, 64, 0.1) + 1
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=False)
+    for slot in (0, 17, 39):
+        torch.testing.assert_close(compiled(query, cache, torch.tensor([slot])), attend(query, cache, torch.tensor([slot])))
+
+
+def test_what_it_serves():
+    query = torch.randn(16, 576)
+    assert kernels.latent_attention_supported(query, torch.randn(10, 576), 512)
+    assert kernels.latent_attention_supported(query, torch.randn(10, 576).to(torch.bfloat16), 512)
+    assert not kernels.latent_attention_supported(query, torch.randn(10, 576).to(torch.float16), 512)
+    assert not kernels.latent_attention_supported(query, torch.randn(10, 576), 500)  # latent not a multiple of 16
+    assert not kernels.latent_attention_supported(query, torch.randn(576, 10).t(), 512)  # entries' values strided
+    with pytest.raises(RuntimeError, match="length out of range"):
+        kernels.latent_attention(query, torch.randn(10, 576), torch.tensor([11]), 512, 0.1)
+
+
+def test_a_failed_build_is_logged_once_and_reported_as_unavailable(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None})
+
+    def fail():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(kernels, "_build_and_load", fail)
+    with caplog.at_level(logging.WARNING, logger="dsv2cli.kernels"):
+        assert not kernels.load()
+        assert not kernels.load()  # not tried again
+    assert [r.getMessage() for r in caplog.records] == [
+        "dsv2cli kernels unavailable, decoding with BLAS attention: Ninja is required to load C++ extensions"
+    ]
+    assert not kernels.latent_attention_supported(torch.randn(4, 80), torch.randn(10, 80), 64)
