@@ -3,6 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from dsv2cli import kernels
 from dsv2cli.cli.main import app
 from tests.helpers import one_error_line, reference_model, save_reference, save_tokenizer
 
@@ -50,6 +51,27 @@ def test_bfloat16_latent_cache(model_dir):
     bad = runner.invoke(app, [*args, "--kv-cache-dtype", "int4"])
     assert bad.exit_code != 0
     assert one_error_line(bad).startswith("Error: unknown --kv-cache-dtype 'int4'")
+
+
+def test_attention_kernel(model_dir, monkeypatch):
+    if not kernels.load():
+        pytest.skip("the C++ kernels do not build here")
+    calls = []
+    original = kernels.latent_attention
+    monkeypatch.setattr(kernels, "latent_attention", lambda *a: calls.append(a[1].shape) or original(*a))
+    args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "--batch-size", "1", "-f", "json"]
+    plain = _json(runner.invoke(app, args))
+    assert calls == []  # eager steps use BLAS unless asked
+    fast = _json(runner.invoke(app, [*args, "--attention-kernel"]))
+    assert len(calls) == 2 * 5 * 3  # two prompts, 5 steps after the prefill's token, 3 layers
+    for a, b in zip(plain["results"], fast["results"], strict=True):
+        assert a["token_ids"] == b["token_ids"]
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": "Ninja is required to load C++ extensions"})
+    refused = runner.invoke(app, [*args, "--attention-kernel"])
+    assert one_error_line(refused) == (
+        "Error: --attention-kernel: the kernel is not available here (Ninja is required to load C++ extensions)"
+    )
 
 
 def test_streams_text_and_summary_on_stderr(model_dir):

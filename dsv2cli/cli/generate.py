@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
 from dsv2cli.cli.common import err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
@@ -16,7 +17,7 @@ from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
 from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.sampling import SamplingParams
-from dsv2cli.inference.session import LoadedModel
+from dsv2cli.inference.session import LoadedModel, use_attention_kernel
 from dsv2cli.model.attention import ATTENTION_IMPLS
 from dsv2cli.parallel import ParallelGroup, distributed_run, from_main_rank, shared_seed
 from dsv2cli.parallel.session import load_model
@@ -102,6 +103,13 @@ def generate(
         help="Decode one prompt at a time through torch.compile (CPU; needs a C++ compiler; compiling takes "
         "10-90 s once, then each token is faster). Batches decode eagerly.",
     ),
+    attention_kernel: bool = typer.Option(
+        None,
+        "--attention-kernel/--no-attention-kernel",
+        help="Decode steps attend through dsv2's one-pass C++ kernel (CPU; built once per machine, about 10 s; "
+        "needs a C++ compiler). Default: on with --compile, off without.",
+        show_default=False,
+    ),
     backend: str = typer.Option(
         "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
     ),
@@ -119,7 +127,8 @@ def generate(
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
         loaded, shards = load_model(model, group, device, dtype, threads)
-        decoder = CompiledDecoder(loaded.model) if compile else None
+        kernel = _attention_kernel(loaded, compile if attention_kernel is None else attention_kernel, attention_kernel)
+        decoder = CompiledDecoder(loaded.model, attention_kernel=kernel) if compile else None
         if shards is not None:
             for line in shards.lines():
                 err.print(f"[dim]{line}[/]", soft_wrap=True)
@@ -149,6 +158,19 @@ def generate(
         if decoder is not None and batch_size > 1 and len(requests) > 1:
             batch_size = 1  # the compiled step serves one row; one prompt at a time is faster than an eager batch
         _run_batches(loaded, requests, options, format, batch_size, decoder)
+
+
+def _attention_kernel(loaded: LoadedModel, wanted: bool, asked: bool | None) -> bool:
+    """Whether decode steps attend through the C++ kernel (turned on here for eager steps); an explicit
+    ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
+    if not wanted:
+        return False
+    if use_attention_kernel(loaded.model):
+        return True
+    if asked:
+        reason = "it runs on CPU only" if loaded.device.type != "cpu" else kernels.unavailable_reason()
+        raise InputError(f"--attention-kernel: the kernel is not available here ({reason})", hint="drop --attention-kernel")
+    return False
 
 
 def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:

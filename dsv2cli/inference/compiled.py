@@ -110,7 +110,9 @@ _STEP_INPUTS = ("token", "slot", "entries")
 _decoders = itertools.count()
 
 
-def _own_step(model: DeepseekV2, absorbed: list, attention_kernel: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def _own_step(
+    model: DeepseekV2, absorbed: list, attention_kernel: bool
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``decode_step`` bound to this model, as a function with a code object of its own.
 
     The compiler keeps its graphs (and their guards) per code object; with one per decoder, a

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
+from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
+from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.resolve import resolve_checkpoint
 
@@ -68,6 +70,19 @@ def configure_cpu(threads: int | None) -> None:
             raise InputError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def use_attention_kernel(model: DeepseekV2) -> bool:
+    """Absorbed one-token decode steps of ``model`` attend through the C++ kernel (``dsv2cli/kernels``), built once per machine.
+
+    False (the BLAS path stays) when it cannot be built here or the model is not on the CPU.
+    """
+    if model.embed_tokens.weight.device.type != "cpu" or not kernels.load():
+        return False
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            module.attention_kernel = True
+    return True
 
 
 def load_for_generation(

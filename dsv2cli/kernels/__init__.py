@@ -30,6 +30,11 @@ def loaded() -> bool:
     return bool(_state["loaded"])
 
 
+def unavailable_reason() -> str | None:
+    """Why :func:`load` failed (the last line of the error), or None."""
+    return _state["error"]  # type: ignore[return-value]
+
+
 def load() -> bool:
     """Build (once per machine and source) and load the kernels; False, with the reason logged, when they cannot be.
 

@@ -249,8 +249,8 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
   std::vector<Group> query_groups;
   for (int64_t g = 0; g < groups; ++g)
     query_groups.push_back(make_group(q.data_ptr<float>() + g * L * width, std::min(L, rows - g * L), width));
-  // Ranges of entries for the threads (flash-decoding); short caches stay in one range.
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), length / (2 * kBlock)));
+  // Ranges of entries for the threads (flash-decoding), at least a block each.
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (length + kBlock - 1) / kBlock));
   const int64_t per_range = (length + ranges - 1) / ranges;
   std::vector<Partial> partials(ranges * groups);
   auto run = [&](auto* data) {

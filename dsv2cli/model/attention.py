@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dsv2cli import kernels
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.cache import LatentKVCache
 from dsv2cli.model.dtypes import cast
@@ -51,6 +52,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
         self.fused_input: FusedLinears | None = None  # set by fuse_projections(): query + kv_a in one matmul
+        # Set by use_attention_kernel() once the C++ kernel is loaded: one-token steps attend through it.
+        self.attention_kernel = False
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, S, D]`` -> q ``[B, S, H, N + R]`` and the compressed kv ``[B, S, C + R]`` (before norm and rope)."""
@@ -99,10 +102,29 @@ class MultiHeadLatentAttention(nn.Module):
         # Per-head products as one batched matmul over heads (what einsum would do, minus its planning).
         q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
         query = torch.cat((q_latent.transpose(0, 1).unflatten(0, (batch, seq)), q_pe), dim=-1)  # [B, S, H, C + R]
-        latent = kv[..., : self.kv_lora_rank]  # [B, T, C]
-        out_latent = _attend_shared(query, kv, latent, mask, self.softmax_scale)  # [B, S, H, C]
+        if (
+            self.attention_kernel
+            and seq == 1
+            and mask is None
+            and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank)
+        ):
+            out_latent = self._attend_kernel(query, kv)  # [B, 1, H, C]
+        else:
+            out_latent = _attend_shared(query, kv, kv[..., : self.kv_lora_rank], mask, self.softmax_scale)  # [B, S, H, C]
         out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
+
+    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """One new token per row, no padding: query ``[B, 1, H, C + R]`` over all of kv ``[B, T, C + R]`` -> ``[B, 1, H, C]``.
+
+        ``dsv2cli/kernels``: one pass over each row's cache (the latent read once for scores and values).
+        """
+        filled = torch.tensor([kv.shape[1]])
+        rows = [
+            kernels.latent_attention(query[b, 0], kv[b], filled, self.kv_lora_rank, self.softmax_scale)
+            for b in range(kv.shape[0])
+        ]
+        return cast(torch.stack(rows)[:, None], query.dtype)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         latent, k_pe = cast(kv, q_nope.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # the cache may be narrower

@@ -1,0 +1,123 @@
+"""The one-pass latent-attention kernel (``dsv2cli/kernels``) against the two BLAS calls it replaces.
+
+Side by side in one process, interleaved, best of ``--rounds``:
+
+* **attention alone**: one decode step's attention over every layer of a latent cache of the
+  ``bench-300m`` shape (16 heads, kv_lora_rank 512, rope 64, 4 layers, each layer's cache in its own
+  memory as in a real step), float32 and bfloat16 caches, at each ``--contexts``;
+* **compiled decode steps** (with ``--checkpoint``, a bench-300m checkpoint or its int8 conversion,
+  e.g. the ones ``bench_vs_llamacpp.py --checkpoint`` writes): ``CompiledDecoder(model)`` against
+  ``CompiledDecoder(model, attention_kernel=False)`` on the same prefilled cache, rewound after each
+  round so both decode at the same context.
+
+    python benchmarks/bench_attention_kernel.py
+    python benchmarks/bench_attention_kernel.py --checkpoint /tmp/bvl/ckpt-dsv2-int8 --cache-dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv2cli import kernels  # noqa: E402
+from dsv2cli.model.decode import _attend  # noqa: E402
+
+HEADS, RANK, ROPE, LAYERS = 16, 512, 64, 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def best_ms(run, repeats: int, rounds: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        best = min(best, (time.perf_counter() - start) / repeats * 1000)
+    return best
+
+
+def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float, float]:
+    """ms of the BLAS path and of the kernel for one step's attention over every layer, interleaved, best of ``rounds``."""
+    capacity = -(-(context + 1) // 256) * 256  # CompiledDecoder's rounding
+    cache = torch.randn(LAYERS, capacity, RANK + ROPE).to(dtype)
+    query = torch.randn(HEADS, RANK + ROPE)
+    mask = torch.arange(capacity) <= context
+    filled = torch.tensor([context + 1])
+    scale = (128 + ROPE) ** -0.5
+
+    def blas():
+        for layer in range(LAYERS):
+            _attend(query, cache[layer], RANK, mask, scale)
+
+    def kernel():
+        for layer in range(LAYERS):
+            kernels.latent_attention(query, cache[layer], filled, RANK, scale)
+
+    times = [(best_ms(blas, 10, 1), best_ms(kernel, 10, 1)) for _ in range(rounds)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def attention_alone(contexts: list[int], rounds: int) -> None:
+    print(f"attention of one decode step, {LAYERS} layers x {HEADS} heads, latent {RANK} + rope {ROPE} (ms)")
+    print(f"{'cache':>9} {'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9}")
+    for name, dtype in DTYPES.items():
+        for context in contexts:
+            blas, kernel = time_attention(dtype, context, rounds)
+            print(f"{name:>9} {context:>8} {blas:>8.3f} {kernel:>8.3f} {blas / kernel:>8.2f}x")
+
+
+def compiled_steps(checkpoint: str, contexts: list[int], rounds: int, cache_dtype: str | None) -> None:
+    from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
+    from dsv2cli.inference.engine import prefill_attention
+    from dsv2cli.inference.session import load_for_generation
+
+    model = load_for_generation(checkpoint, "cpu", "float32", torch.get_num_threads()).model
+    decoders = {"BLAS": CompiledDecoder(model, attention_kernel=False), "kernel": CompiledDecoder(model)}
+    dtype = DTYPES[cache_dtype] if cache_dtype else None
+    print(f"\ncompiled decode steps of {checkpoint} ({cache_dtype or 'float32'} cache; ms per step, best of {rounds} x 10 steps)")
+    print(f"{'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9}")
+    with torch.inference_mode():
+        for context in contexts:
+            cache = model.new_cache(1, round_capacity(context + 12), dtype=dtype)
+            prompt = torch.randint(0, model.config.vocab_size, (1, context))
+            model(prompt, cache=cache, attention=prefill_attention("absorbed", context), last_only=True)
+            for decoder in decoders.values():
+                decoder.prepare(cache)
+            token = torch.zeros(1, 1, dtype=torch.long)
+            times = {name: float("inf") for name in decoders}
+            for _ in range(rounds):
+                for name, decoder in decoders.items():
+                    length = cache.length
+                    start = time.perf_counter()
+                    for _ in range(10):
+                        decoder.step(token, cache)
+                    times[name] = min(times[name], (time.perf_counter() - start) / 10 * 1000)
+                    cache.length = length  # rewind: both decode at the same context
+            print(f"{context:>8} {times['BLAS']:>8.2f} {times['kernel']:>8.2f} {times['BLAS'] / times['kernel']:>8.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint", help="also time compiled decode steps of this checkpoint")
+    parser.add_argument("--cache-dtype", choices=list(DTYPES), help="latent cache dtype for --checkpoint")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not kernels.load():
+        sys.exit("the kernels do not build on this machine (see the warning above)")
+    attention_alone(args.contexts, args.rounds)
+    if args.checkpoint:
+        compiled_steps(args.checkpoint, args.contexts, args.rounds, args.cache_dtype)
+
+
+if __name__ == "__main__":
+    main()
