@@ -59,7 +59,8 @@ def test_attention_kernel(model_dir, monkeypatch):
     calls = []
     original = kernels.latent_attention
     monkeypatch.setattr(kernels, "latent_attention", lambda *a: calls.append(a[1].shape) or original(*a))
-    args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "--batch-size", "1", "-f", "json"]
+    # Two prompts of different lengths: one left-padded batch (each row attends from its first slot on).
+    args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "-f", "json"]
     plain = _json(runner.invoke(app, args))
     assert calls == []  # eager steps use BLAS unless asked
     fast = _json(runner.invoke(app, [*args, "--attention-kernel"]))

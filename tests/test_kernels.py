@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from dsv2cli import kernels
+from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.inference.compiled import compiler_available
+from dsv2cli.inference.session import use_attention_kernel
+from dsv2cli.model.attention import MultiHeadLatentAttention
+from dsv2cli.model.fusion import fuse_projections
+from tests.helpers import reference_model, save_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,3 +100,35 @@ def test_a_failed_build_is_logged_once_and_reported_as_unavailable(monkeypatch, 
         "dsv2cli kernels unavailable, decoding with BLAS attention: Ninja is required to load C++ extensions"
     ]
     assert not kernels.latent_attention_supported(torch.randn(4, 80), torch.randn(10, 80), 64)
+
+
+@pytest.mark.parametrize("pad", [[0], [3, 0, 5]], ids=["one-row", "left-padded-batch"])
+def test_model_decode_steps_through_the_kernel_equal_blas(tmp_path, pad):
+    """``use_attention_kernel``: eager one-token steps attend through the kernel, each row from its first real slot."""
+    save_reference(reference_model(seed=11), tmp_path)
+    model = fuse_projections(load_hf_checkpoint(tmp_path))
+    prompt = torch.randint(0, 128, (len(pad), 9), generator=torch.Generator().manual_seed(4))
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
+    calls = []
+    original = kernels.latent_attention
+
+    def counted(query, entries, filled, rank, scale):
+        calls.append((entries.shape[0], int(filled)))
+        return original(query, entries, filled, rank, scale)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "latent_attention", counted)
+        caches = [model.new_cache(len(pad), 16, pad=pad) for _ in range(2)]
+        logits = [model(prompt, cache=cache, last_only=True) for cache in caches]
+        token = logits[0][:, -1:].argmax(-1)
+        for _ in range(4):
+            for m in attentions:
+                m.attention_kernel = False
+            expected = model(token, cache=caches[0])
+            assert use_attention_kernel(model)
+            got = model(token, cache=caches[1])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            token = expected[:, -1:].argmax(-1)
+    # one call per row per layer per step, each over the row's own slots
+    assert len(calls) == 4 * len(attentions) * len(pad)
+    assert {filled for _, filled in calls} == {10 + step - p for step in range(4) for p in pad}

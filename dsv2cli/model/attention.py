@@ -102,27 +102,33 @@ class MultiHeadLatentAttention(nn.Module):
         # Per-head products as one batched matmul over heads (what einsum would do, minus its planning).
         q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
         query = torch.cat((q_latent.transpose(0, 1).unflatten(0, (batch, seq)), q_pe), dim=-1)  # [B, S, H, C + R]
-        if (
-            self.attention_kernel
-            and seq == 1
-            and mask is None
-            and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank)
-        ):
-            out_latent = self._attend_kernel(query, kv)  # [B, 1, H, C]
-        else:
+        out_latent = None
+        if self.attention_kernel and seq == 1 and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank):
+            out_latent = self._attend_kernel(query, kv, mask)  # [B, 1, H, C]; None if the mask is not one range per row
+        if out_latent is None:
             out_latent = _attend_shared(query, kv, kv[..., : self.kv_lora_rank], mask, self.softmax_scale)  # [B, S, H, C]
         out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 
-    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """One new token per row, no padding: query ``[B, 1, H, C + R]`` over all of kv ``[B, T, C + R]`` -> ``[B, 1, H, C]``.
+    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """One new token per row: query ``[B, 1, H, C + R]`` over kv ``[B, T, C + R]`` -> ``[B, 1, H, C]``.
 
-        ``dsv2cli/kernels``: one pass over each row's cache (the latent read once for scores and values).
+        ``dsv2cli/kernels``: one pass over each row's slots (the latent read once for scores and
+        values). A left-padded row attends to its slots from its first unmasked one on; None when
+        the mask ``[B, 1, T]`` is not one such range per row.
         """
-        filled = torch.tensor([kv.shape[1]])
+        total = kv.shape[1]
+        starts = [0] * kv.shape[0]
+        if mask is not None:
+            first = mask[:, 0].to(torch.uint8).argmax(-1)  # [B]
+            if not torch.equal(mask[:, 0].sum(-1), total - first):
+                return None
+            starts = first.tolist()
         rows = [
-            kernels.latent_attention(query[b, 0], kv[b], filled, self.kv_lora_rank, self.softmax_scale)
-            for b in range(kv.shape[0])
+            kernels.latent_attention(
+                query[b, 0], kv[b, start:], torch.tensor([total - start]), self.kv_lora_rank, self.softmax_scale
+            )
+            for b, start in enumerate(starts)
         ]
         return cast(torch.stack(rows)[:, None], query.dtype)
 
