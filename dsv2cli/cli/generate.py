@@ -32,6 +32,7 @@ EPILOG = (
     "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
     "  dsv2 generate --compile -n 256 'class Queue:'   # compiled decode steps (needs a C++ compiler)\n\n"
     "  dsv2 generate --compile --kv-cache-dtype bfloat16 -n 2000 'import'   # half the cache, faster long contexts\n\n"
+    "  dsv2 generate --attention-kernel -n 2000 'import'   # eager steps with the one-pass C++ attention\n\n"
     "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default)."
