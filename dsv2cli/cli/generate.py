@@ -166,7 +166,9 @@ def _attention_kernel(loaded: LoadedModel, wanted: bool, asked: bool | None) -> 
     ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
     if not wanted:
         return False
-    if use_attention_kernel(loaded.model):
+    with err.status("attention kernel: loading (the first time on this machine it is built, about 10 s) ..."):
+        enabled = use_attention_kernel(loaded.model)
+    if enabled:
         return True
     if asked:
         reason = "it runs on CPU only" if loaded.device.type != "cpu" else kernels.unavailable_reason()
