@@ -3,12 +3,14 @@
 :class:`CompiledDecoder` wraps :func:`dsv2cli.model.decode.decode_step` for one model. Inductor
 generates C++ kernels for the whole step: each weight product is a vectorized reduction that
 streams the weight (float or int8) with the norms, rope, SwiGLU and scales fused around it, and
-the attention over the cache calls BLAS; the C++ wrapper (``cpp_wrapper``) runs the graph without
-Python between kernels.
+the attention over the cache is one call of the one-pass C++ kernel (``dsv2cli/kernels``; two BLAS
+calls where it cannot be built); the C++ wrapper (``cpp_wrapper``) runs the graph without Python
+between kernels.
 
 What it costs: compiling takes tens of seconds the first time (inductor keeps its kernels in
-its on-disk cache, so later runs in new processes reuse them), it needs a C++ compiler, and each
-step attends over the cache's whole capacity (masked) so that every step has the same shapes.
+its on-disk cache, so later runs in new processes reuse them) and it needs a C++ compiler. Every
+step has the same shapes: the cache's capacity is fixed, and the slot is a tensor (the kernel
+attends over the filled slots; the BLAS path over the whole capacity, masked).
 It serves one row without padding, on CPU, with no routing hook; everything else decodes eagerly.
 """
 

@@ -6,8 +6,9 @@ accumulated with an online softmax, instead of two BLAS calls that each stream (
 whole cache. :func:`load` compiles it with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
 ``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
 first time (about 10 s on 2 cores) and loads it from there afterwards; :func:`loaded` says whether
-the operator is registered in this process. Model code calls the operator only when it is
-(:func:`latent_attention_supported`); loading is the caller's I/O (``CompiledDecoder`` does it).
+the operator is registered in this process. Model code calls the operator only where the inference
+layer turned it on and it serves the shapes (:func:`latent_attention_supported`); loading is that
+layer's I/O (``CompiledDecoder``, ``use_attention_kernel``).
 """
 
 from __future__ import annotations

@@ -196,15 +196,17 @@ void attend_range(const Group& group, int64_t rows, int64_t width, const T* entr
     // Online softmax, every row at once; rows whose max grows rescale their running outputs.
     Vec block_max = probs[0];
     for (int64_t e = 1; e < count; ++e) block_max = at::vec::maximum(block_max, probs[e]);
-    const Vec new_max = at::vec::maximum(partial.max, block_max);
-    const Vec correction = (partial.max - new_max).exp_u20();
+    const Vec new_max = first == begin ? block_max : at::vec::maximum(partial.max, block_max);
     Vec block_sum(0.0f);
     for (int64_t e = 0; e < count; ++e) {
       probs[e] = (probs[e] - new_max).exp_u20();
       block_sum = block_sum + probs[e];
     }
-    partial.sum = partial.sum * correction + block_sum;
-    if (first != begin) {
+    if (first == begin) {
+      partial.sum = block_sum;
+    } else {
+      const Vec correction = (partial.max - new_max).exp_u20();
+      partial.sum = partial.sum * correction + block_sum;
       float factors[L];
       correction.store(factors);
       for (int64_t r = 0; r < rows; ++r) {

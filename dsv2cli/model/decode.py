@@ -7,8 +7,9 @@ The same math as ``DeepseekV2.forward`` with a :class:`~dsv2cli.model.cache.Late
 row and one new token, reusing the model's modules, in a form ``torch.compile`` turns into one
 graph whose shapes never change from step to step (``dsv2cli/inference/compiled.py``):
 
-* the token attends over the cache's whole capacity with a mask of the filled slots, and its
-  slot is a tensor, not a Python int, so every step has the same shapes;
+* the token's slot is a tensor, not a Python int, so every step has the same shapes: it attends
+  over the filled slots through the C++ kernel (``attention_kernel``), or over the cache's whole
+  capacity with a mask of the filled slots (two BLAS calls);
 * its latent entry is written with ``index_put_`` into the cache tensor itself (in place in
   the compiled graph, not a copy of the cache);
 * every matrix-vector product is :func:`matvec`, a product and a sum that inductor turns into
