@@ -1,6 +1,8 @@
 """``torch.ops.dsv2cli.latent_attention`` (dsv2cli/kernels): one-pass attention over a latent cache, against softmax attention in float64."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -132,3 +134,19 @@ def test_model_decode_steps_through_the_kernel_equal_blas(tmp_path, pad):
     # one call per row per layer per step, each over the row's own slots
     assert len(calls) == 4 * len(attentions) * len(pad)
     assert {filled for _, filled in calls} == {10 + step - p for step in range(4) for p in pad}
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch's extension builder waits forever on a lock file left by a killed build."""
+    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
+    for directory in (fresh, stale):
+        directory.mkdir()
+        (directory / "lock").touch()
+    old = time.time() - kernels.STALE_LOCK_S - 5
+    os.utime(stale / "lock", (old, old))
+    with caplog.at_level(logging.WARNING, logger="dsv2cli.kernels"):
+        kernels._clear_stale_lock(fresh)
+        kernels._clear_stale_lock(stale)
+        kernels._clear_stale_lock(tmp_path / "never-built")
+    assert (fresh / "lock").exists() and not (stale / "lock").exists()
+    assert len(caplog.records) == 1 and "interrupted build" in caplog.records[0].getMessage()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +76,22 @@ def latent_attention(query: torch.Tensor, entries: torch.Tensor, filled: torch.T
     return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
 
 
+# A build takes seconds; a lock file older than this was left by a build that was killed.
+STALE_LOCK_S = 600
+
+
+def _clear_stale_lock(build_directory: Path) -> None:
+    """Remove the lock file of a killed build: torch's extension builder would wait for it forever."""
+    lock = build_directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by an interrupted build of the dsv2cli kernels", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def _build_and_load() -> None:
     from torch._inductor import cpu_vec_isa
     from torch.utils import cpp_extension
@@ -89,6 +106,7 @@ def _build_and_load() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    _clear_stale_lock(Path(cpp_extension._get_build_directory(_NAME, verbose=False)))
     flags = ["-O3", "-march=native", "-fopenmp", *(f"-D{macro}" for macro in isa.build_macro()), *isa.build_arch_flags().split()]
     cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
 
