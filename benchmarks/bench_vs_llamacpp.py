@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_generate import make_checkpoint, memory_bandwidth_gbs  # noqa: E402
 
 from dsv2cli.analysis.params import count_params  # noqa: E402
-from dsv2cli.presets import preset_config  # noqa: E402
+from dsv2cli.config import ModelConfig, load_config  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
 PRESET = "bench-300m"
@@ -284,13 +284,14 @@ def write_checkpoint(checkpoint: Path) -> None:
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
-def active_bytes(precision: str) -> float:
+def active_bytes(config: ModelConfig, precision: str, compiled: bool = False) -> float:
     """Weight bytes one decoded token reads (the embedding row is left out).
 
     int8: one byte per value of every quantized matrix (their float32 row scales, well under 1 MB,
-    are left out); ``kv_b_proj`` and the router stay float32 (see ``dsv2cli/model/quantized.py``).
+    are left out); the router stays float32, and so does ``kv_b_proj`` in eager decoding (see
+    ``dsv2cli/model/quantized.py``), while compiled steps read it as int8 W_UK / W_UV
+    (``dsv2cli/model/decode.py``).
     """
-    config = preset_config(PRESET)
     params = count_params(config).active_without_embedding
     if precision == "float32":
         return params * 4
@@ -299,12 +300,15 @@ def active_bytes(precision: str) -> float:
     layers, moe_layers = config.num_hidden_layers, sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     kv_b = layers * config.kv_lora_rank * config.num_attention_heads * (config.qk_nope_head_dim + config.v_head_dim)
     router = moe_layers * (config.n_routed_experts or 0) * config.hidden_size
-    return (params - kv_b - router) * 1 + (kv_b + router) * 4
+    float_values = router if compiled else kv_b + router
+    return (params - float_values) * 1 + float_values * 4
 
 
-def print_report(results: dict, contexts: list[int], prefill: int, threads: int, bandwidths: list[float]) -> None:
+def print_report(
+    results: dict, contexts: list[int], prefill: int, threads: int, bandwidths: list[float], config: ModelConfig, name: str
+) -> None:
     bandwidth = max(bandwidths)
-    print(f"\n{PRESET}: random DeepSeek-V2-shaped model, {threads} threads, CPU")
+    print(f"\n{name}: random DeepSeek-V2-shaped model, {threads} threads, CPU")
     measured = ", ".join(f"{b:.1f}" for b in bandwidths)
     print(f"memory bandwidth (large copy, read + write) {bandwidth:.1f} GB/s, the fastest of {measured} (one per round)\n")
     columns = [
@@ -354,7 +358,6 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
     if compiled:
         print("\ncompile time (first round, all contexts): " + ", ".join(f"{k} {v:.0f} s" for k, v in compiled.items()))
     print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")
-    config = preset_config(PRESET)
     entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)  # per cached token
     for title, with_cache in (("weights", False), ("weights + latent cache", True)):
         print(
@@ -367,8 +370,8 @@ def print_report(results: dict, contexts: list[int], prefill: int, threads: int,
             key = f"dsv2:{mode}"
             if key not in results:
                 continue
-            precision, _, cache_dtype = parse_mode(mode)
-            nbytes = active_bytes(precision)
+            precision, compiled, cache_dtype = parse_mode(mode)
+            nbytes = active_bytes(config, precision, compiled)
             entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4  # int8 models cache float32 by default
             floors = [(nbytes + with_cache * c * entry_values * entry_bytes) / (bandwidth * 1e9) * 1000 for c in contexts]
             multiples = [1000 / results[key]["decode_tokens_per_s"][str(c)] / f for c, f in zip(contexts, floors, strict=True)]
@@ -447,6 +450,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or Path(tmp) / PRESET
         write_checkpoint(checkpoint)
+        config = load_config(checkpoint)  # the checkpoint's own shapes set the floors (a given one may not be bench-300m)
         jobs: list[tuple[str, list[str] | Path]] = []  # (result key, dsv2 worker command | GGUF file)
         if not args.skip_llamacpp:
             source = llama_source(args.cache_dir)
@@ -496,16 +500,16 @@ def main() -> None:
             torch.set_num_threads(args.threads)
             from dsv2cli.inference.tokenizer import TextTokenizer
 
-            vocab = preset_config(PRESET).vocab_size
+            vocab = config.vocab_size
             text = (DEMO / "sample.txt").read_text()
             samples = {
-                PRESET: (checkpoint, torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))),
+                checkpoint.name: (checkpoint, torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))),
                 "demo (sample.txt)": (DEMO, torch.tensor([TextTokenizer.from_directory(DEMO).encode(text)[:256]])),
             }
             for mode in checked:
                 for name, (directory, tokens) in samples.items():
                     quality[f"{mode}, {name}"] = decode_quality(directory, tokens, mode)
-    print_report(results, args.contexts, args.prefill, args.threads, bandwidths)
+    print_report(results, args.contexts, args.prefill, args.threads, bandwidths, config, checkpoint.name)
     for name, q in quality.items():
         print(
             f"{name} decode path vs float32, {q['tokens']} teacher-forced tokens: "
