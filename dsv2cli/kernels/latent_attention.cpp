@@ -220,12 +220,13 @@ void attend_range(const Group& group, int64_t rows, int64_t width, const T* entr
   }
 }
 
-Group make_group(const float* query, int64_t rows, int64_t width) {
+// `pairs` only for bfloat16 entries on CPUs with AVX512-BF16 (the only reader of them).
+Group make_group(const float* query, int64_t rows, int64_t width, bool bfloat16_entries) {
   Group group;
   group.columns.assign(width * L, 0.0f);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < width; ++d) group.columns[d * L + r] = query[r * width + d];
-  if (DSV2_DOT_BF16) {
+  if (DSV2_DOT_BF16 && bfloat16_entries) {
     group.pairs.assign(width * L, at::BFloat16(0.0f));
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t d = 0; d < width; ++d) group.pairs[(d / 2) * 2 * L + 2 * r + d % 2] = at::BFloat16(query[r * width + d]);
@@ -250,7 +251,8 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
   const int64_t groups = (rows + L - 1) / L;
   std::vector<Group> query_groups;
   for (int64_t g = 0; g < groups; ++g)
-    query_groups.push_back(make_group(q.data_ptr<float>() + g * L * width, std::min(L, rows - g * L), width));
+    query_groups.push_back(
+        make_group(q.data_ptr<float>() + g * L * width, std::min(L, rows - g * L), width, entries.scalar_type() == at::kBFloat16));
   // Ranges of entries for the threads (flash-decoding), at least a block each.
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (length + kBlock - 1) / kBlock));
   const int64_t per_range = (length + ranges - 1) / ranges;
