@@ -128,7 +128,7 @@ def generate(
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
         loaded, shards = load_model(model, group, device, dtype, threads)
-        kernel = _attention_kernel(loaded, compile if attention_kernel is None else attention_kernel, attention_kernel)
+        kernel = _attention_kernel(loaded, attention_kernel, compile)
         decoder = CompiledDecoder(loaded.model, attention_kernel=kernel) if compile else None
         if shards is not None:
             for line in shards.lines():
@@ -161,10 +161,11 @@ def generate(
         _run_batches(loaded, requests, options, format, batch_size, decoder)
 
 
-def _attention_kernel(loaded: LoadedModel, wanted: bool, asked: bool | None) -> bool:
-    """Whether decode steps attend through the C++ kernel (turned on here for eager steps); an explicit
-    ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
-    if not wanted:
+def _attention_kernel(loaded: LoadedModel, asked: bool | None, compile: bool) -> bool:
+    """Whether decode steps attend through the C++ kernel (turned on here for eager steps): as asked, else
+    with ``--compile``. An explicit ``--attention-kernel`` that cannot be honoured is an error, the default
+    falls back to BLAS."""
+    if not (compile if asked is None else asked):
         return False
     with err.status("attention kernel: loading (the first time on this machine it is built, about 10 s) ..."):
         enabled = use_attention_kernel(loaded.model)
