@@ -64,7 +64,16 @@ class CompiledDecoder:
         self._token = torch.zeros(1, 1, dtype=torch.long)
         self._slot = torch.zeros(1, dtype=torch.long)
         self._compiled_shapes: set[tuple] = set()  # cache shapes and dtypes compiled for
-        options = {"cpp_wrapper": True, "compile_threads": 1, "guard_filter_fn": _guards_on_step_inputs}
+        options = {
+            "cpp_wrapper": True,
+            "compile_threads": 1,
+            "guard_filter_fn": _guards_on_step_inputs,
+            # Store every activation that more than one operation reads (a normed hidden state, say) instead of
+            # recomputing it inside each weight reduction that reads it: recomputed, an RMSNorm's scalar
+            # square root and division ran once per 16 weights (inductor compiles with -fmath-errno, so the
+            # compiler cannot hoist them), ~17 % of an int8 step of the benchmark model (docs/performance.md).
+            "realize_reads_threshold": 1,
+        }
         # Attention through the one-pass C++ kernel when it builds here (dsv2cli/kernels), else two BLAS calls.
         self.attention_kernel = attention_kernel and kernels.load()
         step = _own_step(model, self.absorbed, self.attention_kernel)
