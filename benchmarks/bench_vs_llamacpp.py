@@ -12,7 +12,10 @@ GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same ru
   with a bfloat16 latent cache (``--kv-cache-dtype bfloat16``: ``-bf16cache`` modes);
 * the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
   divided by the bandwidth of a large copy, measured after every round; the fastest copy sets the
-  floor (neighbours on a shared host slow copies down as they slow decoding down).
+  floor (neighbours on a shared host slow copies down as they slow decoding down);
+* the same floor paired: each dsv2 worker also copies just before and just after the steps it times
+  at each context, and divides that moment's step time by the floor of the faster of those two copies,
+  so that a slow minute slows both sides of the ratio (the VM's copies range over 35-68 GB/s).
 
 Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster). Every engine runs ``--rounds``
 times, interleaved, and keeps its best: shared machines only ever slow a run down.
@@ -230,7 +233,7 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
         logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
         return cache, logits
 
-    result: dict = {"decode_tokens_per_s": {}, "compile_s": 0.0}
+    result: dict = {"decode_tokens_per_s": {}, "paired_bandwidth_gbs": {}, "compile_s": 0.0}
     with torch.inference_mode():
         cache, logits = prefill_into(torch.randint(0, vocab, (1, 32)), 40)
         model(logits[:, -1:].argmax(-1), cache=cache)
@@ -247,6 +250,7 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
             else:
                 step = lambda token, cache: model(token, cache=cache)  # noqa: E731
             token = logits[:, -1:].argmax(-1)
+            before = memory_bandwidth_gbs(threads)
             times = []
             for index in range(steps + 2):
                 start = time.perf_counter()
@@ -255,6 +259,7 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
                 if index >= 2:  # the first two steps warm this context's buffers
                     times.append(time.perf_counter() - start)
             result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(times)
+            result["paired_bandwidth_gbs"][str(context)] = max(before, memory_bandwidth_gbs(threads))
     return result
 
 
@@ -379,7 +384,36 @@ def print_report(
         print()
     print(
         "x floor = decode ms/token / (bytes read per token / the fastest copy bandwidth): weights only (the issue's floor), "
-        "or weights plus the latent cache a step reads at that context; target for int8: <= 1.5"
+        "or weights plus the latent cache a step reads at that context; target for int8: <= 1.5\n"
+    )
+    print_paired_floors(results, contexts, config)
+
+
+def print_paired_floors(results: dict, contexts: list[int], config: ModelConfig) -> None:
+    """x floor of each round's decode reading against the copies made just before and after it (weights + cache)."""
+    entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    print("| dsv2 mode, paired copies | " + " | ".join(f"@{c} copy GB/s | @{c} x floor" for c in contexts) + " |")
+    print("|---" * (1 + 2 * len(contexts)) + "|")
+    for mode in DSV2_MODES:
+        key = f"dsv2:{mode}"
+        rounds = [r for r in results.get(key, {}).get("rounds", []) if r.get("paired_bandwidth_gbs")]
+        if not rounds:
+            continue
+        precision, compiled, cache_dtype = parse_mode(mode)
+        nbytes = active_bytes(config, precision, compiled)
+        entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4
+        cells = []
+        for c in contexts:
+            bandwidths = [r["paired_bandwidth_gbs"][str(c)] for r in rounds]
+            multiples = [
+                1000 / r["decode_tokens_per_s"][str(c)] / ((nbytes + c * entry_values * entry_bytes) / (b * 1e9) * 1000)
+                for r, b in zip(rounds, bandwidths, strict=True)
+            ]
+            cells += [" / ".join(f"{b:.1f}" for b in bandwidths), " / ".join(f"{m:.2f}" for m in multiples)]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    print(
+        "\npaired: each round's decode ms/token / (bytes of weights + latent cache / the faster of the two copies the "
+        "worker made just before and just after timing that context), one value per round"
     )
 
 
@@ -389,6 +423,7 @@ def best_of(runs: list[dict]) -> dict:
         "decode_tokens_per_s": {},
         "prefill_tokens_per_s": max(r["prefill_tokens_per_s"] for r in runs),
         "compile_s": runs[0].get("compile_s", 0.0),
+        "rounds": runs,  # each round's own readings, for the paired floors
     }
     for context in runs[0]["decode_tokens_per_s"]:
         best["decode_tokens_per_s"][context] = max(r["decode_tokens_per_s"][context] for r in runs)

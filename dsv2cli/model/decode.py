@@ -194,7 +194,7 @@ def _moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     gate, up = matvec(experts.gate_up_proj[ids], flat, None if gate_up_scale is None else gate_up_scale[ids]).chunk(2, dim=-1)
     hidden = cast(F.silu(gate) * up, x.dtype)  # [K, M]
     down = matvec(experts.down_proj[ids], hidden, None if down_scale is None else down_scale[ids])  # [K, D]
-    out = torch.mm(weights, down)  # [1, D]
+    out = (weights.view(-1, 1) * down).sum(0, keepdim=True)  # [1, D]: a reduction inductor fuses (a matmul is a BLAS call)
     if moe.shared_experts is not None:
         out = out + _mlp(moe.shared_experts, flat)
     return cast(out, x.dtype).view(1, 1, -1)
