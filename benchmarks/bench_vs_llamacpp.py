@@ -15,7 +15,7 @@ GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same ru
   floor (neighbours on a shared host slow copies down as they slow decoding down);
 * the same floor paired: each dsv2 worker also copies just before and just after the steps it times
   at each context, and divides that moment's step time by the floor of the faster of those two copies,
-  so that a slow minute slows both sides of the ratio (the VM's copies range over 35-68 GB/s).
+  so that a slow minute slows both sides of the ratio (this VM's copies range over 35-75 GB/s).
 
 Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster). Every engine runs ``--rounds``
 times, interleaved, and keeps its best: shared machines only ever slow a run down.
