@@ -299,11 +299,10 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
       maxes[i] = std::exp(maxes[i] - top);  // now the range's weight
       total += sums[i] * maxes[i];
     }
-    for (int64_t i = 0; i < ranges; ++i) maxes[i] /= total;  // and now its share of the row's output
     for (int64_t c = 0; c < rank; c += L) {  // rank is a multiple of 16, so of L
       Vec value(0.0f);
       for (int64_t i = 0; i < ranges; ++i) value = at::vec::fmadd(Vec::loadu(partials[i * groups + g].out.data() + lane * rank + c), Vec(maxes[i]), value);
-      value.store(result + r * rank + c);
+      (value / Vec(total)).store(result + r * rank + c);
     }
   }
   return out;
