@@ -309,6 +309,14 @@ def active_bytes(config: ModelConfig, precision: str, compiled: bool = False) ->
     return (params - float_values) * 1 + float_values * 4
 
 
+def bytes_per_token(config: ModelConfig, mode: str, context: int, with_cache: bool) -> float:
+    """Bytes one decode step of ``mode`` reads: its weights, plus the latent cache over ``context`` tokens when ``with_cache``."""
+    precision, compiled, cache_dtype = parse_mode(mode)
+    entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4  # int8 models cache float32 by default
+    entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)  # per cached token
+    return active_bytes(config, precision, compiled) + with_cache * context * entry_values * entry_bytes
+
+
 def print_report(
     results: dict, contexts: list[int], prefill: int, threads: int, bandwidths: list[float], config: ModelConfig, name: str
 ) -> None:
@@ -363,7 +371,6 @@ def print_report(
     if compiled:
         print("\ncompile time (first round, all contexts): " + ", ".join(f"{k} {v:.0f} s" for k, v in compiled.items()))
     print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")
-    entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)  # per cached token
     for title, with_cache in (("weights", False), ("weights + latent cache", True)):
         print(
             f"| dsv2 mode | weight MB/token | floor, {title} (ms/token) @{contexts[0]} | "
@@ -375,12 +382,10 @@ def print_report(
             key = f"dsv2:{mode}"
             if key not in results:
                 continue
-            precision, compiled, cache_dtype = parse_mode(mode)
-            nbytes = active_bytes(config, precision, compiled)
-            entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4  # int8 models cache float32 by default
-            floors = [(nbytes + with_cache * c * entry_values * entry_bytes) / (bandwidth * 1e9) * 1000 for c in contexts]
+            floors = [bytes_per_token(config, mode, c, with_cache) / (bandwidth * 1e9) * 1000 for c in contexts]
             multiples = [1000 / results[key]["decode_tokens_per_s"][str(c)] / f for c, f in zip(contexts, floors, strict=True)]
-            print(f"| {mode} | {nbytes / 1e6:.0f} | {floors[0]:.1f} | " + " | ".join(f"{m:.2f}" for m in multiples) + " |")
+            weights = bytes_per_token(config, mode, 0, False)
+            print(f"| {mode} | {weights / 1e6:.0f} | {floors[0]:.1f} | " + " | ".join(f"{m:.2f}" for m in multiples) + " |")
         print()
     print(
         "x floor = decode ms/token / (bytes read per token / the fastest copy bandwidth): weights only (the issue's floor), "
@@ -391,7 +396,6 @@ def print_report(
 
 def print_paired_floors(results: dict, contexts: list[int], config: ModelConfig) -> None:
     """x floor of each round's decode reading against the copies made just before and after it (weights + cache)."""
-    entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     print("| dsv2 mode, paired copies | " + " | ".join(f"@{c} copy GB/s | @{c} x floor" for c in contexts) + " |")
     print("|---" * (1 + 2 * len(contexts)) + "|")
     for mode in DSV2_MODES:
@@ -399,14 +403,11 @@ def print_paired_floors(results: dict, contexts: list[int], config: ModelConfig)
         rounds = [r for r in results.get(key, {}).get("rounds", []) if r.get("paired_bandwidth_gbs")]
         if not rounds:
             continue
-        precision, compiled, cache_dtype = parse_mode(mode)
-        nbytes = active_bytes(config, precision, compiled)
-        entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4
         cells = []
         for c in contexts:
             bandwidths = [r["paired_bandwidth_gbs"][str(c)] for r in rounds]
             multiples = [
-                1000 / r["decode_tokens_per_s"][str(c)] / ((nbytes + c * entry_values * entry_bytes) / (b * 1e9) * 1000)
+                1000 / r["decode_tokens_per_s"][str(c)] / (bytes_per_token(config, mode, c, True) / (b * 1e9) * 1000)
                 for r, b in zip(rounds, bandwidths, strict=True)
             ]
             cells += [" / ".join(f"{b:.1f}" for b in bandwidths), " / ".join(f"{m:.2f}" for m in multiples)]
