@@ -2,7 +2,8 @@
 
 :class:`CompiledDecoder` wraps :func:`dsv2cli.model.decode.decode_step` for one model. Inductor
 generates C++ kernels for the whole step: each weight product is a vectorized reduction that
-streams the weight (float or int8) with the norms, rope, SwiGLU and scales fused around it, and
+streams the weight (float or int8) with rope, SwiGLU and scales fused around it (an activation that
+several operations read, such as a normed hidden state, is stored once rather than recomputed in each), and
 the attention over the cache is one call of the one-pass C++ kernel (``dsv2cli/kernels``; two BLAS
 calls where it cannot be built); the C++ wrapper (``cpp_wrapper``) runs the graph without Python
 between kernels.

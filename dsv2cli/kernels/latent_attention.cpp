@@ -283,9 +283,9 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
   // Merge the ranges: weight each by exp(its max - the overall max).
   at::Tensor out = at::empty({rows, rank}, query.options());
   float* result = out.data_ptr<float>();
+  std::vector<float> maxes(ranges), sums(ranges);  // per row, refilled
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t g = r / L, lane = r % L;
-    std::vector<float> maxes(ranges), sums(ranges);
     for (int64_t i = 0; i < ranges; ++i) {
       float lanes[L];
       partials[i * groups + g].max.store(lanes);
