@@ -11,10 +11,17 @@
 // Threads split the entries (flash-decoding) and their partial results are merged at the end.
 //
 // Layout: rows go in groups of L = Vec::size() (16 with AVX-512), one row per vector lane, so the
-// scores of an entry for a group are one vector (no horizontal sums) and the softmax is vectorized
-// across rows. Products and sums are float32; a bfloat16 cache is widened as it is read, except on
-// CPUs with AVX512-BF16, where both products run as bfloat16 dot products with float32 sums (the
-// query and the probabilities rounded to bfloat16, as a bfloat16 matmul would do).
+// scores of an entry for a group are one vector and the softmax is vectorized across rows. Products
+// and sums are float32; a bfloat16 cache is widened as it is read, except on CPUs with AVX512-BF16,
+// where both products run as bfloat16 dot products with float32 sums (the query and the
+// probabilities rounded to bfloat16, as a bfloat16 matmul would do).
+//
+// With AVX-512 the scores read each entry as 64-bit words (two float32 values, or two bfloat16
+// pairs): one broadcast word feeds two products, for rows 0-7 and rows 8-15, whose lanes hold
+// (row, even or odd half of the word); 16 sums are in flight and the entries of the tile after next
+// are prefetched a cache line per step, so a cache that comes from memory streams at about the
+// speed of one already in cache. The outputs are accumulated 8 rows x 32 columns at a time, the
+// rows' offsets constants (every lane is accumulated; lanes past the group's rows are never read).
 //
 // Built at run time by dsv2cli/kernels/__init__.py with the vector flags inductor uses.
 
@@ -30,7 +37,13 @@
 #include <limits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512)
+#define DSV2_AVX512 1
+#else
+#define DSV2_AVX512 0
+#endif
+
+#if DSV2_AVX512 && defined(__AVX512BF16__)
 #define DSV2_DOT_BF16 1
 #else
 #define DSV2_DOT_BF16 0
@@ -41,8 +54,8 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t L = Vec::size();  // rows per group: one per lane
 constexpr int64_t kBlock = 64;      // entries scored and accumulated together (even)
-constexpr int64_t kEntryTile = 8;   // entries scored at once (one accumulator each)
-constexpr int64_t kRowTile = L;     // rows x vectors of C accumulated at once (measured best of 4x4, 8x2, 16x1)
+constexpr int64_t kEntryTile = 8;   // entries scored at once (one accumulator each; two with AVX-512)
+constexpr int64_t kRowTile = L;     // generic path: rows x vectors of C accumulated at once (measured best of 4x4, 8x2, 16x1)
 constexpr int64_t kVectorTile = 1;
 
 inline float widen(float x) { return x; }
@@ -59,11 +72,11 @@ inline Vec load_as_float(const T* data) {
   }
 }
 
-// The query of one group of L rows, transposed so that lane l is row l: float32 [width][L], and for
-// the bfloat16 dot products [width / 2][L][2] (lane l holds the pair (q[l][2d], q[l][2d + 1])).
+// The query of one group of L rows, transposed for the products: `columns` float32 [width][L] (lane
+// l is row l) for the generic path; `units` for the AVX-512 paths (make_group).
 struct Group {
   std::vector<float> columns;
-  std::vector<at::BFloat16> pairs;
+  std::vector<int32_t> units;
 };
 
 // What one thread keeps for one group over its range of entries: per lane the running max and sum
@@ -90,27 +103,88 @@ void score_block(const Group& group, int64_t width, const T* block, int64_t stri
   }
 }
 
+#if DSV2_AVX512
+static_assert(L == 16, "the AVX-512 paths take 16 rows per group");
+
 #if DSV2_DOT_BF16
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+#endif
 
-void score_block(const Group& group, int64_t width, const at::BFloat16* block, int64_t stride, int64_t count, float scale, Vec* scores) {
-  for (int64_t e0 = 0; e0 < count; e0 += kEntryTile) {
-    const at::BFloat16* entry[kEntryTile];
-    for (int64_t j = 0; j < kEntryTile; ++j) entry[j] = block + std::min(e0 + j, count - 1) * stride;
-    __m512 acc[kEntryTile];
-    for (int64_t j = 0; j < kEntryTile; ++j) acc[j] = _mm512_setzero_ps();
-    const at::BFloat16* q = group.pairs.data();
-    for (int64_t d = 0; d < width / 2; ++d, q += 2 * L) {
-      const __m512i qv = _mm512_loadu_si512(q);
-      for (int64_t j = 0; j < kEntryTile; ++j) {
-        int32_t pair;  // entry values 2d and 2d + 1
-        std::memcpy(&pair, entry[j] + 2 * d, sizeof(pair));
-        acc[j] = _mm512_dpbf16_ps(acc[j], as_bh(_mm512_set1_epi32(pair)), as_bh(qv));
-      }
+// acc + the products of a broadcast word with the query's units: float32 FMAs, or bfloat16 dot
+// products (a unit is then a pair, whose two products are summed into the lane).
+inline __m512 dot(__m512 acc, __m512i word, __m512i query, const float*) {
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(word), _mm512_castsi512_ps(query), acc);
+}
+#if DSV2_DOT_BF16
+inline __m512 dot(__m512 acc, __m512i word, __m512i query, const at::BFloat16*) { return _mm512_dpbf16_ps(acc, as_bh(word), as_bh(query)); }
+#endif
+
+// Unscaled scores of kEntryTile consecutive entries (entry j at first + j * stride; each `units`
+// 32-bit units long) against the group's units [steps][rows 0-7, rows 8-15][8 rows][2 halves].
+template <typename T>
+inline void score_tile(const int32_t* query, int64_t units, const T* first, int64_t stride, __m512* scores) {
+  __m512 low[kEntryTile], high[kEntryTile];  // rows 0-7 and rows 8-15, lanes (row, half)
+  for (int64_t j = 0; j < kEntryTile; ++j) low[j] = high[j] = _mm512_setzero_ps();
+  const char* entry = reinterpret_cast<const char*>(first);
+  const int64_t bytes = stride * sizeof(T);
+  // A tile is kEntryTile * units * 4 bytes = 64 bytes per step: one line per step covers the tile
+  // after next (prefetches do not fault, so the range's end needs no care).
+  const char* ahead = entry + 2 * kEntryTile * bytes;
+  int64_t step = 0;
+  for (; 2 * step + 1 < units; ++step, query += 2 * L) {
+    _mm_prefetch(ahead + 64 * step, _MM_HINT_T0);
+    const __m512i query_low = _mm512_loadu_si512(query), query_high = _mm512_loadu_si512(query + L);
+    for (int64_t j = 0; j < kEntryTile; ++j) {
+      int64_t word;
+      std::memcpy(&word, entry + j * bytes + 8 * step, sizeof(word));
+      const __m512i broadcast = _mm512_set1_epi64(word);
+      low[j] = dot(low[j], broadcast, query_low, first);
+      high[j] = dot(high[j], broadcast, query_high, first);
     }
-    for (int64_t j = 0; j < kEntryTile && e0 + j < count; ++j) scores[e0 + j] = Vec(acc[j]) * Vec(scale);
+  }
+  if (2 * step < units) {  // an odd last unit (the query's second halves are zero there)
+    const __m512i query_low = _mm512_loadu_si512(query), query_high = _mm512_loadu_si512(query + L);
+    for (int64_t j = 0; j < kEntryTile; ++j) {
+      int32_t unit;
+      std::memcpy(&unit, entry + j * bytes + 8 * step, sizeof(unit));
+      const __m512i broadcast = _mm512_set1_epi32(unit);
+      low[j] = dot(low[j], broadcast, query_low, first);
+      high[j] = dot(high[j], broadcast, query_high, first);
+    }
+  }
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t j = 0; j < kEntryTile; ++j) {
+    const __m512 rows_low = _mm512_add_ps(low[j], _mm512_permute_ps(low[j], 0xB1));  // both halves of a row summed
+    const __m512 rows_high = _mm512_add_ps(high[j], _mm512_permute_ps(high[j], 0xB1));
+    scores[j] = _mm512_permutex2var_ps(rows_low, evens, rows_high);  // lane r: row r
   }
 }
+
+template <typename T>
+void score_block_units(const Group& group, int64_t width, const T* block, int64_t stride, int64_t count, float scale, Vec* scores) {
+  const int64_t units = width * static_cast<int64_t>(sizeof(T)) / 4;
+  __m512 tile[kEntryTile];
+  int64_t e0 = 0;
+  for (; e0 + kEntryTile <= count; e0 += kEntryTile) {
+    score_tile(group.units.data(), units, block + e0 * stride, stride, tile);
+    for (int64_t j = 0; j < kEntryTile; ++j) scores[e0 + j] = Vec(tile[j]) * Vec(scale);
+  }
+  if (e0 < count) {  // the range's last entries, copied next to zeros (once per range)
+    std::vector<T> rest(kEntryTile * width, T(0.0f));
+    for (int64_t j = 0; e0 + j < count; ++j) std::memcpy(rest.data() + j * width, block + (e0 + j) * stride, width * sizeof(T));
+    score_tile(group.units.data(), units, rest.data(), width, tile);
+    for (int64_t j = 0; e0 + j < count; ++j) scores[e0 + j] = Vec(tile[j]) * Vec(scale);
+  }
+}
+
+void score_block(const Group& group, int64_t width, const float* block, int64_t stride, int64_t count, float scale, Vec* scores) {
+  score_block_units(group, width, block, stride, count, scale, scores);
+}
+#if DSV2_DOT_BF16
+void score_block(const Group& group, int64_t width, const at::BFloat16* block, int64_t stride, int64_t count, float scale, Vec* scores) {
+  score_block_units(group, width, block, stride, count, scale, scores);
+}
+#endif
 #endif
 
 // out[l] += sum_e probs[e][l] * c_e for the group's rows l < rows, over the block's `count` entries.
@@ -140,13 +214,70 @@ void accumulate_block(const Vec* probs, int64_t rows, const T* block, int64_t st
   }
 }
 
+#if DSV2_AVX512
+constexpr int64_t kRows = 8;  // rows per pass of the AVX-512 accumulation (x `Vectors` vectors of 16 columns)
+
+// out[r0 + i][c0 .. c0 + 16 * Vectors) += sum_e probs[e][r0 + i] * c_e[...] over the block's entries, float32 entries.
+template <int Vectors>
+inline void accumulate_columns(const float* probs, const float* block, int64_t stride, int64_t count, int64_t rank, int64_t r0, int64_t c0, float* out) {
+  __m512 acc[kRows][Vectors];
+  for (int64_t i = 0; i < kRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = _mm512_loadu_ps(out + (r0 + i) * rank + c0 + 16 * v);
+  const float* entry = block + c0;
+  for (int64_t e = 0; e < count; ++e, entry += stride) {
+    __m512 value[Vectors];
+    for (int64_t v = 0; v < Vectors; ++v) value[v] = _mm512_loadu_ps(entry + 16 * v);
+    const float* weights = probs + e * L + r0;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const __m512 weight = _mm512_set1_ps(weights[i]);
+      for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = _mm512_fmadd_ps(weight, value[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < kRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) _mm512_storeu_ps(out + (r0 + i) * rank + c0 + 16 * v, acc[i][v]);
+}
+
+void accumulate_block(const Vec* probs, int64_t, const float* block, int64_t stride, int64_t count, int64_t rank, float* out) {
+  const float* p = reinterpret_cast<const float*>(probs);
+  for (int64_t r0 = 0; r0 < L; r0 += kRows) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= rank; c0 += 32) accumulate_columns<2>(p, block, stride, count, rank, r0, c0, out);
+    if (c0 < rank) accumulate_columns<1>(p, block, stride, count, rank, r0, c0, out);  // rank is a multiple of 16
+  }
+}
+#endif
+
 #if DSV2_DOT_BF16
 // Entries e and e + 1 are interleaved value by value, so that one dot product adds
 // p_e * c_e + p_e+1 * c_e+1 to 16 outputs; the probabilities of the pair are rounded to bfloat16 and
 // interleaved the same way (an odd last entry is paired with probability 0).
-void accumulate_block(const Vec* probs, int64_t rows, const at::BFloat16* block, int64_t stride, int64_t count, int64_t rank, float* out) {
+template <int Vectors>
+inline void accumulate_columns(const int32_t (*pairs)[L], const at::BFloat16* block, int64_t stride, int64_t count, int64_t rank, int64_t r0,
+                               int64_t c0, float* out) {
   const __m512i interleave = _mm512_set_epi16(
       47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  __m512 acc[kRows][Vectors];
+  for (int64_t i = 0; i < kRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = _mm512_loadu_ps(out + (r0 + i) * rank + c0 + 16 * v);
+  const at::BFloat16* first = block + c0;
+  for (int64_t e = 0; e < count; e += 2, first += 2 * stride) {
+    const at::BFloat16* second = e + 1 < count ? first + stride : first;
+    __m512i value[Vectors];
+    for (int64_t v = 0; v < Vectors; ++v)
+      value[v] = _mm512_permutex2var_epi16(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + 16 * v))), interleave,
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + 16 * v))));
+    const int32_t* weights = pairs[e / 2] + r0;
+    for (int64_t i = 0; i < kRows; ++i) {
+      const __m512i weight = _mm512_set1_epi32(weights[i]);
+      for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], as_bh(value[v]), as_bh(weight));
+    }
+  }
+  for (int64_t i = 0; i < kRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) _mm512_storeu_ps(out + (r0 + i) * rank + c0 + 16 * v, acc[i][v]);
+}
+
+void accumulate_block(const Vec* probs, int64_t, const at::BFloat16* block, int64_t stride, int64_t count, int64_t rank, float* out) {
   const __m512i halves = _mm512_set_epi16(
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   int32_t pairs[kBlock / 2][L];  // [pair][row]: (p_e, p_e+1) as two bfloat16
@@ -155,30 +286,10 @@ void accumulate_block(const Vec* probs, int64_t rows, const at::BFloat16* block,
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(second, __m512(probs[e]));  // [p_e (16), p_e+1 (16)]
     _mm512_storeu_si512(pairs[e / 2], _mm512_permutexvar_epi16(halves, both));
   }
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-    int64_t row[kRowTile];
-    for (int64_t i = 0; i < kRowTile; ++i) row[i] = std::min(r0 + i, rows - 1);
-    for (int64_t c0 = 0; c0 < rank; c0 += kVectorTile * 16) {
-      const int64_t vectors = std::min(kVectorTile, (rank - c0) / 16);
-      __m512 acc[kRowTile][kVectorTile];
-      for (int64_t i = 0; i < kRowTile; ++i)
-        for (int64_t v = 0; v < vectors; ++v) acc[i][v] = _mm512_loadu_ps(out + row[i] * rank + c0 + v * 16);
-      for (int64_t e = 0; e < count; e += 2) {
-        const at::BFloat16* first = block + e * stride + c0;
-        const at::BFloat16* second = e + 1 < count ? first + stride : first;
-        __m512i value[kVectorTile];
-        for (int64_t v = 0; v < vectors; ++v)
-          value[v] = _mm512_permutex2var_epi16(
-              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + v * 16))), interleave,
-              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + v * 16))));
-        for (int64_t i = 0; i < kRowTile; ++i) {
-          const __m512i weight = _mm512_set1_epi32(pairs[e / 2][row[i]]);
-          for (int64_t v = 0; v < vectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], as_bh(value[v]), as_bh(weight));
-        }
-      }
-      for (int64_t i = 0; i < kRowTile; ++i)
-        for (int64_t v = 0; v < vectors; ++v) _mm512_storeu_ps(out + row[i] * rank + c0 + v * 16, acc[i][v]);
-    }
+  for (int64_t r0 = 0; r0 < L; r0 += kRows) {
+    int64_t c0 = 0;
+    for (; c0 + 32 <= rank; c0 += 32) accumulate_columns<2>(pairs, block, stride, count, rank, r0, c0, out);
+    if (c0 < rank) accumulate_columns<1>(pairs, block, stride, count, rank, r0, c0, out);  // rank is a multiple of 16
   }
 }
 #endif
@@ -220,20 +331,24 @@ void attend_range(const Group& group, int64_t rows, int64_t width, const T* entr
   }
 }
 
-// `pairs` for bfloat16 entries on CPUs with AVX512-BF16 (the bfloat16 dot products read only them),
-// `columns` otherwise. Built once per call, so kept cheap (a few microseconds at 16 x 576): the rows
-// are rounded to bfloat16 with vector conversions first, then each (2d, 2d + 1) pair moves as one
-// 32-bit word.
+// The query in the layout the entries' products read: `units` where an AVX-512 path serves them
+// (float32 entries; bfloat16 entries with AVX512-BF16: the rows rounded to bfloat16 with vector
+// conversions, each pair one 32-bit unit), `columns` otherwise. Built once per call, so kept cheap
+// (a few microseconds at 16 x 576).
 Group make_group(const float* query, int64_t rows, int64_t width, bool bfloat16_entries) {
   Group group;
-  if (DSV2_DOT_BF16 && bfloat16_entries) {
-    std::vector<at::BFloat16> rounded(rows * width);
-    at::vec::convert(query, rounded.data(), rows * width);
-    group.pairs.assign(width * L, at::BFloat16(0.0f));
-    const auto* from = reinterpret_cast<const int32_t*>(rounded.data());  // [rows][width / 2]
-    auto* to = reinterpret_cast<int32_t*>(group.pairs.data());              // [width / 2][L]
+  if ((DSV2_AVX512 && !bfloat16_entries) || (DSV2_DOT_BF16 && bfloat16_entries)) {
+    std::vector<at::BFloat16> rounded;
+    const int32_t* from = reinterpret_cast<const int32_t*>(query);  // [rows][units]
+    if (bfloat16_entries) {
+      rounded.resize(rows * width);
+      at::vec::convert(query, rounded.data(), rows * width);
+      from = reinterpret_cast<const int32_t*>(rounded.data());
+    }
+    const int64_t units = bfloat16_entries ? width / 2 : width, steps = (units + 1) / 2, half = L / 2;
+    group.units.assign(steps * 2 * L, 0);  // [steps][rows 0-7, rows 8-15][8 rows][2 halves]
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < width / 2; ++d) to[d * L + r] = from[r * (width / 2) + d];
+      for (int64_t u = 0; u < units; ++u) group.units[(u / 2) * 2 * L + (r / half) * L + (r % half) * 2 + u % 2] = from[r * units + u];
   } else {
     group.columns.assign(width * L, 0.0f);
     for (int64_t r = 0; r < rows; ++r)
