@@ -3,14 +3,18 @@
 Side by side in one process, interleaved, best of ``--rounds``:
 
 * **attention alone**: one decode step's attention over every layer of a latent cache of the
-  ``bench-300m`` shape (16 heads, kv_lora_rank 512, rope 64, 4 layers, each layer's cache in its own
-  memory as in a real step), float32 and bfloat16 caches, at each ``--contexts``;
+  ``bench-300m`` shape (16 heads, kv_lora_rank 512, rope 64, 4 layers), float32 and bfloat16
+  caches, at each ``--contexts``. Successive steps read different copies of the cache (at least
+  256 MiB in all), so each layer comes from memory, as in a real step, where the weights stream
+  through the CPU's caches between layers; the kernel's rate is printed in multiply-adds per second
+  (``--peak`` adds the machine's peak rate of the same instructions, measured in the same run);
 * **compiled decode steps** (with ``--checkpoint``, a bench-300m checkpoint or its int8 conversion,
   e.g. the ones ``bench_vs_llamacpp.py --checkpoint`` writes): ``CompiledDecoder(model)`` against
   ``CompiledDecoder(model, attention_kernel=False)`` on the same prefilled cache, rewound after each
   round so both decode at the same context.
 
     python benchmarks/bench_attention_kernel.py
+    python benchmarks/bench_attention_kernel.py --contexts 4096 --peak
     python benchmarks/bench_attention_kernel.py --checkpoint /tmp/bvl/ckpt-dsv2-int8 --cache-dtype bfloat16
 """
 
@@ -30,6 +34,67 @@ from dsv2cli.model.decode import _attend  # noqa: E402
 
 HEADS, RANK, ROPE, LAYERS = 16, 512, 64, 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+POOL_BYTES = 256 << 20  # copies of the cache cycled through, several times a CPU's last-level cache
+
+# Throughput of the kernel's two products with independent sums (what the hardware can do at
+# best): float32 FMAs (16 multiply-adds each) and, with AVX512-BF16, bfloat16 dot products (32).
+PEAK_SOURCE = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <chrono>
+
+double peak_multiply_adds(bool bfloat16, int64_t threads) {
+#if defined(__AVX512F__)
+  const int64_t per_thread = 100000000;
+  const auto start = std::chrono::steady_clock::now();
+  float sink = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(1e-9f * i);
+    const __m512 factor = _mm512_set1_ps(0.999f);
+    if (bfloat16) {
+#if defined(__AVX512BF16__)
+      const __m512bh one = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+      for (int64_t k = 0; k < per_thread / 16; ++k)
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], one, one);
+#endif
+    } else {
+      for (int64_t k = 0; k < per_thread / 16; ++k)
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], factor, factor);
+    }
+    for (int i = 0; i < 16; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (sink == 12345.0f) return 0.0;  // keeps the loops
+#if !defined(__AVX512BF16__)
+  if (bfloat16) return 0.0;
+#endif
+  return threads * per_thread * (bfloat16 ? 32.0 : 16.0) / seconds;
+#else
+  return 0.0;
+#endif
+}
+"""
+
+
+def peak_rates(threads: int) -> dict[str, float]:
+    """Peak multiply-adds per second of float32 FMAs and bfloat16 dot products on ``threads`` threads (0: not available)."""
+    from torch.utils import cpp_extension
+
+    module = cpp_extension.load_inline(
+        "dsv2cli_peak",
+        PEAK_SOURCE,
+        functions=["peak_multiply_adds"],
+        extra_cflags=["-O2", "-march=native", "-fopenmp", "-funroll-loops"],
+        extra_ldflags=["-fopenmp"],
+    )
+    return {name: max(module.peak_multiply_adds(name == "bfloat16", threads) for _ in range(3)) for name in DTYPES}
+
+
+def multiply_adds(context: int) -> int:
+    """Multiply-adds of one step's absorbed attention: every filled entry against every head, scores (C + R) and values (C)."""
+    return LAYERS * (context + 1) * HEADS * (2 * RANK + ROPE)
 
 
 def best_ms(run, repeats: int, rounds: int) -> float:
@@ -46,17 +111,21 @@ def best_ms(run, repeats: int, rounds: int) -> float:
 def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float, float]:
     """ms of the BLAS path and of the kernel for one step's attention over every layer, interleaved, best of ``rounds``."""
     capacity = -(-(context + 1) // 256) * 256  # CompiledDecoder's rounding
-    cache = torch.randn(LAYERS, capacity, RANK + ROPE).to(dtype)
+    step_bytes = LAYERS * capacity * (RANK + ROPE) * dtype.itemsize
+    caches = [torch.randn(LAYERS, capacity, RANK + ROPE).to(dtype) for _ in range(-(-POOL_BYTES // step_bytes))]
     query = torch.randn(HEADS, RANK + ROPE)
     mask = torch.arange(capacity) <= context
     filled = torch.tensor([context + 1])
     scale = (128 + ROPE) ** -0.5
+    turn = iter(range(1 << 62))
 
     def blas():
+        cache = caches[next(turn) % len(caches)]
         for layer in range(LAYERS):
             _attend(query, cache[layer], RANK, mask, scale)
 
     def kernel():
+        cache = caches[next(turn) % len(caches)]
         for layer in range(LAYERS):
             kernels.latent_attention(query, cache[layer], filled, RANK, scale)
 
@@ -64,13 +133,17 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
     return min(t[0] for t in times), min(t[1] for t in times)
 
 
-def attention_alone(contexts: list[int], rounds: int) -> None:
-    print(f"attention of one decode step, {LAYERS} layers x {HEADS} heads, latent {RANK} + rope {ROPE} (ms)")
-    print(f"{'cache':>9} {'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9}")
+def attention_alone(contexts: list[int], rounds: int, peaks: dict[str, float] | None) -> None:
+    print(f"attention of one decode step, {LAYERS} layers x {HEADS} heads, latent {RANK} + rope {ROPE}, cache read from memory (ms)")
+    if peaks:
+        print("peak multiply-adds/s, " + ", ".join(f"{name} products: {rate / 1e9:.0f} G" if rate else f"{name}: n/a" for name, rate in peaks.items()))
+    print(f"{'cache':>9} {'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9} {'kernel G mul-add/s':>19}" + (f" {'of peak':>8}" if peaks else ""))
     for name, dtype in DTYPES.items():
         for context in contexts:
             blas, kernel = time_attention(dtype, context, rounds)
-            print(f"{name:>9} {context:>8} {blas:>8.3f} {kernel:>8.3f} {blas / kernel:>8.2f}x")
+            rate = multiply_adds(context) / (kernel / 1000)
+            share = f" {rate / peaks[name]:>8.0%}" if peaks and peaks[name] else (f" {'n/a':>8}" if peaks else "")
+            print(f"{name:>9} {context:>8} {blas:>8.3f} {kernel:>8.3f} {blas / kernel:>8.2f}x {rate / 1e9:>19.0f}" + share)
 
 
 def compiled_steps(checkpoint: str, contexts: list[int], rounds: int, cache_dtype: str | None) -> None:
@@ -110,11 +183,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", help="also time compiled decode steps of this checkpoint")
     parser.add_argument("--cache-dtype", choices=list(DTYPES), help="latent cache dtype for --checkpoint")
+    parser.add_argument("--peak", action="store_true", help="also measure the peak rate of the kernel's products (AVX-512 CPUs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not kernels.load():
         sys.exit("the kernels do not build on this machine (see the warning above)")
-    attention_alone(args.contexts, args.rounds)
+    attention_alone(args.contexts, args.rounds, peak_rates(args.threads) if args.peak else None)
     if args.checkpoint:
         compiled_steps(args.checkpoint, args.contexts, args.rounds, args.cache_dtype)
 

@@ -51,8 +51,9 @@ def test_decode_step_equals_the_model_with_its_cache(tmp_path, overrides, attent
         weights = absorbed_weights(model)
         for got, expected in _side_by_side(model, model, weights, expected_cache, cache, token, 6, attention_kernel):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        # The step wrote the same latent entries into the same slots, and nothing past them.
-        torch.testing.assert_close(cache.entries, expected_cache.entries, rtol=1e-5, atol=1e-6)
+        # The step wrote the same latent entries into the same slots, and nothing past them (to float32
+        # rounding: the step applies each RMSNorm's factor after the weight products, decode._normed).
+        torch.testing.assert_close(cache.entries, expected_cache.entries, rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(cache.entries[:, :, cache.length :]) == 0
 
 

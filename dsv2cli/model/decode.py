@@ -16,6 +16,9 @@ graph whose shapes never change from step to step (``dsv2cli/inference/compiled.
   one vectorized reduction converting each weight (float32, bfloat16 or int8 with row scales) as
   it streams it; the K chosen experts are gathered by their id tensor inside those reductions, so
   no expert id becomes a Python integer and every token runs the same graph;
+* an RMSNorm that feeds weight products (float32 activations) hands them ``x * weight`` and its
+  factor ``1 / rms(x)`` separately (:class:`Normed`): the factor scales the products' outputs, so no
+  square root runs inside a weight loop;
 * W_UK comes pre-transposed (``[H, C, N]``, :func:`absorbed_weights`) so that the absorbed
   query product reduces over contiguous memory; W_UV ``[H, V, C]`` already does. For int8 models
   both are int8 with a scale per row (``kv_b_proj`` is the one float matrix of an int8 checkpoint;
@@ -42,6 +45,7 @@ from dsv2cli.model.attention import MultiHeadLatentAttention, _softmax
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.moe import MLP, MoE
+from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.quantized import quantize_rows
 from dsv2cli.model.rope import apply_rope
 from dsv2cli.model.transformer import DeepseekV2
@@ -91,10 +95,33 @@ def decode_step(
     cos, sin = model.rotary.cos_sin(slot[None])  # [1, 1, R/2]
     x = model.embed_tokens(token)  # [1, 1, D]
     for layer, absorbed in zip(model.layers, weights, strict=True):
-        h = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slot, entries, absorbed, attention_kernel)
-        normed = layer.post_attention_layernorm(h)
-        x = h + (_moe(layer.mlp, normed) if isinstance(layer.mlp, MoE) else _mlp(layer.mlp, normed))
-    return cast(_linear(model.lm_head, model.norm(x)), x.dtype)
+        h = x + _attention(layer.self_attn, _normed(layer.input_layernorm, x), cos, sin, mask, slot, entries, absorbed, attention_kernel)
+        if isinstance(layer.mlp, MoE):
+            x = h + _moe(layer.mlp, layer.post_attention_layernorm(h))  # read by three products: stored once
+        else:
+            x = h + _mlp(layer.mlp, _normed(layer.post_attention_layernorm, h))
+    return cast(_linear(model.lm_head, _normed(model.norm, x)), x.dtype)
+
+
+@dataclass(frozen=True)
+class Normed:
+    """``norm(x)`` for the products that read it: ``values``, times ``factor`` (``[..., 1]``) when it is not None.
+
+    For float32 activations the RMS factor ``1 / sqrt(mean(x^2) + eps)`` is kept apart and applied to
+    the products' outputs (``W @ (x * weight) * factor``): left inside, inductor recomputes the
+    factor's square root and division in the weight loop, once per 16 weights (it compiles with
+    ``-fmath-errno``, so the C++ compiler may not hoist them; docs/performance.md).
+    """
+
+    values: torch.Tensor
+    factor: torch.Tensor | None = None
+
+
+def _normed(norm: RMSNorm, x: torch.Tensor) -> Normed:
+    """RMSNorm of ``x [..., D]`` for weight products: the factor kept apart for float32, applied here otherwise."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return Normed(norm(x))
+    return Normed(x * norm.weight, torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,19 +136,27 @@ def matvec(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = N
     return product if scale is None else product * scale
 
 
-def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _linear(linear: nn.Module, x: torch.Tensor | Normed) -> torch.Tensor:
     """A bias-free ``nn.Linear`` or ``Int8Linear`` on ``x [..., I]`` -> ``[..., O]`` float32."""
-    return matvec(linear.weight, x, getattr(linear, "scale", None))
+    return _product(linear.weight, x, getattr(linear, "scale", None))
 
 
-def _stacked(stack: FusedLinears, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _stacked(stack: FusedLinears, x: torch.Tensor | Normed) -> tuple[torch.Tensor, ...]:
     """Stacked linears (``fuse_projections``) on ``x [..., I]`` -> one float32 output per linear."""
-    return matvec(stack.weight, x, stack.scale).split(stack.sizes, dim=-1)
+    return _product(stack.weight, x, stack.scale).split(stack.sizes, dim=-1)
+
+
+def _product(weight: torch.Tensor, x: torch.Tensor | Normed, scale: torch.Tensor | None) -> torch.Tensor:
+    """:func:`matvec` of a plain or a :class:`Normed` input (its factor applied to the outputs)."""
+    if not isinstance(x, Normed):
+        return matvec(weight, x, scale)
+    out = matvec(weight, x.values, scale)
+    return out if x.factor is None else out * x.factor
 
 
 def _attention(
     attn: MultiHeadLatentAttention,
-    x: torch.Tensor,
+    x: Normed,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
@@ -130,16 +165,16 @@ def _attention(
     absorbed: AbsorbedWeights,
     attention_kernel: bool,
 ) -> torch.Tensor:
-    """Absorbed MLA for the one token ``x [1, 1, D]`` -> ``[1, 1, D]``; writes its cache entry."""
-    heads = attn.num_heads
+    """Absorbed MLA for the one (normed) token ``x [1, 1, D]`` -> ``[1, 1, D]``; writes its cache entry."""
+    heads, dtype = attn.num_heads, x.values.dtype
     query_proj = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
     if attn.fused_input is not None and attn.fused_input.usable():
         q, compressed = _stacked(attn.fused_input, x)
     else:
         q, compressed = _linear(query_proj, x), _linear(attn.kv_a_proj_with_mqa, x)
-    q, compressed = cast(q, x.dtype), cast(compressed, x.dtype)
+    q, compressed = cast(q, dtype), cast(compressed, dtype)
     if attn.q_lora_rank is not None:
-        q = cast(_linear(attn.q_b_proj, attn.q_a_layernorm(q)), x.dtype)
+        q = cast(_linear(attn.q_b_proj, _normed(attn.q_a_layernorm, q)), dtype)
     q_nope, q_pe = q.view(1, 1, heads, -1).split([attn.nope_dim, attn.rope_dim], dim=-1)  # [1, 1, H, N], [1, 1, H, R]
     latent, k_pe = compressed.split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
     entry = torch.cat((attn.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [1, 1, C + R]
@@ -154,7 +189,7 @@ def _attention(
     else:
         out_latent = _attend(query, kv[0], attn.kv_lora_rank, mask[0, 0], attn.softmax_scale)
     out = matvec(absorbed.value, out_latent, absorbed.value_scale)  # [H, V]
-    return cast(_linear(attn.o_proj, cast(out, x.dtype).reshape(1, 1, heads * attn.v_dim)), x.dtype)
+    return cast(_linear(attn.o_proj, cast(out, dtype).reshape(1, 1, heads * attn.v_dim)), dtype)
 
 
 def _attend(query: torch.Tensor, kv: torch.Tensor, rank: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -170,14 +205,15 @@ def _attend(query: torch.Tensor, kv: torch.Tensor, rank: int, mask: torch.Tensor
     return cast(torch.mm(probs, kv[:, :rank]), torch.float32)
 
 
-def _mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+def _mlp(mlp: MLP, x: torch.Tensor | Normed) -> torch.Tensor:
     """SwiGLU MLP (dense layer or shared experts) on ``x [..., D]`` -> ``[..., D]`` in x's dtype."""
+    dtype = x.values.dtype if isinstance(x, Normed) else x.dtype
     if mlp.fused_gate_up is not None and mlp.fused_gate_up.usable():
         gate, up = _stacked(mlp.fused_gate_up, x)
     else:
         gate, up = _linear(mlp.gate_proj, x), _linear(mlp.up_proj, x)
-    hidden = cast(F.silu(gate) * up, x.dtype)
-    return cast(_linear(mlp.down_proj, hidden), x.dtype)
+    hidden = cast(F.silu(gate) * up, dtype)
+    return cast(_linear(mlp.down_proj, hidden), dtype)
 
 
 def _moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
