@@ -119,6 +119,20 @@ inline __m512 dot(__m512 acc, __m512i word, __m512i query, const float*) {
 inline __m512 dot(__m512 acc, __m512i word, __m512i query, const at::BFloat16*) { return _mm512_dpbf16_ps(acc, as_bh(word), as_bh(query)); }
 #endif
 
+// One step of score_tile: each entry's 64-bit word at `offset` (two units; for the odd last unit of
+// an entry, that unit and zeros) broadcast against the query's units for rows 0-7 and rows 8-15.
+template <bool Odd, typename T>
+inline void score_step(const int32_t* query, const char* entry, int64_t bytes, int64_t offset, const T* tag, __m512* low, __m512* high) {
+  const __m512i query_low = _mm512_loadu_si512(query), query_high = _mm512_loadu_si512(query + L);
+  for (int64_t j = 0; j < kEntryTile; ++j) {
+    int64_t word = 0;
+    std::memcpy(&word, entry + j * bytes + offset, Odd ? 4 : 8);
+    const __m512i broadcast = _mm512_set1_epi64(word);
+    low[j] = dot(low[j], broadcast, query_low, tag);
+    high[j] = dot(high[j], broadcast, query_high, tag);
+  }
+}
+
 // Unscaled scores of kEntryTile consecutive entries (entry j at first + j * stride; each `units`
 // 32-bit units long) against the group's units [steps][rows 0-7, rows 8-15][8 rows][2 halves].
 template <typename T>
@@ -133,25 +147,9 @@ inline void score_tile(const int32_t* query, int64_t units, const T* first, int6
   int64_t step = 0;
   for (; 2 * step + 1 < units; ++step, query += 2 * L) {
     _mm_prefetch(ahead + 64 * step, _MM_HINT_T0);
-    const __m512i query_low = _mm512_loadu_si512(query), query_high = _mm512_loadu_si512(query + L);
-    for (int64_t j = 0; j < kEntryTile; ++j) {
-      int64_t word;
-      std::memcpy(&word, entry + j * bytes + 8 * step, sizeof(word));
-      const __m512i broadcast = _mm512_set1_epi64(word);
-      low[j] = dot(low[j], broadcast, query_low, first);
-      high[j] = dot(high[j], broadcast, query_high, first);
-    }
+    score_step<false>(query, entry, bytes, 8 * step, first, low, high);
   }
-  if (2 * step < units) {  // an odd last unit (the query's second halves are zero there)
-    const __m512i query_low = _mm512_loadu_si512(query), query_high = _mm512_loadu_si512(query + L);
-    for (int64_t j = 0; j < kEntryTile; ++j) {
-      int32_t unit;
-      std::memcpy(&unit, entry + j * bytes + 8 * step, sizeof(unit));
-      const __m512i broadcast = _mm512_set1_epi32(unit);
-      low[j] = dot(low[j], broadcast, query_low, first);
-      high[j] = dot(high[j], broadcast, query_high, first);
-    }
-  }
+  if (2 * step < units) score_step<true>(query, entry, bytes, 8 * step, first, low, high);
   const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   for (int64_t j = 0; j < kEntryTile; ++j) {
     const __m512 rows_low = _mm512_add_ps(low[j], _mm512_permute_ps(low[j], 0xB1));  // both halves of a row summed
