@@ -21,6 +21,7 @@ Side by side in one process, interleaved, best of ``--rounds``:
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
     mask = torch.arange(capacity) <= context
     filled = torch.tensor([context + 1])
     scale = (128 + ROPE) ** -0.5
-    turn = iter(range(1 << 62))
+    turn = itertools.count()  # which copy the next step reads
 
     def blas():
         cache = caches[next(turn) % len(caches)]
