@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from dsv2cli.checkpoint.files import read_safetensors_header
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX
@@ -28,6 +29,9 @@ from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.quantized import quantize_int8
+
+if TYPE_CHECKING:
+    from dsv2cli.parallel.plan import ShardPlan
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dsv2-native"
@@ -189,6 +193,69 @@ def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) ->
     return problems
 
 
+def read_native_state_dict(
+    directory: Path,
+    manifest: Manifest,
+    config: ModelConfig,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    plan: ShardPlan | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a native directory by name, mapped from its files; headers are checked first.
+
+    Nothing is copied where the stored dtype and device are kept: a tensor is a view of the mapped file.
+    ``dtype=None`` keeps the stored float dtype; int8 weights always stay int8 (the float tensors and the
+    scales take ``dtype``, which is then the activation dtype). With a ``plan`` (one rank of a
+    multi-process run) only that rank's slice of each split tensor is read (``get_slice``): its own
+    experts' rows, its heads, its vocabulary rows. A slice of input columns is copied to make it
+    contiguous (its rows are strided in the file); every other slice stays a view of the mapped file.
+    """
+    problems = header_problems(directory, manifest, config)
+    if problems:
+        from dsv2cli.checkpoint.files import problems_error
+
+        raise problems_error(directory, problems)
+    activation = dtype or DTYPE_BY_NAME[manifest.dtype]
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted({t["file"] for t in manifest.tensors.values()}):
+        try:
+            with safe_open(str(directory / file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    split = None if plan is None else plan.split_for(name)
+                    if split is None:
+                        tensor = f.get_tensor(name)
+                    else:
+                        tensor = f.get_slice(name)[split.index()]
+                        if split.dim > 0:
+                            tensor = tensor.contiguous()
+                    state[name] = _runtime(name, tensor, dtype, activation, manifest.quantization is not None, device)
+        except (OSError, RuntimeError) as exc:  # safetensors raises SafetensorError (a RuntimeError subclass) on bad bytes
+            raise CheckpointError(f"could not read {file}: {exc}", hint="run `dsv2 verify` on the directory") from exc
+    return state
+
+
+def _runtime(
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype | None,
+    activation: torch.dtype,
+    quantized: bool,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``tensor`` in the dtype and on the device the model computes with (the same tensor when nothing changes)."""
+    if tensor.dtype == torch.int8:
+        want = torch.int8
+    elif name.endswith(ROUTER_SUFFIX):
+        want = torch.float32 if dtype is not None else tensor.dtype
+    elif quantized and name.endswith("scale"):
+        want = activation  # stored in float32; int8 matmuls take the scale in the activation dtype
+    else:
+        want = dtype or tensor.dtype
+    if tensor.dtype != want or torch.device(device) != tensor.device:
+        return tensor.to(device=device, dtype=want)
+    return tensor
+
+
 def load_native(
     directory: Path,
     dtype: torch.dtype | None = None,
@@ -202,29 +269,7 @@ def load_native(
     """
     manifest = read_manifest(directory)
     config = config or load_config(directory)
-    problems = header_problems(directory, manifest, config)
-    if problems:
-        from dsv2cli.checkpoint.files import problems_error
-
-        raise problems_error(directory, problems)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted({t["file"] for t in manifest.tensors.values()}):
-        try:
-            state.update(load_file(str(directory / file)))
-        except (OSError, RuntimeError) as exc:
-            raise CheckpointError(f"could not read {file}: {exc}", hint="run `dsv2 verify` on the directory") from exc
-    activation = dtype or DTYPE_BY_NAME[manifest.dtype]
-    for name, tensor in state.items():
-        if tensor.dtype == torch.int8:
-            want = torch.int8
-        elif name.endswith(ROUTER_SUFFIX):
-            want = torch.float32 if dtype is not None else tensor.dtype
-        elif manifest.quantization and name.endswith("scale"):
-            want = activation  # stored in float32; int8 matmuls take the scale in the activation dtype
-        else:
-            want = dtype or tensor.dtype
-        if tensor.dtype != want or torch.device(device) != tensor.device:
-            state[name] = tensor.to(device=device, dtype=want)
+    state = read_native_state_dict(directory, manifest, config, dtype, device)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model = build_structure(config, manifest.quantization, has_int8_head(manifest))

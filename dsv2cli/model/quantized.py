@@ -53,7 +53,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(dtype) * scale.to(dtype)[..., None]).to(dtype)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
     One token on CPU (a decode step) takes the int8 x int8 path (:func:`int8_gemv`). Several tokens on a
@@ -61,10 +61,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     with bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
-    DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights.
+    DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights. ``amax``: the
+    token's largest ``|x|`` over a longer row than ``x`` (see :func:`quantize_activation`); only the
+    int8 x int8 path quantizes ``x``.
     """
     if is_one_cpu_token(x):
-        out = int8_gemv(quantize_activation(x.reshape(1, -1)), q, scale)
+        out = int8_gemv(quantize_activation(x.reshape(1, -1), amax), q, scale)
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and fast_cpu_bfloat16():
         # int8 values are exact in bfloat16, and on AVX512-BF16 a bfloat16 GEMM runs ~4x faster than a float32 one
@@ -96,15 +98,21 @@ def is_one_cpu_token(x: torch.Tensor) -> bool:
 _INT8_LEVELS = torch.tensor(127.0)
 
 
-def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_amax(x: torch.Tensor) -> torch.Tensor:
+    """The largest ``|x|`` of each row ``x [n, I]`` -> ``[n, 1]`` float32 (at least 1e-30): what sets a row's int8 step."""
+    return torch.linalg.vector_norm(cast(x, torch.float32), float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
+
+
+def quantize_activation(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``x [n, I]`` -> ``(int8 [n, I], step [n, 1] float32)`` with ``x ~ int8 * step`` (symmetric, per row).
 
     8 bits per value with one scale per token, like llama.cpp's Q8_0 activations (which keep one
-    scale per 32 values).
+    scale per 32 values). ``amax [n, 1]``: the rows' :func:`row_amax` when ``x`` holds only some of
+    their columns (one rank's share under tensor parallelism), so that every share is quantized with
+    the whole row's step.
     """
     x = cast(x, torch.float32)
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
-    step = amax / _INT8_LEVELS
+    step = (row_amax(x) if amax is None else amax) / _INT8_LEVELS
     return torch.div(x, step).round_().to(torch.int8), step
 
 

@@ -12,7 +12,7 @@ W world size.
   (``[c_KV | k_pe]``, 576 values per token and layer) and the latent cache is replicated, not split;
 * dense MLP: ``gate_proj``/``up_proj`` keep rows, ``down_proj`` becomes a :class:`RowParallelLinear`;
 * MoE: the router stays whole (every rank routes every token identically), ``experts`` becomes
-  :class:`LocalExperts` (a contiguous block), the shared experts are split like the dense MLP without their
+  :class:`LocalExperts` or :class:`LocalInt8Experts` (a contiguous block), the shared experts are split like the dense MLP without their
   own reduction, and one all-reduce (a forward hook, as gpt-fast does) sums routed and shared parts;
 * ``lm_head`` -> :class:`GatheredHead` (own vocabulary rows, logits all-gathered so every rank samples
   from the same full distribution).
@@ -23,6 +23,8 @@ routed to them and contribute zero for the rest. That costs the one ``[N, D]`` a
 need anyway; an all-to-all dispatch and combine is two collectives and only pays off when ranks hold
 different tokens (data-parallel attention, large batches).
 
+Float and int8 models alike (``dsv2cli/model/quantized.py``): a split ``Int8Linear`` stays an ``Int8Linear``
+whose per-output-row scale is sliced with its rows, or kept whole when its input columns are split.
 Works on a meta-device model (shapes only, before sharded loading) and on a loaded one (slices copied).
 """
 
@@ -37,48 +39,95 @@ from dsv2cli.errors import UnsupportedError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.moe import MLP, MoE, RoutedExperts
+from dsv2cli.model.quantized import Int8Linear, Int8RoutedExperts, int8_linear, is_one_cpu_token, row_amax
 from dsv2cli.parallel.group import ParallelGroup, all_gather_last_dim, all_reduce_sum
 from dsv2cli.parallel.plan import ShardPlan, Split
 
 
-def _local(param: torch.Tensor, split: Split | None) -> nn.Parameter:
-    """This rank's slice as a new parameter (a copy, so the full tensor can be freed; meta stays meta)."""
+def _local(tensor: torch.Tensor, split: Split | None) -> torch.Tensor:
+    """This rank's slice of ``tensor``: a copy, so the full tensor can be freed (meta stays meta; no split: itself).
+
+    A float tensor comes back as a parameter (it was one); an int8 weight or a scale as a plain tensor (a buffer).
+    """
     if split is None:
-        return param if isinstance(param, nn.Parameter) else nn.Parameter(param, requires_grad=False)
-    if param.is_meta:
-        shape = list(param.shape)
+        local = tensor
+    elif tensor.is_meta:
+        shape = list(tensor.shape)
         shape[split.dim] = split.size
-        return nn.Parameter(torch.empty(shape, dtype=param.dtype, device="meta"), requires_grad=param.requires_grad)
-    return nn.Parameter(param.detach()[split.index()].clone(), requires_grad=param.requires_grad)
+        local = torch.empty(shape, dtype=tensor.dtype, device="meta")
+    else:
+        local = tensor.detach()[split.index()].clone()
+    if isinstance(tensor, nn.Parameter) and not isinstance(local, nn.Parameter):
+        return nn.Parameter(local, requires_grad=tensor.requires_grad)
+    return local
 
 
-def _plain_linear(module: nn.Module, name: str) -> nn.Linear:
-    if type(module) is not nn.Linear or module.bias is not None:
-        raise UnsupportedError(
-            f"cannot split {name}: it is a {type(module).__name__}, not a float nn.Linear without bias",
-            hint="multi-process runs need float weights; load the checkpoint without quantization",
-        )
+def _hold(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    """Register ``tensor`` on ``module``: a parameter as a parameter, an int8 weight or a scale as a buffer."""
+    if isinstance(tensor, nn.Parameter):
+        module.register_parameter(name, tensor)
+    else:
+        module.register_buffer(name, tensor)
+
+
+def _weight_and_scale(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear's weight ``[O, I]`` and, for int8, its per-output-row scale ``[O]`` (None for a float one)."""
+    if type(module) is nn.Linear and module.bias is None:
+        return module.weight, None
+    if type(module) is Int8Linear:
+        return module.weight, module.scale
+    raise UnsupportedError(
+        f"cannot split {name}: it is a {type(module).__name__}, not a bias-free nn.Linear or an Int8Linear",
+        hint="multi-process runs split float and int8 (dsv2 native) checkpoints",
+    )
+
+
+def _split(module: nn.Module, name: str, plan: ShardPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's slice of the linear ``name``: its weight and, for int8, the scale that goes with it (:class:`ShardPlan`)."""
+    weight, scale = _weight_and_scale(module, name)
+    local_scale = None if scale is None else _local(scale, plan.split_for(f"{name}.scale"))
+    return _local(weight, plan.split_for(f"{name}.weight")), local_scale
+
+
+def _linear_module(weight: torch.Tensor, scale: torch.Tensor | None) -> nn.Module:
+    """An ``nn.Linear`` (float) or :class:`Int8Linear` holding ``weight [O, I]`` (and ``scale [O]``)."""
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        module = nn.Linear(in_features, out_features, bias=False) if scale is None else Int8Linear(in_features, out_features)
+    _hold(module, "weight", weight)
+    if scale is not None:
+        _hold(module, "scale", scale)
     return module
 
 
-def _narrowed(linear: nn.Linear, weight: nn.Parameter) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` (its shape sets the features)."""
-    with torch.device("meta"):
-        out = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    out.weight = weight
-    return out
-
-
 class RowParallelLinear(nn.Module):
-    """A linear layer holding some input columns: ``y = all_reduce(x_local @ W_local^T)``."""
+    """A linear layer holding some input columns: ``y = all_reduce(x_local @ W_local^T)``.
 
-    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup | None) -> None:
+    Float, or int8 with the whole per-output-row scale (a row's scale multiplies every rank's partial sum
+    alike). One int8 token on CPU is quantized with the step of the whole row, its largest ``|x|`` gathered
+    from every rank (one ``[1, W]`` all-gather), so each rank's int8 values are those one process computes
+    and the result differs from one process only in the order of the sums. ``reduce=False`` leaves the sum
+    to the caller (the shared experts: the MoE's one all-reduce).
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, group: ParallelGroup, reduce: bool = True) -> None:
         super().__init__()
-        self.weight = weight  # [O, I / W]
-        self.group = group
+        _hold(self, "weight", weight)  # [O, I / W]
+        _hold(self, "scale", scale)  # [O] for int8, else None
+        self.group = group.process_group
+        self.world_size = group.world_size
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(F.linear(x, self.weight), self.group)
+        if self.scale is None:
+            out = F.linear(x, self.weight)
+        else:
+            amax = None
+            if is_one_cpu_token(x):
+                shares = all_gather_last_dim(row_amax(x.reshape(1, -1)), self.group, self.world_size)  # [1, W]
+                amax = shares.amax(dim=-1, keepdim=True)
+            out = int8_linear(x, self.weight, self.scale, amax)
+        return all_reduce_sum(out, self.group) if self.reduce else out
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -99,16 +148,26 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class GatheredHead(nn.Module):
-    """``lm_head`` rows for this rank's vocabulary; the logits ``[B, S, V]`` are all-gathered."""
+    """``lm_head`` rows for this rank's vocabulary (float, or int8 with their scales); the logits ``[B, S, V]`` are all-gathered."""
 
-    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup | None, world_size: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor | None, group: dist.ProcessGroup | None, world_size: int
+    ) -> None:
         super().__init__()
-        self.weight = weight  # [V / W, D]
+        _hold(self, "weight", weight)  # [V / W, D]
+        _hold(self, "scale", scale)  # [V / W] for int8, else None
         self.group = group
         self.world_size = world_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(F.linear(x, self.weight), self.group, self.world_size)
+        logits = F.linear(x, self.weight) if self.scale is None else int8_linear(x, self.weight, self.scale)
+        return all_gather_last_dim(logits, self.group, self.world_size)
+
+
+def _local_ids(expert_ids: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Global expert ids ``[N, K]`` -> ids into the block ``[first, first + count)``; other ranks' experts become drops (-1)."""
+    local = expert_ids - first
+    return local.masked_fill((local < 0) | (local >= count), -1)
 
 
 class LocalExperts(RoutedExperts):
@@ -127,9 +186,26 @@ class LocalExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        local = expert_ids - self.first
-        local = local.masked_fill((local < 0) | (local >= self.num_experts), -1)
-        return super().forward(x, local, weights)
+        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights)
+
+
+class LocalInt8Experts(Int8RoutedExperts):
+    """:class:`LocalExperts` for int8 experts: a block of :class:`Int8RoutedExperts` with their per-row scales.
+
+    Each expert is whole on its rank, so its products (and, on CPU, the quantized token) are exactly one
+    process's.
+    """
+
+    def __init__(self, parts: dict[str, torch.Tensor], first: int) -> None:
+        nn.Module.__init__(self)  # the parent's __init__ would allocate all E experts
+        self.num_experts = parts["gate_up_proj"].shape[0]
+        self.first = first
+        for name in ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale"):
+            self.register_buffer(name, parts[name])  # [E / W, 2I, D], [E / W, 2I], [E / W, D, I], [E / W, D]
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
+        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights)
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
@@ -139,34 +215,33 @@ def _all_reduce_output(module: nn.Module, inputs: tuple[object, ...], output: to
 def _split_attention(attn: MultiHeadLatentAttention, prefix: str, plan: ShardPlan, group: ParallelGroup) -> None:
     q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
     for name in (q_name, "kv_b_proj"):
-        linear = _plain_linear(getattr(attn, name), prefix + name)
-        setattr(attn, name, _narrowed(linear, _local(linear.weight, plan.split_for(f"{prefix}{name}.weight"))))
-    o_proj = _plain_linear(attn.o_proj, prefix + "o_proj")
-    attn.o_proj = RowParallelLinear(_local(o_proj.weight, plan.split_for(f"{prefix}o_proj.weight")), group.process_group)
+        setattr(attn, name, _linear_module(*_split(getattr(attn, name), prefix + name, plan)))
+    attn.o_proj = RowParallelLinear(*_split(attn.o_proj, prefix + "o_proj", plan), group)
     first, stop = plan.heads
     attn.num_heads = stop - first
 
 
 def _split_mlp(mlp: MLP, prefix: str, plan: ShardPlan, group: ParallelGroup, reduce: bool) -> None:
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        linear = _plain_linear(getattr(mlp, name), prefix + name)
-        weight = _local(linear.weight, plan.split_for(f"{prefix}{name}.weight"))
-        if name == "down_proj" and reduce:
-            mlp.down_proj = RowParallelLinear(weight, group.process_group)  # type: ignore[assignment]
-        else:
-            setattr(mlp, name, _narrowed(linear, weight))
+    for name in ("gate_proj", "up_proj"):
+        setattr(mlp, name, _linear_module(*_split(getattr(mlp, name), prefix + name, plan)))
+    # the shared experts (reduce=False) are summed by the MoE's one all-reduce, with the routed experts
+    mlp.down_proj = RowParallelLinear(*_split(mlp.down_proj, prefix + "down_proj", plan), group, reduce)  # type: ignore[assignment]
 
 
 def _split_moe(moe: MoE, prefix: str, plan: ShardPlan, group: ParallelGroup) -> None:
     experts = moe.experts
-    if type(experts) is not RoutedExperts:
-        raise UnsupportedError(
-            f"cannot split {prefix}experts: it is a {type(experts).__name__}",
-            hint="multi-process runs need float weights; load the checkpoint without quantization",
-        )
     split = plan.split_for(f"{prefix}experts.gate_up_proj")
     assert split is not None
-    moe.experts = LocalExperts(_local(experts.gate_up_proj, split), _local(experts.down_proj, split), split.start)
+    if type(experts) is RoutedExperts:
+        moe.experts = LocalExperts(_local(experts.gate_up_proj, split), _local(experts.down_proj, split), split.start)
+    elif type(experts) is Int8RoutedExperts:
+        names = ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale")
+        moe.experts = LocalInt8Experts({name: _local(getattr(experts, name), split) for name in names}, split.start)
+    else:
+        raise UnsupportedError(
+            f"cannot split {prefix}experts: it is a {type(experts).__name__}",
+            hint="multi-process runs split float and int8 (dsv2 native) checkpoints",
+        )
     if moe.shared_experts is not None:
         _split_mlp(moe.shared_experts, f"{prefix}shared_experts.", plan, group, reduce=False)
     moe.parallel_group = group.process_group
@@ -193,9 +268,9 @@ def parallelize(model: DeepseekV2, group: ParallelGroup) -> DeepseekV2:
         else:
             _split_mlp(block.mlp, prefix + "mlp.", plan, group, reduce=True)
     if model.config.tie_word_embeddings:
-        head_weight = model.embed_tokens.weight
+        head: tuple[torch.Tensor, torch.Tensor | None] = (model.embed_tokens.weight, None)
     else:
-        head_weight = _local(_plain_linear(model.lm_head, "lm_head").weight, plan.split_for("lm_head.weight"))
-    model.lm_head = GatheredHead(head_weight, group.process_group, group.world_size)  # type: ignore[assignment]
+        head = _split(model.lm_head, "lm_head", plan)
+    model.lm_head = GatheredHead(*head, group.process_group, group.world_size)  # type: ignore[assignment]
     model.parallel_world_size = group.world_size
     return model

@@ -12,6 +12,10 @@ The split is the one DeepSeek's reference uses (spec §8.1), applied to dsv2's p
 | routed ``experts.gate_up_proj`` / ``down_proj`` | experts (dim 0) | expert parallelism: a contiguous block per rank |
 | norms, ``q_a_proj``, ``kv_a_proj_with_mqa``, router ``gate`` | replicated | small, and the latent is shared by all heads |
 
+An int8 weight's scale (``<module>.scale [O]``, experts' ``gate_up_proj_scale [E, 2I]`` / ``down_proj_scale
+[E, D]``: one per output row) follows its weight: a split of the rows or experts slices it too, a split of
+the input columns (``o_proj``, ``down_proj``) leaves every rank the whole scale.
+
 Every split must be even; :meth:`ShardPlan.check` names the first size that does not divide.
 """
 
@@ -54,6 +58,17 @@ _RULES: tuple[tuple[re.Pattern[str], int, str], ...] = (
     (re.compile(r"\.mlp\.(gate_proj|up_proj)\.weight$"), 0, "dense"),
     (re.compile(r"\.mlp\.down_proj\.weight$"), 1, "dense"),
 )
+
+_SCALE = re.compile(r"^(.*)(\.scale|_scale)$")
+
+
+def _scaled_weight(name: str) -> str | None:
+    """The weight an int8 scale belongs to (``o_proj.scale`` -> ``o_proj.weight``, ``experts.down_proj_scale`` ->
+    ``experts.down_proj``), or None when ``name`` is not a scale."""
+    match = _SCALE.match(name)
+    if match is None:
+        return None
+    return match.group(1) + (".weight" if match.group(2) == ".scale" else "")
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,12 @@ class ShardPlan:
 
     def split_for(self, name: str) -> Split | None:
         """The slice of the dsv2 parameter ``name`` this rank holds, or None when every rank holds all of it."""
+        weight = _scaled_weight(name)
+        if weight is not None:
+            split = self.split_for(weight)
+            input_dim = 1 if weight.endswith(".weight") else 2  # linears [O, I], stacked experts [E, O, I]
+            # a scale is the weight's shape without its input dimension: it is split wherever the weight's rows are
+            return split if split is not None and split.dim < input_dim else None
         for pattern, dim, kind in _RULES:
             if pattern.search(name):
                 return Split(dim, *self._unit_range(kind))
