@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
+from dsv2cli.checkpoint.fit import check_load
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes, runtime_dtype
-from dsv2cli.checkpoint.native import is_native, load_native
+from dsv2cli.checkpoint.native import is_native, load_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
@@ -115,19 +116,32 @@ def load_hf_checkpoint(
     return model.eval()
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files a load of ``directory`` reads (native manifest, HF index or ``*.safetensors``)."""
+    directory = Path(directory)
+    if is_native(directory):
+        return [directory / file for file in sorted({str(t.get("file")) for t in read_manifest(directory).tensors.values()})]
+    return inspect_checkpoint(directory, load_config(directory)).files
+
+
 def load_checkpoint(
     directory: str | Path,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     on_tensor: Callable[[str], None] | None = None,
+    working: int | None = None,
 ) -> DeepseekV2:
     """Load any checkpoint directory dsv2 understands: HF layout, or native (``manifest.json``, float or int8).
 
     ``dtype=None`` keeps float32 for a HF checkpoint (the parity dtype) and the stored dtype for a
     native one (its files are mapped, not copied). An int8 checkpoint keeps int8 weights; ``dtype`` is
-    then the dtype of its activations and remaining float tensors.
+    then the dtype of its activations and remaining float tensors. Refused before anything is allocated
+    when it does not fit in memory with ``working`` bytes beside it (:func:`fit.check_load`).
     """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    check_load(directory, dtype, device, working=working)
     if is_native(directory):
         return load_native(directory, dtype, device)
     return load_hf_checkpoint(directory, dtype or torch.float32, device, on_tensor=on_tensor)

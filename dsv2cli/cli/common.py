@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dsv2cli.errors import DSV2Error, InputError, UnsupportedError
 
@@ -58,6 +59,43 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class LoadStatus:
+    """Shows a model load on stderr: warnings, and a progress bar while weight files are read ahead."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+
+    def warn(self, message: str) -> None:
+        err.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
+
+    def reading(self, total_bytes: int) -> Callable[[int], None]:
+        if not err.is_terminal:
+            return lambda n: None
+        self.progress = Progress(
+            TextColumn("reading weights"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        task = self.progress.add_task("read", total=total_bytes)
+        self.progress.start()
+        progress = self.progress
+        return lambda n: progress.advance(task, n)
+
+    def read(self, report: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if report.seconds >= 1.0:  # a warm start reads nothing; say only what the user waited for
+            err.print(
+                f"[dim]read {report.read_bytes / 1e9:.1f} GB of weights ahead in {report.seconds:.1f} s"
+                f" ({report.bytes_per_s / 1e9:.2f} GB/s)[/]"
+            )
 
 
 def human_bytes(n: float) -> str:

@@ -27,7 +27,7 @@ from dsv2cli.analysis.expert_stats import (
     collect_expert_stats,
 )
 from dsv2cli.analysis.text_inputs import read_sequences
-from dsv2cli.cli.common import err, handle_errors, out, pyplot_for
+from dsv2cli.cli.common import LoadStatus, err, handle_errors, out, pyplot_for
 from dsv2cli.errors import InputError
 from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
@@ -136,7 +136,7 @@ def expert_stats(
             raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
         pyplot = None if plot is None else pyplot_for(plot)  # before any work: a missing matplotlib fails at once
         paths = from_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
-        loaded, shards = load_model(model, group, device, dtype, threads)
+        loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
         if shards is not None:
             for line in shards.lines():
                 err.print(f"[dim]{line}[/]", soft_wrap=True)

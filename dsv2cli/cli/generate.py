@@ -11,7 +11,7 @@ import typer
 
 from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
-from dsv2cli.cli.common import err, handle_errors, human_bytes, out
+from dsv2cli.cli.common import LoadStatus, err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
@@ -127,7 +127,7 @@ def generate(
         inputs = from_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
-        loaded, shards = load_model(model, group, device, dtype, threads)
+        loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
         kernel = _attention_kernel(loaded, attention_kernel, compile)
         decoder = CompiledDecoder(loaded.model, attention_kernel=kernel) if compile else None
         if shards is not None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from dsv2cli import kernels
-from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
+from dsv2cli.checkpoint.fit import Fit, check_load, fit_of, gb, load_need, stored_dtype, working_bytes
+from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint, weight_files
+from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
+from dsv2cli.config import load_config
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.resolve import resolve_checkpoint
+
+# Weight files are read ahead only when they take at most this share of the memory left after the load.
+READ_AHEAD_SHARE = 0.8
 
 
 @dataclass
@@ -44,19 +51,21 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_dtype(name: str, device: torch.device, directory: Path) -> torch.dtype:
-    """``auto``: float32 on CPU (fastest and exact there); the checkpoint's dtype on CUDA."""
+def choose_dtype(name: str, device: torch.device, directory: Path, working: int | None = None) -> torch.dtype:
+    """``auto``: on CPU float32 (fastest and exact there) when it fits in memory, else the stored dtype
+    (a native checkpoint's files are then mapped, not copied); on CUDA the stored dtype."""
     if name != "auto":
         if name not in DTYPES:
             raise InputError(f"unknown dtype '{name}'", hint=f"choose auto or one of {', '.join(DTYPES)}")
         return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32
-    try:
-        stored = json.loads((directory / "config.json").read_text()).get("torch_dtype")
-    except (OSError, json.JSONDecodeError):
-        stored = None
-    return DTYPES.get(stored or "bfloat16", torch.bfloat16)
+    stored = stored_dtype(directory) or torch.bfloat16
+    if device.type == "cpu" and stored != torch.float32:
+        need = load_need(directory, torch.float32, device)
+        config = load_config(directory)
+        reserve = working if working is not None else working_bytes(config, torch.float32, capacity=4096)
+        if fit_of(need.with_working(reserve), device).fits:
+            return torch.float32
+    return stored
 
 
 def configure_cpu(threads: int | None) -> None:
@@ -85,16 +94,59 @@ def use_attention_kernel(model: DeepseekV2) -> bool:
     return True
 
 
+class LoadProgress(Protocol):
+    """What a command shows while a model loads (``cli/common.py`` renders it)."""
+
+    def warn(self, message: str) -> None: ...
+
+    def reading(self, total_bytes: int) -> Callable[[int], None]:
+        """Reading ``total_bytes`` of weight files ahead starts; returns the per-block callback."""
+        ...
+
+    def read(self, report: ReadAhead) -> None: ...
+
+
+def read_weights_ahead(directory: Path, fit: Fit, progress: LoadProgress | None) -> ReadAhead | None:
+    """Read the weight files into the page cache before the first step when they fit there with room to spare.
+
+    When they do not, the mapped weights are read from disk as steps touch them; say so.
+    """
+    files = weight_files(directory)
+    total = sum(path.stat().st_size for path in files)
+    room = fit.available.bytes - fit.need.allocated
+    if total > READ_AHEAD_SHARE * room:
+        if fit.need.mapped and progress is not None:
+            progress.warn(
+                f"the weight files ({gb(total)}) do not fit in memory beside the rest ({gb(max(0, room))} free of "
+                f"{gb(fit.available.bytes)}): decode steps will read weights from disk and run slowly; an int8 "
+                "copy (dsv2 convert --quantize int8) reads half the bytes"
+            )
+        return None
+    on_bytes = progress.reading(total) if progress is not None else None
+    report = read_ahead(files, on_bytes)
+    if progress is not None:
+        progress.read(report)
+    return report
+
+
 def load_for_generation(
     spec: str | None,
     device: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    working: int | None = None,
+    progress: LoadProgress | None = None,
 ) -> LoadedModel:
-    """Everything `dsv2 generate` needs before the first prompt."""
+    """Everything `dsv2 generate` needs before the first prompt.
+
+    Checks that the model fits (``working`` bytes of cache and activations beside it; default: one
+    sequence of 4096 tokens), reads the weight files ahead when they fit in the page cache, then loads.
+    """
     configure_cpu(threads)
     name, directory = resolve_checkpoint(spec)
     torch_device = choose_device(device)
-    torch_dtype = choose_dtype(dtype, torch_device, directory)
-    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device))
+    torch_dtype = choose_dtype(dtype, torch_device, directory, working)
+    fit = check_load(directory, torch_dtype, torch_device, working=working)
+    read_weights_ahead(directory, fit, progress)
+    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, working=working))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)

@@ -1,0 +1,422 @@
+"""Will it fit? The memory a load needs, read from the files' headers, against what this machine has.
+
+Every command that loads weights asks :func:`check_load` first, so a model that does not fit is
+refused with one line (needed vs available, and how to make it fit) instead of being killed by the
+kernel halfway through. Nothing is read but headers.
+
+A load needs three kinds of memory:
+
+* **copied**: tensors the loader allocates: a dtype or device change, experts stacked from a HF
+  checkpoint, projections fused for inference (``model/fusion.py``). These must fit, or the process dies.
+* **mapped**: tensors of a native checkpoint used as they are on disk (``mmap``). They live in the page
+  cache: the kernel can drop them under pressure and read them again, so they never get the process
+  killed, but when they do not fit beside everything else every step reads weights from disk.
+* **working**: the latent cache, activations and the runtime's slack (:func:`working_bytes`).
+
+Available memory is the smallest of ``MemAvailable`` (``/proc/meminfo``), this cgroup's limit minus its
+use (page cache it can drop counted as free), and ``RLIMIT_AS`` minus the address space in use (mapped
+files count there); on CUDA, the device's free memory.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsv2cli.checkpoint.files import find_problems
+from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name
+from dsv2cli.checkpoint.native import DTYPE_BY_NAME, ST_TO_TORCH, expected_tensors, is_native, read_manifest
+from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.errors import DSV2Error
+
+GB = 10**9
+RUNTIME_SLACK = 256 << 20  # allocator slack, the tokenizer, temporaries of one layer
+# Linears whose weights fuse_projections stacks into one new tensor at load time (a copy, even when mapped).
+_FUSED = (".self_attn.q_proj.", ".self_attn.q_a_proj.", ".self_attn.kv_a_proj_with_mqa.", "mlp.gate_proj.", "mlp.up_proj.")
+
+
+class InsufficientMemoryError(DSV2Error):
+    """What was asked for needs more memory than this machine (or process, or device) has."""
+
+
+@dataclass(frozen=True)
+class Available:
+    """Bytes that can still be allocated, and what limits them (``MemAvailable``, a cgroup, ``RLIMIT_AS``, CUDA)."""
+
+    bytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes a load needs: ``copied`` (allocated), ``mapped`` (used from the page cache), ``working``."""
+
+    copied: int
+    mapped: int
+    working: int = 0
+
+    @property
+    def allocated(self) -> int:
+        """What must fit for the process to live: copies and working memory."""
+        return self.copied + self.working
+
+    @property
+    def total(self) -> int:
+        return self.copied + self.mapped + self.working
+
+    def with_working(self, working: int) -> MemoryNeed:
+        return MemoryNeed(self.copied, self.mapped, working)
+
+
+def gb(n: float) -> str:
+    """31419784192 -> '31.4 GB'; below 1 GB in MB."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 10**6:.0f} MB"
+
+
+# ---- what this machine has ---------------------------------------------------------------------------------------
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Limit minus use for this process's cgroup and its parents (v2), or v1's memory controller; None without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: walk up to the root, the tightest limit wins
+            group = root / path.lstrip("/")
+            while True:
+                limit = _read_int(group / "memory.max")
+                used = _read_int(group / "memory.current")
+                if limit is not None and used is not None:
+                    best = min(best if best is not None else limit, limit - used + _reclaimable(group / "memory.stat"))
+                if group == root or root not in group.parents:
+                    break
+                group = group.parent
+        elif "memory" in controllers.split(","):
+            group = root / "memory" / path.lstrip("/")
+            limit = _read_int(group / "memory.limit_in_bytes")
+            used = _read_int(group / "memory.usage_in_bytes")
+            if limit is not None and used is not None and limit < 1 << 60:
+                free = limit - used + _reclaimable(group / "memory.stat", "total_inactive_file")
+                best = free if best is None else min(best, free)
+    return best
+
+
+def _reclaimable(stat: Path, key: str = "inactive_file") -> int:
+    """Page cache the cgroup can drop before it runs out (counted in its use)."""
+    try:
+        for line in stat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _address_space_available() -> int | None:
+    """``RLIMIT_AS`` minus this process's address space (mapped files count), or None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return soft - int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return soft
+
+
+def available_memory(device: torch.device | str = "cpu") -> Available:
+    """What can still be allocated on ``device`` (see the module docstring for the sources)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return Available(free, f"free memory of {device}")
+    candidates = [
+        (_meminfo_available(), "MemAvailable"),
+        (_cgroup_available(), "this cgroup's memory limit"),
+        (_address_space_available(), "RLIMIT_AS"),
+    ]
+    known = [(max(0, n), source) for n, source in candidates if n is not None]
+    if not known:
+        return Available(1 << 62, "no limit known")
+    return Available(*min(known))
+
+
+def address_space_limited() -> bool:
+    """Whether mapped files count against the limit (``RLIMIT_AS``) as allocations do."""
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
+# ---- what a load needs -----------------------------------------------------------------------------------------
+
+
+def _numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _local_numel(name: str, shape: tuple[int, ...], plan) -> int:  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    """Elements of ``name`` one rank holds (a scale is split with its weight's rows)."""
+    if plan is None:
+        return _numel(shape)
+    weight = name.removesuffix("_scale") if name.endswith("_scale") else name.removesuffix(".scale") + ".weight"
+    split = plan.split_for(name) or (plan.split_for(weight) if weight != name else None)
+    if split is None or split.dim >= len(shape):
+        return _numel(shape)
+    return _numel(shape) // shape[split.dim] * split.size
+
+
+def _fused(name: str) -> bool:
+    return ".experts." not in name and any(part in name for part in _FUSED)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def native_need(
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    quantization: str | None,
+    stored: torch.dtype,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+) -> MemoryNeed:
+    """Memory of loading native tensors ``name -> (safetensors dtype, shape)`` as ``load_native`` does.
+
+    A tensor is mapped when it keeps its stored dtype on the CPU and is not fused; otherwise it is
+    copied in the dtype it gets (the same rules as ``load_native``).
+    """
+    on_cpu = torch.device(device).type == "cpu"
+    activation = dtype or stored
+    copied = mapped = 0
+    for name, (st_dtype, shape) in tensors.items():
+        have = ST_TO_TORCH[st_dtype]
+        if have == torch.int8:
+            want = torch.int8
+        elif name.endswith(ROUTER_SUFFIX):
+            want = torch.float32 if dtype is not None else have
+        elif quantization and name.endswith("scale"):
+            want = activation
+        else:
+            want = dtype or have
+        n = _local_numel(name, shape, plan)
+        split = plan is not None and n != _numel(shape)
+        if want == have and on_cpu and not _fused(name) and not split:
+            mapped += n * _itemsize(have)
+        else:
+            copied += n * _itemsize(want)
+    return MemoryNeed(copied, mapped)
+
+
+def load_need(
+    directory: Path,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    config: ModelConfig | None = None,
+) -> MemoryNeed:
+    """Memory of loading ``directory`` (HF or native) in ``dtype`` on ``device``; ``plan``: one rank's share.
+
+    ``dtype=None`` is the loader's own default (float32 for HF, the stored dtype for native). Bad files
+    are not reported here (the loader does that): what cannot be read counts as nothing.
+    """
+    directory = Path(directory)
+    config = config or load_config(directory)
+    if is_native(directory):
+        manifest = read_manifest(directory)
+        tensors = {
+            name: (str(entry.get("dtype")), tuple(entry.get("shape", ())))
+            for name, entry in manifest.tensors.items()
+            if entry.get("dtype") in ST_TO_TORCH
+        }
+        return native_need(tensors, manifest.quantization, DTYPE_BY_NAME[manifest.dtype], dtype, device, plan)
+    files, _ = find_problems(directory, config)
+    dtype = dtype or torch.float32
+    on_cpu = torch.device(device).type == "cpu"
+    first, stop = plan.experts if plan is not None else (0, config.n_routed_experts or 0)
+    copied = mapped = 0
+    for name, info in files.tensors.items():
+        expert = expert_slice(name)
+        if expert is not None:  # stacked into a new tensor: always a copy
+            copied += _numel(info.shape) * _itemsize(dtype) if first <= expert.expert < stop else 0
+            continue
+        target = native_name(name)
+        want = torch.float32 if target.endswith(ROUTER_SUFFIX) else dtype
+        n = _local_numel(target, info.shape, plan)
+        # safetensors maps a tensor it returns; a cast, a fusion or a slice makes it a copy.
+        if ST_TO_TORCH.get(info.dtype) == want and on_cpu and not _fused(target) and n == _numel(info.shape):
+            mapped += n * _itemsize(want)
+        else:
+            copied += n * _itemsize(want)
+    return MemoryNeed(copied, mapped)
+
+
+def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan=None) -> MemoryNeed:  # noqa: ANN001
+    """Memory of an int8 native copy of ``config`` (what ``dsv2 convert --quantize int8`` writes), loaded in ``dtype``."""
+    tensors = {}
+    for name, (shape, required) in expected_tensors(config, "int8").items():
+        tensors[name] = (required or "BF16", shape)
+    return native_need(tensors, "int8", torch.bfloat16, dtype, "cpu", plan)
+
+
+def stored_dtype(directory: Path) -> torch.dtype | None:
+    """The float dtype a checkpoint's weights are stored in: the manifest's, else the one of most bytes in the files."""
+    if is_native(directory):
+        return DTYPE_BY_NAME[read_manifest(directory).dtype]
+    files, _ = find_problems(directory, load_config(directory))
+    by_dtype: dict[torch.dtype, int] = {}
+    for info in files.tensors.values():
+        dtype = ST_TO_TORCH.get(info.dtype)
+        if dtype is not None and dtype.is_floating_point:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + info.nbytes
+    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
+
+
+# ---- working memory ----------------------------------------------------------------------------------------------
+
+
+def working_bytes(config: ModelConfig, dtype: torch.dtype, rows: int = 1, tokens: int = 0, capacity: int = 0) -> int:
+    """Cache and activations of one forward of ``rows x tokens`` new tokens over ``capacity`` cached ones.
+
+    latent cache ``rows x capacity x layers x (kv_lora_rank + qk_rope_head_dim)`` values; activations of
+    one layer at a time (the widest MLP, the heads' queries, keys and values, and the attention scores
+    ``rows x heads x tokens x capacity`` in float32), plus :data:`RUNTIME_SLACK`.
+    """
+    size = _itemsize(dtype)
+    cache = rows * capacity * config.num_hidden_layers * config.kv_cache_elements_per_token_per_layer * size
+    heads = config.num_attention_heads
+    per_token = 4 * (
+        8 * config.hidden_size
+        + 3 * max(config.intermediate_size, config.shared_intermediate_size or 0)
+        + 3 * heads * max(config.qk_head_dim, config.v_head_dim, config.kv_lora_rank)
+        + 2 * (config.n_routed_experts or 0)
+    )
+    scores = 2 * rows * heads * tokens * max(tokens, capacity) * 4
+    return cache + rows * tokens * per_token + scores + RUNTIME_SLACK
+
+
+# ---- the check ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A load's need against what is available, and whether its mapped weights fit in the page cache too."""
+
+    need: MemoryNeed
+    available: Available
+
+    @property
+    def fits(self) -> bool:
+        counted = self.need.total if address_space_limited() else self.need.allocated
+        return counted <= self.available.bytes
+
+    @property
+    def mapped_fits(self) -> bool:
+        return self.need.total <= self.available.bytes
+
+
+def fit_of(need: MemoryNeed, device: torch.device | str = "cpu") -> Fit:
+    return Fit(need, available_memory(device))
+
+
+def describe(need: MemoryNeed) -> str:
+    parts = [f"{gb(need.copied)} of weights to load"]
+    if need.mapped:
+        parts.append(f"{gb(need.mapped)} mapped from disk")
+    if need.working:
+        parts.append(f"{gb(need.working)} cache and working memory")
+    return " + ".join(parts)
+
+
+def check_load(
+    directory: Path,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    working: int | None = None,
+    what: str | None = None,
+) -> Fit:
+    """Raise :class:`InsufficientMemoryError` unless loading ``directory`` fits; returns the fit otherwise.
+
+    ``working`` defaults to :data:`RUNTIME_SLACK` plus a 4096-token cache for one sequence. Mapped
+    weights that do not fit beside the rest are allowed (the page cache reads them again), and the
+    returned :class:`Fit` says so (``mapped_fits``) for the caller to warn about.
+    """
+    directory = Path(directory)
+    config = load_config(directory)
+    need = load_need(directory, dtype, device, plan, config)
+    stored = stored_dtype(directory) or torch.float32
+    need = need.with_working(working if working is not None else working_bytes(config, dtype or stored, capacity=4096))
+    fit = fit_of(need, device)
+    if fit.fits:
+        return fit
+    subject = what or f"{directory.name} in {str(dtype or stored).removeprefix('torch.')}"
+    if plan is not None:
+        subject += f" (rank {plan.rank} of {plan.world_size})"
+    raise InsufficientMemoryError(
+        f"{subject} needs {gb(need.allocated if not address_space_limited() else need.total)}"
+        f" ({describe(need)}); {gb(fit.available.bytes)} available ({fit.available.source})",
+        hint=fix_hint(directory, config, dtype, device, fit.available, plan),
+    )
+
+
+def fix_hint(
+    directory: Path,
+    config: ModelConfig,
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    available: Available,
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+) -> str:
+    """How to make it fit, each with what it would need: the stored dtype, an int8 copy, more processes."""
+    options = []
+    stored = stored_dtype(directory)
+    if dtype == torch.float32 and stored is not None and stored != torch.float32:
+        working = working_bytes(config, stored, capacity=4096)
+        smaller = load_need(directory, stored, device, plan, config).with_working(working)
+        if Fit(smaller, available).fits:
+            options.append(f"--dtype {str(stored).removeprefix('torch.')} ({gb(smaller.allocated)})")
+    if not (is_native(directory) and read_manifest(directory).quantization is not None):
+        int8 = int8_need(config, torch.float32, plan).with_working(working_bytes(config, torch.float32, capacity=4096))
+        per_rank = " per rank" if plan is not None else ""
+        if Fit(int8, available).fits:
+            options.append(
+                f"an int8 copy ({gb(int8.total)}{per_rank}): dsv2 convert {directory} {directory}-int8 --quantize int8"
+            )
+        else:
+            options.append(f"an int8 copy would need {gb(int8.total)}{per_rank}, more than there is here")
+    world = plan.world_size if plan is not None else 1
+    options.append(f"more memory, or more processes (torchrun --nproc-per-node {2 * world}, or across machines)")
+    return "; or ".join(options)
