@@ -25,7 +25,7 @@ from dsv2cli.checkpoint.fit import (
     check_load,
     int8_need,
     load_need,
-    stored_dtype,
+    stored_weights,
     working_bytes,
 )
 from dsv2cli.checkpoint.loader import load_checkpoint
@@ -96,7 +96,7 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_need_of_a_hf_load_is_what_the_loaded_model_holds(hf_bf16, dtype):
-    need = load_need(hf_bf16, dtype)
+    need = load_need(stored_weights(hf_bf16), dtype)
     model = fuse_projections(load_checkpoint(hf_bf16, dtype, working=0))
     rotary = sum(b.numel() * b.element_size() for b in model.rotary.buffers())
     assert need.copied + need.mapped == _parameter_bytes(model) - rotary
@@ -107,8 +107,8 @@ def test_need_of_a_hf_load_is_what_the_loaded_model_holds(hf_bf16, dtype):
 
 
 def test_native_load_in_its_own_dtype_is_mapped_except_fused_projections(native_bf16):
-    same = load_need(native_bf16, None)
-    widened = load_need(native_bf16, torch.float32)
+    same = load_need(stored_weights(native_bf16), None)
+    widened = load_need(stored_weights(native_bf16), torch.float32)
     assert same.mapped > 0 and same.copied < same.mapped
     assert widened.mapped == 0
     assert widened.copied + widened.mapped == pytest.approx(2 * (same.copied + same.mapped), rel=0.01)
@@ -118,7 +118,7 @@ def test_int8_need_matches_a_converted_copy(hf_bf16, tmp_path):
     out = tmp_path / "int8"
     convert_checkpoint(str(hf_bf16), out, quantize="int8", probe=False)
     expected = int8_need(_config(), torch.float32)
-    assert load_need(out, torch.float32) == expected
+    assert load_need(stored_weights(out), torch.float32) == expected
 
 
 def test_working_memory_grows_with_cache_and_prompt():
@@ -157,12 +157,12 @@ def lite_headers(tmp_path_factory) -> Path:
 
 def test_full_size_lite_needs(lite_headers):
     """DeepSeek-V2-Lite (15.7B) from its real shapes: 62.8 GB float32, experts copied and the rest mapped in bfloat16."""
-    assert load_need(lite_headers, torch.float32) == MemoryNeed(4 * 15_706_484_224, 0)
-    bf16 = load_need(lite_headers, torch.bfloat16)
+    assert load_need(stored_weights(lite_headers), torch.float32) == MemoryNeed(4 * 15_706_484_224, 0)
+    bf16 = load_need(stored_weights(lite_headers), torch.bfloat16)
     routers = 26 * 64 * 2048  # kept in float32: 2 more bytes each
     assert bf16.copied + bf16.mapped == 2 * 15_706_484_224 + 2 * routers
     assert bf16.copied > 2 * 14_394_851_328  # the routed experts, stacked, and the fused projections
-    assert stored_dtype(lite_headers) == torch.bfloat16
+    assert stored_weights(lite_headers).dtype == torch.bfloat16
 
 
 def test_full_size_lite_on_24_gb_is_refused_with_the_int8_fix(monkeypatch, lite_headers):
@@ -211,8 +211,8 @@ def _generate_under_limit(directory: Path, limit: int, *args: str) -> subprocess
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
 def test_auto_dtype_chooses_what_fits_under_a_real_limit(hf_bf16):
     """float32 does not fit, bfloat16 does: auto loads bfloat16 and generates (and a float32 ask is refused)."""
-    bf16 = load_need(hf_bf16, torch.bfloat16).total
-    fp32 = load_need(hf_bf16, torch.float32).total
+    bf16 = load_need(stored_weights(hf_bf16), torch.bfloat16).total
+    fp32 = load_need(stored_weights(hf_bf16), torch.float32).total
     working = working_bytes(_config(), torch.bfloat16, capacity=4096)
     limit = bf16 + working + 48 * MB
     assert fp32 + working > limit
@@ -229,7 +229,7 @@ def test_auto_dtype_chooses_what_fits_under_a_real_limit(hf_bf16):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
 def test_nothing_fits_gives_one_error_line_not_a_traceback(hf_bf16):
-    smallest = load_need(hf_bf16, torch.bfloat16).total + working_bytes(_config(), torch.bfloat16, capacity=4096)
+    smallest = load_need(stored_weights(hf_bf16), torch.bfloat16).total + working_bytes(_config(), torch.bfloat16, capacity=4096)
     done = _generate_under_limit(hf_bf16, smallest // 2)  # room for the imports a run makes, not for the model
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("Error: hf in bfloat16 needs "), done.stderr

@@ -205,53 +205,36 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def native_need(
-    tensors: dict[str, tuple[str, tuple[int, ...]]],
-    quantization: str | None,
-    stored: torch.dtype,
-    dtype: torch.dtype | None,
-    device: torch.device | str = "cpu",
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
-) -> MemoryNeed:
-    """Memory of loading native tensors ``name -> (safetensors dtype, shape)`` as ``load_native`` does.
+@dataclass(frozen=True)
+class StoredWeights:
+    """A checkpoint's tensors as its headers describe them: ``name -> (safetensors dtype, shape)``.
 
-    A tensor is mapped when it keeps its stored dtype on the CPU and is not fused; otherwise it is
-    copied in the dtype it gets (the same rules as ``load_native``).
+    ``names`` are as stored (HF names for a HF checkpoint, dsv2 names for a native one); read once by
+    :func:`stored_weights` and passed to every estimate, so a load reads its headers once more, not five times.
     """
-    on_cpu = torch.device(device).type == "cpu"
-    activation = dtype or stored
-    copied = mapped = 0
-    for name, (st_dtype, shape) in tensors.items():
-        have = ST_TO_TORCH[st_dtype]
-        if have == torch.int8:
-            want = torch.int8
-        elif name.endswith(ROUTER_SUFFIX):
-            want = torch.float32 if dtype is not None else have
-        elif quantization and name.endswith("scale"):
-            want = activation
-        else:
-            want = dtype or have
-        n = _local_numel(name, shape, plan)
-        split = plan is not None and n != _numel(shape)
-        if want == have and on_cpu and not _fused(name) and not split:
-            mapped += n * _itemsize(have)
-        else:
-            copied += n * _itemsize(want)
-    return MemoryNeed(copied, mapped)
+
+    directory: Path
+    config: ModelConfig
+    native: bool
+    quantization: str | None
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    declared: torch.dtype | None = None  # a native manifest's dtype
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The float dtype holding most of the bytes (the manifest's for a native checkpoint)."""
+        if self.declared is not None:
+            return self.declared
+        by_dtype: dict[torch.dtype, int] = {}
+        for st_dtype, shape in self.tensors.values():
+            dtype = ST_TO_TORCH.get(st_dtype)
+            if dtype is not None and dtype.is_floating_point:
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + _numel(shape) * _itemsize(dtype)
+        return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
 
 
-def load_need(
-    directory: Path,
-    dtype: torch.dtype | None,
-    device: torch.device | str = "cpu",
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
-    config: ModelConfig | None = None,
-) -> MemoryNeed:
-    """Memory of loading ``directory`` (HF or native) in ``dtype`` on ``device``; ``plan``: one rank's share.
-
-    ``dtype=None`` is the loader's own default (float32 for HF, the stored dtype for native). Bad files
-    are not reported here (the loader does that): what cannot be read counts as nothing.
-    """
+def stored_weights(directory: Path, config: ModelConfig | None = None) -> StoredWeights:
+    """Read the headers of ``directory`` (HF or native). Bad files are the loader's to report: what cannot be read is left out."""
     directory = Path(directory)
     config = config or load_config(directory)
     if is_native(directory):
@@ -261,23 +244,49 @@ def load_need(
             for name, entry in manifest.tensors.items()
             if entry.get("dtype") in ST_TO_TORCH
         }
-        return native_need(tensors, manifest.quantization, DTYPE_BY_NAME[manifest.dtype], dtype, device, plan)
+        return StoredWeights(directory, config, True, manifest.quantization, tensors, DTYPE_BY_NAME[manifest.dtype])
     files, _ = find_problems(directory, config)
-    dtype = dtype or torch.float32
+    return StoredWeights(directory, config, False, None, {name: (i.dtype, i.shape) for name, i in files.tensors.items()})
+
+
+def load_need(
+    weights: StoredWeights,
+    dtype: torch.dtype | None,
+    device: torch.device | str = "cpu",
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+) -> MemoryNeed:
+    """Memory of loading ``weights`` in ``dtype`` on ``device`` the way the loaders do; ``plan``: one rank's share.
+
+    ``dtype=None`` is the loaders' own default (float32 for HF, the stored dtype for native). A tensor is
+    mapped when it keeps its stored dtype on the CPU, whole and not fused (safetensors maps what it
+    returns); else it is copied in the dtype it gets: float32 for routers, the activation dtype for int8
+    scales, int8 stays int8 (``load_native``), and HF experts are always stacked into new tensors.
+    """
     on_cpu = torch.device(device).type == "cpu"
+    config = weights.config
+    activation = dtype or (weights.dtype if weights.native else torch.float32) or torch.float32
     first, stop = plan.experts if plan is not None else (0, config.n_routed_experts or 0)
     copied = mapped = 0
-    for name, info in files.tensors.items():
-        expert = expert_slice(name)
-        if expert is not None:  # stacked into a new tensor: always a copy
-            copied += _numel(info.shape) * _itemsize(dtype) if first <= expert.expert < stop else 0
+    for name, (st_dtype, shape) in weights.tensors.items():
+        have = ST_TO_TORCH.get(st_dtype)
+        if have is None:
             continue
-        target = native_name(name)
-        want = torch.float32 if target.endswith(ROUTER_SUFFIX) else dtype
-        n = _local_numel(target, info.shape, plan)
-        # safetensors maps a tensor it returns; a cast, a fusion or a slice makes it a copy.
-        if ST_TO_TORCH.get(info.dtype) == want and on_cpu and not _fused(target) and n == _numel(info.shape):
-            mapped += n * _itemsize(want)
+        expert = None if weights.native else expert_slice(name)
+        if expert is not None:
+            copied += _numel(shape) * _itemsize(activation) if first <= expert.expert < stop else 0
+            continue
+        target = name if weights.native else native_name(name)
+        if have == torch.int8:
+            want = torch.int8
+        elif target.endswith(ROUTER_SUFFIX):
+            want = torch.float32 if dtype is not None or not weights.native else have
+        elif weights.quantization and target.endswith("scale"):
+            want = activation
+        else:
+            want = dtype or (have if weights.native else activation)
+        n = _local_numel(target, shape, plan)
+        if want == have and on_cpu and not _fused(target) and n == _numel(shape):
+            mapped += n * _itemsize(have)
         else:
             copied += n * _itemsize(want)
     return MemoryNeed(copied, mapped)
@@ -285,23 +294,8 @@ def load_need(
 
 def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan=None) -> MemoryNeed:  # noqa: ANN001
     """Memory of an int8 native copy of ``config`` (what ``dsv2 convert --quantize int8`` writes), loaded in ``dtype``."""
-    tensors = {}
-    for name, (shape, required) in expected_tensors(config, "int8").items():
-        tensors[name] = (required or "BF16", shape)
-    return native_need(tensors, "int8", torch.bfloat16, dtype, "cpu", plan)
-
-
-def stored_dtype(directory: Path) -> torch.dtype | None:
-    """The float dtype a checkpoint's weights are stored in: the manifest's, else the one of most bytes in the files."""
-    if is_native(directory):
-        return DTYPE_BY_NAME[read_manifest(directory).dtype]
-    files, _ = find_problems(directory, load_config(directory))
-    by_dtype: dict[torch.dtype, int] = {}
-    for info in files.tensors.values():
-        dtype = ST_TO_TORCH.get(info.dtype)
-        if dtype is not None and dtype.is_floating_point:
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + info.nbytes
-    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
+    tensors = {name: (required or "BF16", shape) for name, (shape, required) in expected_tensors(config, "int8").items()}
+    return load_need(StoredWeights(Path(), config, True, "int8", tensors, torch.bfloat16), dtype, "cpu", plan)
 
 
 # ---- working memory ----------------------------------------------------------------------------------------------
@@ -351,22 +345,12 @@ def fit_of(need: MemoryNeed, device: torch.device | str = "cpu") -> Fit:
     return Fit(need, available_memory(device))
 
 
-def describe(need: MemoryNeed) -> str:
-    parts = [f"{gb(need.copied)} of weights to load"]
-    if need.mapped:
-        parts.append(f"{gb(need.mapped)} mapped from disk")
-    if need.working:
-        parts.append(f"{gb(need.working)} cache and working memory")
-    return " + ".join(parts)
-
-
 def check_load(
-    directory: Path,
+    directory: Path | StoredWeights,
     dtype: torch.dtype | None,
     device: torch.device | str = "cpu",
     plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
     working: int | None = None,
-    what: str | None = None,
 ) -> Fit:
     """Raise :class:`InsufficientMemoryError` unless loading ``directory`` fits; returns the fit otherwise.
 
@@ -374,27 +358,38 @@ def check_load(
     weights that do not fit beside the rest are allowed (the page cache reads them again), and the
     returned :class:`Fit` says so (``mapped_fits``) for the caller to warn about.
     """
-    directory = Path(directory)
-    config = load_config(directory)
-    need = load_need(directory, dtype, device, plan, config)
-    stored = stored_dtype(directory) or torch.float32
-    need = need.with_working(working if working is not None else working_bytes(config, dtype or stored, capacity=4096))
+    weights = directory if isinstance(directory, StoredWeights) else stored_weights(Path(directory))
+    config = weights.config
+    activation = dtype or weights.dtype or torch.float32
+    need = load_need(weights, dtype, device, plan)
+    need = need.with_working(working if working is not None else working_bytes(config, activation, capacity=4096))
     fit = fit_of(need, device)
     if fit.fits:
         return fit
-    subject = what or f"{directory.name} in {str(dtype or stored).removeprefix('torch.')}"
+    subject = f"{weights.directory.name} in {str(activation).removeprefix('torch.')}"
     if plan is not None:
         subject += f" (rank {plan.rank} of {plan.world_size})"
     raise InsufficientMemoryError(
-        f"{subject} needs {gb(need.allocated if not address_space_limited() else need.total)}"
-        f" ({describe(need)}); {gb(fit.available.bytes)} available ({fit.available.source})",
-        hint=fix_hint(directory, config, dtype, device, fit.available, plan),
+        f"{subject} needs {describe(need)}; {gb(fit.available.bytes)} available ({fit.available.source})",
+        hint=fix_hint(weights, dtype, device, fit.available, plan),
     )
 
 
+def describe(need: MemoryNeed) -> str:
+    """'29.7 GB: 29.3 GB of weights copied into memory + 396 MB of cache and working memory (+ 2.1 GB mapped from disk)'."""
+    counted = need.total if address_space_limited() else need.allocated
+    text = f"{gb(counted)}: {gb(need.copied)} of weights copied into memory + {gb(need.working)} of cache and working memory"
+    if need.mapped:
+        text += (
+            f" + {gb(need.mapped)} of weights mapped from disk"
+            if address_space_limited()
+            else f" (+ {gb(need.mapped)} of weights mapped from disk)"
+        )
+    return text
+
+
 def fix_hint(
-    directory: Path,
-    config: ModelConfig,
+    weights: StoredWeights,
     dtype: torch.dtype | None,
     device: torch.device | str,
     available: Available,
@@ -402,15 +397,15 @@ def fix_hint(
 ) -> str:
     """How to make it fit, each with what it would need: the stored dtype, an int8 copy, more processes."""
     options = []
-    stored = stored_dtype(directory)
+    config, stored = weights.config, weights.dtype
     if dtype == torch.float32 and stored is not None and stored != torch.float32:
-        working = working_bytes(config, stored, capacity=4096)
-        smaller = load_need(directory, stored, device, plan, config).with_working(working)
+        smaller = load_need(weights, stored, device, plan).with_working(working_bytes(config, stored, capacity=4096))
         if Fit(smaller, available).fits:
             options.append(f"--dtype {str(stored).removeprefix('torch.')} ({gb(smaller.allocated)})")
-    if not (is_native(directory) and read_manifest(directory).quantization is not None):
+    if weights.quantization is None:
         int8 = int8_need(config, torch.float32, plan).with_working(working_bytes(config, torch.float32, capacity=4096))
         per_rank = " per rank" if plan is not None else ""
+        directory = weights.directory
         if Fit(int8, available).fits:
             options.append(
                 f"an int8 copy ({gb(int8.total)}{per_rank}): dsv2 convert {directory} {directory}-int8 --quantize int8"

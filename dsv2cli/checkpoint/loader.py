@@ -130,18 +130,21 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     on_tensor: Callable[[str], None] | None = None,
     working: int | None = None,
+    checked: bool = False,
 ) -> DeepseekV2:
     """Load any checkpoint directory dsv2 understands: HF layout, or native (``manifest.json``, float or int8).
 
     ``dtype=None`` keeps float32 for a HF checkpoint (the parity dtype) and the stored dtype for a
     native one (its files are mapped, not copied). An int8 checkpoint keeps int8 weights; ``dtype`` is
     then the dtype of its activations and remaining float tensors. Refused before anything is allocated
-    when it does not fit in memory with ``working`` bytes beside it (:func:`fit.check_load`).
+    when it does not fit in memory with ``working`` bytes beside it (:func:`fit.check_load`), unless the
+    caller has just ``checked``.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    check_load(directory, dtype, device, working=working)
+    if not checked:
+        check_load(directory, dtype, device, working=working)
     if is_native(directory):
         return load_native(directory, dtype, device)
     return load_hf_checkpoint(directory, dtype or torch.float32, device, on_tensor=on_tensor)

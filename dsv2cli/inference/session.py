@@ -10,10 +10,9 @@ from typing import Protocol
 import torch
 
 from dsv2cli import kernels
-from dsv2cli.checkpoint.fit import Fit, check_load, fit_of, gb, load_need, stored_dtype, working_bytes
+from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, fit_of, gb, load_need, stored_weights, working_bytes
 from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint, weight_files
 from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
-from dsv2cli.config import load_config
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
@@ -51,19 +50,25 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_dtype(name: str, device: torch.device, directory: Path, working: int | None = None) -> torch.dtype:
+def choose_dtype(
+    name: str,
+    device: torch.device,
+    weights: StoredWeights | Path,
+    working: int | None = None,
+    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan: one rank's share decides)
+) -> torch.dtype:
     """``auto``: on CPU float32 (fastest and exact there) when it fits in memory, else the stored dtype
     (a native checkpoint's files are then mapped, not copied); on CUDA the stored dtype."""
     if name != "auto":
         if name not in DTYPES:
             raise InputError(f"unknown dtype '{name}'", hint=f"choose auto or one of {', '.join(DTYPES)}")
         return DTYPES[name]
-    stored = stored_dtype(directory) or torch.bfloat16
+    if not isinstance(weights, StoredWeights):
+        weights = stored_weights(weights)
+    stored = weights.dtype or torch.bfloat16
     if device.type == "cpu" and stored != torch.float32:
-        need = load_need(directory, torch.float32, device)
-        config = load_config(directory)
-        reserve = working if working is not None else working_bytes(config, torch.float32, capacity=4096)
-        if fit_of(need.with_working(reserve), device).fits:
+        reserve = working if working is not None else working_bytes(weights.config, torch.float32, capacity=4096)
+        if fit_of(load_need(weights, torch.float32, device, plan).with_working(reserve), device).fits:
             return torch.float32
     return stored
 
@@ -145,8 +150,9 @@ def load_for_generation(
     configure_cpu(threads)
     name, directory = resolve_checkpoint(spec)
     torch_device = choose_device(device)
-    torch_dtype = choose_dtype(dtype, torch_device, directory, working)
-    fit = check_load(directory, torch_dtype, torch_device, working=working)
+    weights = stored_weights(directory)
+    torch_dtype = choose_dtype(dtype, torch_device, weights, working)
+    fit = check_load(weights, torch_dtype, torch_device, working=working)
     read_weights_ahead(directory, fit, progress)
-    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, working=working))
+    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)
