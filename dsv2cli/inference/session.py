@@ -141,11 +141,13 @@ def load_for_generation(
     threads: int | None = None,
     working: int | None = None,
     progress: LoadProgress | None = None,
+    read_weights: bool = True,
 ) -> LoadedModel:
     """Everything `dsv2 generate` needs before the first prompt.
 
     Checks that the model fits (``working`` bytes of cache and activations beside it; default: one
-    sequence of 4096 tokens), reads the weight files ahead when they fit in the page cache, then loads.
+    sequence of 4096 tokens), reads the weight files ahead when they fit in the page cache (unless
+    ``read_weights`` is False: pages are then faulted in as steps touch them), then loads.
     """
     configure_cpu(threads)
     name, directory = resolve_checkpoint(spec)
@@ -153,6 +155,7 @@ def load_for_generation(
     weights = stored_weights(directory)
     torch_dtype = choose_dtype(dtype, torch_device, weights, working)
     fit = check_load(weights, torch_dtype, torch_device, working=working)
-    read_weights_ahead(directory, fit, progress)
+    if read_weights:
+        read_weights_ahead(directory, fit, progress)
     model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)
