@@ -48,3 +48,23 @@ def test_info_bad_config_names_the_field(tmp_path):
 def test_usage_error_exits_2():
     result = runner.invoke(app, ["info", "deepseek-v2", "--format", "yaml"])
     assert result.exit_code == 2
+
+
+def test_info_says_what_fits_where():
+    """V2-Lite on a 24 GiB machine: int8 fits, bfloat16 takes two machines; V2 (236B) in int8 fits in 512 GiB."""
+    lite = json.loads(runner.invoke(app, ["info", "deepseek-v2-lite", "--format", "json"]).stdout)["fits"]
+    rows = {row["precision"]: row for row in lite}
+    routers = 26 * 64 * 2048  # float32, 2 bytes more than bfloat16 each
+    assert rows["bfloat16"]["weight_bytes"] == 2 * 15_706_484_224 + 2 * routers
+    assert rows["float32"]["weight_bytes"] == 4 * 15_706_484_224
+    assert 16e9 < rows["int8"]["weight_bytes"] < 17e9  # one byte per weight, scales and floats for the rest
+    assert rows["int8"]["machines"] == {"24": 1, "64": 1, "128": 1, "512": 1}
+    assert rows["bfloat16"]["machines"]["24"] == 2 and rows["bfloat16"]["machines"]["64"] == 1
+    v2 = {
+        row["precision"]: row
+        for row in json.loads(runner.invoke(app, ["info", "deepseek-v2", "--format", "json"]).stdout)["fits"]
+    }
+    assert v2["int8"]["machines"]["512"] == 1 and v2["bfloat16"]["machines"]["512"] == 1
+    assert v2["int8"]["machines"]["128"] == 2
+    text = runner.invoke(app, ["info", "deepseek-v2-lite"]).stdout
+    assert "one process needs" in text and "2 machines" in text

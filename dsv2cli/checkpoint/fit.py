@@ -28,7 +28,7 @@ import torch
 
 from dsv2cli.checkpoint.files import find_problems
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name
-from dsv2cli.checkpoint.native import DTYPE_BY_NAME, ST_TO_TORCH, expected_tensors, is_native, read_manifest
+from dsv2cli.checkpoint.native import DTYPE_BY_NAME, ST_TO_TORCH, TORCH_TO_ST, expected_tensors, is_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import DSV2Error
 
@@ -292,10 +292,16 @@ def load_need(
     return MemoryNeed(copied, mapped)
 
 
+def native_weights(config: ModelConfig, quantization: str | None = None, stored: torch.dtype = torch.bfloat16) -> StoredWeights:
+    """The tensors a native checkpoint of ``config`` would hold (``dsv2 convert`` output), without files."""
+    st_dtype = TORCH_TO_ST[stored]
+    tensors = {name: (required or st_dtype, shape) for name, (shape, required) in expected_tensors(config, quantization).items()}
+    return StoredWeights(Path(), config, True, quantization, tensors, stored)
+
+
 def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan=None) -> MemoryNeed:  # noqa: ANN001
     """Memory of an int8 native copy of ``config`` (what ``dsv2 convert --quantize int8`` writes), loaded in ``dtype``."""
-    tensors = {name: (required or "BF16", shape) for name, (shape, required) in expected_tensors(config, "int8").items()}
-    return load_need(StoredWeights(Path(), config, True, "int8", tensors, torch.bfloat16), dtype, "cpu", plan)
+    return load_need(native_weights(config, "int8"), dtype, "cpu", plan)
 
 
 # ---- working memory ----------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from rich.table import Table
 
 from dsv2cli.analysis.model_info import ModelInfo, describe_model
 from dsv2cli.cli.common import TextOrJson, emit_json, handle_errors, human_bytes, human_count, out
+from dsv2cli.parallel.memory import USABLE_SHARE, FitRow, fit_table
 from dsv2cli.resolve import resolve_config
 
 EPILOG = (
     "Examples:\n\n"
     "  dsv2 info deepseek-v2-lite\n\n"
     "  dsv2 info ./DeepSeek-V2-Lite --format json\n\n"
+    "  dsv2 info deepseek-v2 --format json | jq .fits   # memory per precision, machines needed per RAM size\n\n"
     "MODEL is a preset name (deepseek-v2, deepseek-v2-lite, deepseek-v2.5, ...), a checkpoint directory or a config.json."
 )
 
@@ -22,13 +24,35 @@ def info(
     model: str = typer.Argument(..., help="Preset name, checkpoint directory or config.json."),
     format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
 ) -> None:
-    """Show a model's architecture, total and activated parameters, and KV-cache bytes per token."""
+    """Show a model's architecture, total and activated parameters, KV-cache bytes per token, and what fits where."""
     resolved = resolve_config(model)
     report = describe_model(resolved.config, name=resolved.name, source=resolved.source)
+    fits = fit_table(resolved.config)
     if format == TextOrJson.json:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), "fits": [row.to_json() for row in fits]})
     else:
         _render(report)
+        _render_fits(fits)
+
+
+def _render_fits(rows: list[FitRow]) -> None:
+    sizes = list(rows[0].machines)
+    table = Table(title="memory: one process needs / machines needed", title_justify="left")
+    table.add_column("weights")
+    table.add_column("one process needs", justify="right")
+    for gib in sizes:
+        table.add_column(f"{gib} GiB", justify="right")
+    for row in rows:
+        cells = []
+        for gib in sizes:
+            n = row.machines[gib]
+            cells.append("fits" if n == 1 else "> 64 machines" if n is None else f"{n} machines")
+        table.add_row(row.precision, f"{row.need_bytes / 1e9:.1f} GB", *cells)
+    out.print(table)
+    out.print(
+        f"[dim]native copies (dsv2 convert; int8: --quantize int8) with a 4096-token cache; a machine lends "
+        f"{USABLE_SHARE:.0%} of its RAM; several machines: torchrun, each rank holding its share (docs/distributed.md)[/]"
+    )
 
 
 def _render(r: ModelInfo) -> None:

@@ -165,6 +165,55 @@ def gather_report(group: ParallelGroup, model: torch.nn.Module, dtype: torch.dty
     return ShardReport(group.backend, measured, full)  # type: ignore[arg-type]
 
 
+# Machine sizes `dsv2 info` and docs/performance.md answer for, in GiB of RAM (or of one GPU).
+MACHINE_GIB = (24, 64, 128, 512)
+# Share of a machine's RAM a run can use: the OS, other programs and the page cache's own needs keep the rest.
+USABLE_SHARE = 0.9
+PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One precision of a model: what one process needs to run it at speed, and machines needed per machine size.
+
+    ``need_bytes``: weights (copied and mapped: mapped weights must stay in the page cache, or every
+    step reads them from disk) + a 4096-token cache and working memory. ``machines[gib]``: the fewest
+    processes, one per machine, whose share fits in :data:`USABLE_SHARE` of ``gib`` (None: more than 64).
+    """
+
+    precision: str
+    weight_bytes: int
+    need_bytes: int
+    machines: dict[int, int | None]
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "machines": {str(k): v for k, v in self.machines.items()}}
+
+
+def fit_table(config: ModelConfig, machine_gib: tuple[int, ...] = MACHINE_GIB) -> list[FitRow]:
+    """What fits where: for float32, bfloat16 and int8, the memory one process needs and machines needed per size.
+
+    Each precision is a native copy loaded as ``dsv2 generate`` loads it (int8: int8 weights with float32
+    activations, the CPU default); a rank of ``n`` holds its :class:`ShardPlan` share.
+    """
+    from dsv2cli.checkpoint.fit import load_need, native_weights, working_bytes
+
+    world_sizes = ShardPlan.world_sizes(config)
+    rows = []
+    for precision in PRECISIONS:
+        dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
+        weights = native_weights(config, "int8") if precision == "int8" else native_weights(config, None, dtype)
+        working = working_bytes(config, dtype, capacity=4096)
+
+        def need(world_size: int, weights=weights, dtype=dtype, working=working) -> int:
+            plan = ShardPlan(config, 0, world_size) if world_size > 1 else None
+            return load_need(weights, dtype, "cpu", plan).total + working
+
+        machines = {gib: next((n for n in world_sizes if need(n) <= USABLE_SHARE * gib * 2**30), None) for gib in machine_gib}
+        rows.append(FitRow(precision, need(1) - working, need(1), machines))
+    return rows
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1000 or unit == "TiB":  # 1000 MiB reads better as 0.98 GiB
