@@ -81,3 +81,13 @@ def test_bad_measure_options():
         measure_cache(config, "tiny", 1, 4, 4, "float32")
     with pytest.raises(InputError, match="--measure-batch"):
         measure_cache(config, "tiny", 0, 16, 2, "float32")
+
+
+def test_a_measurement_that_does_not_fit_is_refused_before_allocating():
+    """A long context's caches and scores are counted: refused with the sizes, nothing allocated (no MemoryError)."""
+    from dsv2cli.checkpoint.fit import InsufficientMemoryError
+
+    config = preset_config("deepseek-v2")
+    with pytest.raises(InsufficientMemoryError) as caught:
+        measure_cache(config, "deepseek-v2", batch_size=8, context=200_000, decode_steps=8, dtype="bfloat16")
+    assert "available" in caught.value.message and "--measure-layers" in caught.value.hint

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from dsv2cli.analysis.kv_cache import AttentionShape, Precision, Scheme, cache_row
 from dsv2cli.analysis.params import count_params
+from dsv2cli.checkpoint.fit import MemoryNeed, check_load, load_need, native_weights, require, working_bytes
 from dsv2cli.checkpoint.hf_keys import native_shapes
 from dsv2cli.checkpoint.loader import DTYPES, build_empty, load_checkpoint
 from dsv2cli.config import ModelConfig
@@ -242,10 +243,18 @@ def measure_cache(
     stage = on_stage or (lambda _: None)
     torch_dtype = DTYPES[dtype]
     if checkpoint is not None:
+        check_load(checkpoint, torch_dtype, working=_working(config, name, torch_dtype, batch_size, context))
         stage(f"loading {checkpoint}")
         model, changes, weights = load(checkpoint, torch_dtype), [], "checkpoint"
     else:
         measured_config, changes = measurement_config(config, layers)
+        random_weights = load_need(native_weights(measured_config, None, torch_dtype), torch_dtype).total
+        working = _working(measured_config, name, torch_dtype, batch_size, context)
+        require(
+            MemoryNeed(random_weights, 0, working),
+            f"--measure on a random {name} ({'; '.join(changes) or 'full size'})",
+            "measure fewer layers (--measure-layers), a shorter --measure-context or a smaller --measure-batch",
+        )
         stage(f"building a random model ({'; '.join(changes) or 'full size'})")
         model, weights = random_model(measured_config, torch_dtype), "random"
         if prepare is not None:
@@ -296,6 +305,13 @@ def measure_cache(
         rows=rows,
         logit_difference=difference,
     )
+
+
+def _working(config: ModelConfig, name: str, dtype: torch.dtype, batch_size: int, context: int) -> int:
+    """Both caches of a measurement (the expanded one as predicted) and one forward's working memory."""
+    prec = Precision(str(dtype).removeprefix("torch."), torch.finfo(dtype).bits)
+    expanded = cache_row(Scheme("mla-expanded"), AttentionShape.from_config(config, name), prec).bytes_for(batch_size, context)
+    return int(expanded) + working_bytes(config, dtype, batch_size, context, context)
 
 
 def _decode(step: Step, tokens: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, float]:

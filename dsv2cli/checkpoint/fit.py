@@ -375,10 +375,17 @@ def check_load(
     subject = f"{weights.directory.name} in {str(activation).removeprefix('torch.')}"
     if plan is not None:
         subject += f" (rank {plan.rank} of {plan.world_size})"
-    raise InsufficientMemoryError(
-        f"{subject} needs {describe(need)}; {gb(fit.available.bytes)} available ({fit.available.source})",
-        hint=fix_hint(weights, dtype, device, fit.available, plan),
-    )
+    return require(need, subject, fix_hint(weights, dtype, device, fit.available, plan), device)
+
+
+def require(need: MemoryNeed, subject: str, hint: str, device: torch.device | str = "cpu") -> Fit:
+    """Raise :class:`InsufficientMemoryError` (``subject needs ...; ... available``) unless ``need`` fits on ``device``."""
+    fit = fit_of(need, device)
+    if not fit.fits:
+        raise InsufficientMemoryError(
+            f"{subject} needs {describe(need)}; {gb(fit.available.bytes)} available ({fit.available.source})", hint=hint
+        )
+    return fit
 
 
 def describe(need: MemoryNeed) -> str:
