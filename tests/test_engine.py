@@ -114,3 +114,16 @@ def test_context_limits(checkpoint):
     assert len(capped.token_ids) == 4 and capped.finish_reason == "length"
     with pytest.raises(InputError, match="vocabulary"):
         _run(model, [[5, 100000]])
+
+
+def test_a_batch_whose_cache_does_not_fit_is_refused_before_the_cache_exists(checkpoint, monkeypatch):
+    from dsv2cli.checkpoint import fit
+
+    model = checkpoint[2]
+    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(300 << 20, "MemAvailable"))
+    small = Generation(model, [GenerationRequest([1, 2, 3])], GenerationOptions(max_new_tokens=2))
+    assert len(small.run()[0].token_ids) == 2  # 256 MiB of slack and a tiny cache fit in 300 MiB
+    requests = [GenerationRequest(list(range(1, 60)), index=i) for i in range(64)]
+    with pytest.raises(fit.InsufficientMemoryError) as caught:
+        Generation(model, requests, GenerationOptions(max_new_tokens=4000))
+    assert "64 prompt(s)" in caught.value.message and "available (MemAvailable)" in caught.value.message

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv2cli.checkpoint.fit import MemoryNeed, require, working_bytes
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.inference.sampling import SamplingParams, choose_tokens, row_generators
@@ -181,6 +182,17 @@ class Generation:
         self.results = [GenerationResult(r.index, r.prompt, list(r.prompt_token_ids)) for r in requests]
         self.limits = [min(options.max_new_tokens, context - len(r.prompt_token_ids)) for r in requests]
         self.cache_bytes = 0
+        longest = max(len(r.prompt_token_ids) for r in requests)
+        weight = model.embed_tokens.weight
+        working = working_bytes(
+            model.config, options.cache_dtype or weight.dtype, len(requests), longest, longest + max(self.limits)
+        )
+        require(
+            MemoryNeed(0, 0, working),
+            f"generating {max(self.limits)} tokens after {len(requests)} prompt(s) of up to {longest} tokens",
+            hint="fewer prompts at once, shorter prompts or fewer new tokens",
+            device=weight.device,
+        )
 
     def __iter__(self) -> Iterator[TokenEvent]:
         with torch.inference_mode():
