@@ -119,7 +119,9 @@ def expert_stats(
     ),
     plot: Path = typer.Option(None, "--plot", help="Draw the layers x experts heat map to a .png/.svg/.pdf (needs matplotlib)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype)."
+    ),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     backend: str = typer.Option(
         "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."

@@ -26,16 +26,18 @@ EPILOG = (
     "Examples:\n\n"
     '  dsv2 generate "def fibonacci(n):"\n\n'
     '  dsv2 generate "import os" -n 64 --temperature 0.8 --top-p 0.95 --seed 1\n\n'
-    '  dsv2 generate --model ./DeepSeek-V2-Lite-Chat --chat "Write a haiku about caches"\n\n'
+    "  dsv2 convert ./DeepSeek-V2-Lite-Chat ./lite-int8 --quantize int8   # 16 GB on disk: fits a 24 GB machine\n\n"
+    '  dsv2 generate --model ./lite-int8 --chat "Write a haiku about caches"\n\n'
     "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
     "  echo 'class Stack:' | dsv2 generate -\n\n"
-    "  dsv2 generate --interactive --model deepseek-ai/DeepSeek-V2-Lite-Chat\n\n"
+    "  dsv2 generate --interactive --model ./lite-int8\n\n"
     "  dsv2 generate --compile -n 256 'class Queue:'   # compiled decode steps (needs a C++ compiler)\n\n"
     "  dsv2 generate --compile --kv-cache-dtype bfloat16 -n 2000 'import'   # half the cache, faster long contexts\n\n"
     "  dsv2 generate --attention-kernel -n 2000 'import'   # eager steps with the one-pass C++ attention\n\n"
-    "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./DeepSeek-V2-Lite-Chat 'def quicksort(xs):'\n\n"
+    "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./lite-int8 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
-    "(the bundled model, the default)."
+    "(the bundled model, the default). A model that does not fit in memory is refused before loading, with "
+    "what it needs and how to make it fit (docs/generate.md, 'Memory')."
 )
 
 
@@ -88,7 +90,9 @@ def generate(
         Attention.absorbed, "--attention", help="absorbed (fast, default) or naive (re-expands K/V; for comparison)."
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype)."
+    ),
     kv_cache_dtype: str = typer.Option(
         "auto",
         "--kv-cache-dtype",
