@@ -235,3 +235,18 @@ def test_nothing_fits_gives_one_error_line_not_a_traceback(hf_bf16):
     assert done.stderr.startswith("Error: hf in bfloat16 needs "), done.stderr
     assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
     assert "an int8 copy would need" in done.stderr  # it would not fit either: no convert command offered
+
+
+def test_cgroup_v2_limit_is_the_tightest_of_the_group_and_its_parents(tmp_path):
+    from dsv2cli.checkpoint.fit import _cgroup_available
+
+    root = tmp_path / "cgroup"
+    leaf = root / "user.slice" / "job"
+    leaf.mkdir(parents=True)
+    (root / "user.slice" / "memory.max").write_text("8000000000\n")
+    (root / "user.slice" / "memory.current").write_text("3000000000\n")
+    (root / "user.slice" / "memory.stat").write_text("anon 1\ninactive_file 1000000000\n")
+    (leaf / "memory.max").write_text("max\n")  # no limit of its own: the parent's applies
+    (leaf / "memory.current").write_text("100\n")
+    assert _cgroup_available(root, ["0::/user.slice/job"]) == 8_000_000_000 - 3_000_000_000 + 1_000_000_000
+    assert _cgroup_available(root, ["0::/"]) is None

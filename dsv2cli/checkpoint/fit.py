@@ -98,12 +98,16 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Limit minus use for this process's cgroup and its parents (v2), or v1's memory controller; None without a limit."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
+def _cgroup_available(root: Path = Path("/sys/fs/cgroup"), lines: list[str] | None = None) -> int | None:
+    """Limit minus use for this process's cgroup and its parents (v2), or v1's memory controller; None without a limit.
+
+    ``lines``: ``/proc/self/cgroup`` (read when not given).
+    """
+    if lines is None:
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return None
     best: int | None = None
     for line in lines:
         _, controllers, path = line.split(":", 2)
