@@ -107,10 +107,12 @@ def write_checkpoint(
     (directory / "config.json").write_text(json.dumps(hf, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(DEMO / name, directory / name)
-    generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(POOL_VALUES, generator=generator).bfloat16()
-    ones = torch.ones(CHUNK_VALUES, dtype=torch.bfloat16)
     shards = shard_specs(config, shard_bytes)
+    largest = max(_numel(spec.shape) for specs in shards for spec in specs)
+    pool_values = min(POOL_VALUES, largest)  # a small model needs only a small pool
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randn(pool_values, generator=generator).bfloat16()
+    ones = torch.ones(min(CHUNK_VALUES, largest), dtype=torch.bfloat16)
     weight_map: dict[str, str] = {}
     written, start = 0, time.perf_counter()
     for index, specs in enumerate(shards):
@@ -126,7 +128,7 @@ def write_checkpoint(
                 if spec.name.endswith("norm.weight"):
                     block = ones[:n]
                 else:
-                    offset = int(torch.randint(0, POOL_VALUES - n + 1, (1,), generator=generator))
+                    offset = int(torch.randint(0, pool_values - n + 1, (1,), generator=generator))
                     block = pool[offset : offset + n] * (0.02 * scale)
                 writer.write(block.view(torch.uint8).numpy())
             written += spec.nbytes
