@@ -120,9 +120,9 @@ def test_a_batch_whose_cache_does_not_fit_is_refused_before_the_cache_exists(che
     from dsv2cli.checkpoint import fit
 
     model = checkpoint[2]
-    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(300 << 20, "MemAvailable"))
+    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(40 << 20, "MemAvailable"))
     small = Generation(model, [GenerationRequest([1, 2, 3])], GenerationOptions(max_new_tokens=2))
-    assert len(small.run()[0].token_ids) == 2  # 256 MiB of slack and a tiny cache fit in 300 MiB
+    assert len(small.run()[0].token_ids) == 2  # a tiny cache fits in 40 MiB
     requests = [GenerationRequest(list(range(1, 60)), index=i) for i in range(64)]
     with pytest.raises(fit.InsufficientMemoryError) as caught:
         Generation(model, requests, GenerationOptions(max_new_tokens=4000))

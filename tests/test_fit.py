@@ -250,3 +250,35 @@ def test_cgroup_v2_limit_is_the_tightest_of_the_group_and_its_parents(tmp_path):
     (leaf / "memory.current").write_text("100\n")
     assert _cgroup_available(root, ["0::/user.slice/job"]) == 8_000_000_000 - 3_000_000_000 + 1_000_000_000
     assert _cgroup_available(root, ["0::/"]) is None
+
+
+class _Record:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.reports: list = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def reading(self, total_bytes: int):
+        return lambda n: None
+
+    def read(self, report) -> None:
+        self.reports.append(report)
+
+
+def test_mapped_weights_that_fit_are_read_ahead_and_those_that_do_not_are_reported(native_bf16, monkeypatch):
+    from dsv2cli.checkpoint import fit
+    from dsv2cli.inference.session import load_for_generation
+
+    need = load_need(stored_weights(native_bf16), torch.bfloat16).with_working(RUNTIME_SLACK)
+    record = _Record()
+    load_for_generation(str(native_bf16), "cpu", "bfloat16", working=RUNTIME_SLACK, progress=record)
+    assert record.reports and record.reports[0].total_bytes > need.mapped and not record.warnings
+    # Room for the copies and working memory, not for the mapped files: loaded, with a warning, nothing read ahead.
+    tight = need.allocated + need.mapped // 2
+    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(tight, "MemAvailable"))
+    record = _Record()
+    loaded = load_for_generation(str(native_bf16), "cpu", "bfloat16", working=RUNTIME_SLACK, progress=record)
+    assert loaded.dtype == torch.bfloat16 and not record.reports
+    assert len(record.warnings) == 1 and "read weights from disk" in record.warnings[0]

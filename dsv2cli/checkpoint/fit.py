@@ -311,12 +311,20 @@ def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan=None
 # ---- working memory ----------------------------------------------------------------------------------------------
 
 
-def working_bytes(config: ModelConfig, dtype: torch.dtype, rows: int = 1, tokens: int = 0, capacity: int = 0) -> int:
+def working_bytes(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    rows: int = 1,
+    tokens: int = 0,
+    capacity: int = 0,
+    slack: int = RUNTIME_SLACK,
+) -> int:
     """Cache and activations of one forward of ``rows x tokens`` new tokens over ``capacity`` cached ones.
 
     latent cache ``rows x capacity x layers x (kv_lora_rank + qk_rope_head_dim)`` values; activations of
     one layer at a time (the widest MLP, the heads' queries, keys and values, and the attention scores
-    ``rows x heads x tokens x capacity`` in float32), plus :data:`RUNTIME_SLACK`.
+    ``rows x heads x tokens x capacity`` in float32), plus ``slack`` (counted once per process: a check
+    made after loading, which reserved it, passes 0).
     """
     size = _itemsize(dtype)
     cache = rows * capacity * config.num_hidden_layers * config.kv_cache_elements_per_token_per_layer * size
@@ -328,7 +336,7 @@ def working_bytes(config: ModelConfig, dtype: torch.dtype, rows: int = 1, tokens
         + 2 * (config.n_routed_experts or 0)
     )
     scores = 2 * rows * heads * tokens * max(tokens, capacity) * 4
-    return cache + rows * tokens * per_token + scores + RUNTIME_SLACK
+    return cache + rows * tokens * per_token + scores + slack
 
 
 # ---- the check ---------------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class Generation:
         longest = max(len(r.prompt_token_ids) for r in requests)
         weight = model.embed_tokens.weight
         working = working_bytes(
-            model.config, options.cache_dtype or weight.dtype, len(requests), longest, longest + max(self.limits)
+            model.config, options.cache_dtype or weight.dtype, len(requests), longest, longest + max(self.limits), slack=0
         )
         require(
             MemoryNeed(0, 0, working),

@@ -20,8 +20,8 @@ from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.resolve import resolve_checkpoint
 
-# Weight files are read ahead only when they take at most this share of the memory left after the load.
-READ_AHEAD_SHARE = 0.8
+# Weight files are read ahead only when this much memory (or 5 % of what is available, if more) stays free beside them.
+READ_AHEAD_SPARE = 10**9
 
 
 @dataclass
@@ -114,18 +114,20 @@ class LoadProgress(Protocol):
 def read_weights_ahead(directory: Path, fit: Fit, progress: LoadProgress | None) -> ReadAhead | None:
     """Read the weight files into the page cache before the first step when they fit there with room to spare.
 
-    When they do not, the mapped weights are read from disk as steps touch them; say so.
+    When the mapped weights do not fit beside the rest, steps will read them from disk as they touch
+    them; say so. Files that do not fit with :data:`READ_AHEAD_SPARE` to spare are not read ahead (the
+    end of the read would push its beginning out again).
     """
+    if fit.need.mapped and not fit.mapped_fits and progress is not None:
+        progress.warn(
+            f"the mapped weights ({gb(fit.need.mapped)}) do not fit in memory beside the rest "
+            f"({gb(max(0, fit.available.bytes - fit.need.allocated))} free of {gb(fit.available.bytes)}): decode steps "
+            "will read weights from disk and run slowly; an int8 copy (dsv2 convert --quantize int8) reads half the bytes"
+        )
     files = weight_files(directory)
     total = sum(path.stat().st_size for path in files)
-    room = fit.available.bytes - fit.need.allocated
-    if total > READ_AHEAD_SHARE * room:
-        if fit.need.mapped and progress is not None:
-            progress.warn(
-                f"the weight files ({gb(total)}) do not fit in memory beside the rest ({gb(max(0, room))} free of "
-                f"{gb(fit.available.bytes)}): decode steps will read weights from disk and run slowly; an int8 "
-                "copy (dsv2 convert --quantize int8) reads half the bytes"
-            )
+    spare = max(READ_AHEAD_SPARE, fit.available.bytes // 20)
+    if total > fit.available.bytes - fit.need.allocated - spare:
         return None
     on_bytes = progress.reading(total) if progress is not None else None
     report = read_ahead(files, on_bytes)
