@@ -112,10 +112,11 @@ def test_dtype_changes_round_trip(hf, reference, tmp_path):
 
 
 def test_int8_reports_quality_and_generates_like_float(hf, tmp_path):
-    result = _convert(str(hf), str(tmp_path / "q"), "--quantize", "int8", "--format", "json")
+    result = _convert(str(hf), str(tmp_path / "q"), "--quantize", "int8", "--probe", "--format", "json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["quantization"] == "int8" and report["bytes_written"] < 0.5 * report["bytes_read"]
+    assert report["probe"] is True and report["probe_seconds"] > 0
     quality = report["quality"]
     assert quality["tokens"] == 64 and quality["token_source"] == "seeded ids"
     assert abs(quality["delta_mean_logprob"]) < 0.05 and quality["top1_agreement"] >= 0.8
@@ -132,6 +133,76 @@ def test_int8_reports_quality_and_generates_like_float(hf, tmp_path):
                 tokens = torch.cat([tokens, model(tokens)[:, -1:].argmax(-1)], dim=1)
         greedy.append(tokens[0, TOKENS.shape[1] :])
     assert (greedy[0] == greedy[1]).float().mean() >= 0.75
+
+
+def test_probe_runs_only_when_asked(hf, tmp_path):
+    result = _convert(str(hf), str(tmp_path / "q"), "--quantize", "int8", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["probe"] is False and report["quality"] is None and report["probe_peak_rss_bytes"] is None
+    text = _convert(str(hf), str(tmp_path / "q2"), "--quantize", "int8")
+    assert text.exit_code == 0 and "not measured (pass --probe)" in text.stdout
+    assert "--probe" in runner.invoke(app, ["convert", "--help"]).stdout
+
+
+def test_probe_that_does_not_fit_is_refused_before_converting(hf, tmp_path, monkeypatch):
+    from dsv2cli.checkpoint import fit
+
+    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(10**6, "MemAvailable"))
+    result = _convert(str(hf), str(tmp_path / "q"), "--quantize", "int8", "--probe")
+    assert result.exit_code == 1 and "the quality probe needs" in result.stderr and "without --probe" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_need_counts_one_layer_at_a_time():
+    from dsv2cli.checkpoint.probe import probe_need
+    from dsv2cli.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "dsv2cli" / "assets" / "demo")
+    base = probe_need(config, [])
+    tensors = [("model.embed_tokens.weight", 100), ("model.layers.0.mlp.x", 30), ("model.layers.1.mlp.x", 50)]
+    head = [("lm_head.weight", 7), ("model.norm.weight", 1)]
+    assert probe_need(config, tensors + head) == base + 100 + 50 + 2 * 8
+    assert probe_need(config, tensors + head, [("layers.1.mlp.y", 500)]) == base + 500
+
+
+def test_chunk_sizes_do_not_change_the_bytes(hf, native, tmp_path, monkeypatch):
+    """Rows read, quantized and written in any split give the same files (the split is a speed choice)."""
+    from dsv2cli.checkpoint import convert
+
+    convert_checkpoint(str(hf), tmp_path / "q", quantize="int8")
+    monkeypatch.setattr(convert, "READ_BYTES", 1000)  # some rows need a larger buffer than the pool's
+    monkeypatch.setattr(convert, "CONVERT_BYTES", 100)
+    monkeypatch.setattr(convert, "READS_AHEAD", 1)
+    monkeypatch.setattr(convert, "WRITES_AHEAD", 1)
+    convert_checkpoint(str(hf), tmp_path / "small", probe=False)
+    convert_checkpoint(str(hf), tmp_path / "small-q", quantize="int8")
+    assert _hashes(tmp_path / "small") == _hashes(native)
+    assert _hashes(tmp_path / "small-q") == _hashes(tmp_path / "q")
+
+
+def test_manifest_sha256_is_computed_while_writing_and_matches_the_files(hf, tmp_path):
+    specs = [writer.TensorSpec("a", "I8", (3, 7)), writer.TensorSpec("b", "F32", (5,))]
+    out = writer.SafetensorsWriter(tmp_path / "x.safetensors", specs)
+    data = bytes(range(21)) + bytes(20)
+    for start in range(0, len(data), 6):  # splits across the tensors' boundary
+        out.write(data[start : start + 6])
+    record = out.close()
+    assert record == writer.hash_file(tmp_path / "x.safetensors")
+    assert record.sha256 == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    convert_checkpoint(str(hf), tmp_path / "q", quantize="int8")
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
+        name: digest for name, digest in _hashes(tmp_path / "q").items() if name != "manifest.json"
+    }
+
+
+def test_conversion_leaves_torch_threads_and_no_threads_behind(hf, tmp_path):
+    import threading
+
+    threads, before = torch.get_num_threads(), threading.active_count()
+    convert_checkpoint(str(hf), tmp_path / "q", quantize="int8")
+    assert torch.get_num_threads() == threads and threading.active_count() == before
 
 
 def test_int8_is_native_only_and_final(hf, tmp_path):
@@ -278,6 +349,27 @@ def test_pickled_weights_only(broken):
     _fails(broken, "pytorch_model.bin", "pickle")
 
 
+def test_read_failure_midway(hf, tmp_path, monkeypatch):
+    """A source read that fails while converting names the tensor and file; the threads stop, nothing is left."""
+    import threading
+
+    from dsv2cli.checkpoint import convert
+
+    calls, preadv, before = [0], os.preadv, threading.active_count()
+
+    def failing(fd, buffers, offset):
+        calls[0] += 1
+        if calls[0] > 20:
+            raise OSError(errno.EIO, "Input/output error")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(convert.os, "preadv", failing)
+    result = _convert(str(hf), str(tmp_path / "out"), "--quantize", "int8")
+    assert result.exit_code == 1 and "could not read tensor '" in result.stderr and "Input/output error" in result.stderr
+    assert ".safetensors" in result.stderr and "dsv2 verify" in result.stderr
+    assert list(tmp_path.iterdir()) == [] and threading.active_count() == before
+
+
 def test_disk_full(hf, tmp_path, monkeypatch):
     calls = [0]
 
@@ -290,8 +382,7 @@ def test_disk_full(hf, tmp_path, monkeypatch):
 
         return fail_after_a_while
 
-    for method in ("_write_bytes", "_copy_bytes"):  # memory writes and kernel copies
-        monkeypatch.setattr(writer.SafetensorsWriter, method, full(getattr(writer.SafetensorsWriter, method)))
+    monkeypatch.setattr(writer.SafetensorsWriter, "_write_bytes", full(writer.SafetensorsWriter._write_bytes))
     before = _hashes(hf)
     result = _convert(str(hf), str(tmp_path / "out"))
     assert result.exit_code == 1

@@ -1,13 +1,14 @@
 """`dsv2 convert`: HF <-> native layout, dtype changes and int8, streamed and committed atomically.
 
 The conversion is a plan (output files, each an ordered list of output tensors, each made of
-source byte ranges) and one loop that executes it. Bytes kept as they are go file to file through
-the kernel (``copy_file_range``); bytes that change are read with ``pread`` at most
-:data:`CHUNK_BYTES` (a few rows) at a time, cast or quantized, and appended. Peak memory is a few
-chunks plus the int8 scales of one tensor, whatever the model's size. Each file is hashed
-(sha256, for the manifest) by a thread pool as soon as it is closed. Everything is written into a
-staging directory beside OUTPUT and renamed into place only when complete
-(``writer.staged_directory``).
+source byte ranges) and one loop that executes it on three threads (:func:`_write_all`): a reader
+``pread``s the source at most :data:`READ_BYTES` (a few rows) at a time, this thread casts or
+quantizes those rows, and a writer appends them to the output file and computes its sha256 (for the
+manifest) on the way. Torch's kernels, ``pread``, ``write`` and hashlib all release the GIL, so
+reading, converting and writing-and-hashing run at once on different cores. Peak memory is a
+fixed number of such buffers plus the int8 scales of one file, whatever the model's size.
+Everything is written into a staging directory beside OUTPUT and renamed into place only when
+complete (``writer.staged_directory``).
 """
 
 from __future__ import annotations
@@ -16,28 +17,31 @@ import ctypes
 import errno
 import json
 import os
+import queue
 import resource
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo
+from dsv2cli.checkpoint.files import DTYPE_SIZES, INDEX_NAME
 from dsv2cli.checkpoint.native import (
     MANIFEST_NAME,
     QUANTIZATIONS,
     ST_TO_TORCH,
     Manifest,
 )
-from dsv2cli.checkpoint.plan import OutputFile, OutputTensor, plan_hf, plan_native
-from dsv2cli.checkpoint.probe import ProbeReport, probe_quality
+from dsv2cli.checkpoint.plan import Begin, End, OutputFile, Read, Step, WriteScales, plan_hf, plan_native, steps
+from dsv2cli.checkpoint.probe import ProbeReport, probe_quality, require_probe_memory
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.checkpoint.writer import (
-    SafetensorsWriter,
+    FileWriterThread,
     WrittenFile,
     check_output,
     hash_file,
@@ -50,7 +54,10 @@ from dsv2cli.model.quantized import quantize_rows
 
 TARGETS = ("native", "hf")
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
-CHUNK_BYTES = 16 << 20
+READ_BYTES = 16 << 20  # one pread, and the size of every buffer in flight
+READS_AHEAD = 4  # source chunks read before they are converted
+WRITES_AHEAD = 4  # converted chunks waiting to be written and hashed
+CONVERT_BYTES = 256 << 10  # source rows quantized at once: their float32 temporaries stay in the CPU's cache
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -70,8 +77,9 @@ class ConvertReport:
     bytes_read: int
     bytes_written: int
     seconds: float
-    hash_wait_seconds: float  # part of ``seconds`` spent waiting for sha256 after the last byte was written
+    write_wait_seconds: float  # part of ``seconds`` spent waiting for the writer (writes, sha256) after the last conversion
     peak_rss_bytes: int
+    probe: bool = False  # whether the quality probe ran (only with --probe)
     quality: ProbeReport | None = None
     probe_seconds: float = 0.0
     probe_peak_rss_bytes: int | None = None
@@ -93,9 +101,10 @@ class ConvertReport:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
-            "hash_wait_seconds": round(self.hash_wait_seconds, 3),
+            "write_wait_seconds": round(self.write_wait_seconds, 3),
             "throughput_bytes_per_s": round(self.throughput_bytes_per_s),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "probe": self.probe,
             "quality": self.quality.to_json() if self.quality else None,
             "probe_seconds": round(self.probe_seconds, 3),
             "probe_peak_rss_bytes": self.probe_peak_rss_bytes,
@@ -144,11 +153,11 @@ def convert_checkpoint(
     quantize: str | None = None,
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    probe: bool | None = None,
+    probe: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_progress: Progress | None = None,
 ) -> ConvertReport:
-    """Convert ``source`` into ``output``; see the module docstring. ``probe=None`` probes when values change."""
+    """Convert ``source`` into ``output``; see the module docstring. ``probe``: also measure the quality cost."""
     output = Path(output).expanduser()
     if to not in TARGETS:
         raise InputError(f"unknown target layout '{to}'", hint=f"choose one of {', '.join(TARGETS)}")
@@ -175,15 +184,16 @@ def convert_checkpoint(
             f"OUTPUT needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on its disk",
             hint="free some space or choose an OUTPUT on another disk",
         )
+    if probe:  # before converting: a probe that cannot fit should not cost a conversion first
+        result = ((t.spec.name, t.spec.nbytes) for f in files for t in f.tensors)
+        require_probe_memory(src.config, ((n, t.nbytes) for n, t in src.tensors.items()), result)
     if on_start is not None:
-        on_start(src.nbytes + sum(f.nbytes for f in files))  # bytes converted, then bytes hashed
-    if probe is None:
-        probe = quantize is not None or dtype != "keep"
+        on_start(src.nbytes + sum(f.nbytes for f in files))  # bytes converted, and bytes written and hashed
     _return_large_blocks_to_the_os()
     start = time.perf_counter()
     quality, probe_seconds = None, 0.0
     with staged_directory(output, overwrite) as staging:
-        written, hash_wait = _write_all(files, aux, staging, float_dtype if dtype != "keep" else None, on_progress)
+        written, write_wait = _write_all(files, aux, staging, float_dtype if dtype != "keep" else None, on_progress)
         if to == "native":
             written.append(_write_manifest(staging, files, written, float_dtype, quantize))
         else:
@@ -206,111 +216,40 @@ def convert_checkpoint(
         bytes_read=src.nbytes + sum(p.stat().st_size for p in aux),
         bytes_written=sum(w.bytes for w in written),
         seconds=seconds,
-        hash_wait_seconds=hash_wait,
+        write_wait_seconds=write_wait,
         peak_rss_bytes=peak,
+        probe=probe,
         probe_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if probe else None,
         quality=quality,
         probe_seconds=probe_seconds,
     )
 
 
-class _Reader:
-    """Reads byte ranges of source files into one reused buffer (each chunk is written before the next read)."""
+class _Buffers:
+    """A fixed number of reusable byte buffers: taking one waits until one is given back, which bounds memory."""
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-        self._buffer = bytearray(CHUNK_BYTES)
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
 
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+    def take(self, nbytes: int) -> bytearray:
+        """A buffer of at least ``nbytes`` (a larger one replaces it when one row needs more)."""
+        buffer = self._free.get()
+        if buffer is None:  # closed: wake the next waiter too
+            self._free.put(None)
+            raise _Stopped
+        return buffer if len(buffer) >= nbytes else bytearray(nbytes)
 
-    def read(self, info: TensorInfo, offset: int, length: int) -> memoryview:
-        if length > len(self._buffer):
-            self._buffer = bytearray(length)
-        view = memoryview(self._buffer)[:length]
-        done = 0
-        while done < length:
-            n = os.preadv(self.fd(info.file), [view[done:]], info.begin + offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"unexpected end of file at byte {info.begin + offset + done}")
-            done += n
-        return view
+    def give(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._free.put(None)
 
 
-def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
-
-
-def _write_all(
-    files: list[OutputFile], aux: list[Path], staging: Path, dtype: str | None, on_progress: Progress | None
-) -> tuple[list[WrittenFile], float]:
-    """Write every planned file and copy the aux files; each is hashed by a pool as soon as it is closed.
-
-    Hashing (sha256 is far slower than copying without SHA CPU instructions) thus overlaps the
-    writing of the next files and uses every core; it reads the files back from the page cache.
-    Returns the files and the seconds spent waiting for hashes after the last byte was written.
-    """
-    reader = _Reader()
-    futures = []
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="sha256") as pool:
-        try:
-            for file in files:
-                _write_file(file, staging / file.name, reader, on_progress)
-                futures.append(pool.submit(hash_file, staging / file.name, on_progress))
-            for path in aux:
-                _copy(path, staging, dtype)
-                futures.append(pool.submit(hash_file, staging / path.name))
-        finally:
-            reader.close()
-        written_at = time.perf_counter()
-        hashes = [f.result() for f in futures]
-        return hashes, time.perf_counter() - written_at
-
-
-def _write_file(file: OutputFile, path: Path, reader: _Reader, on_progress: Progress | None) -> None:
-    writer: SafetensorsWriter | None = None
-    tensor = file.tensors[0]
-    scales: dict[str, list[torch.Tensor]] = {}  # int8 weight -> its row scales, chunk by chunk
-    try:
-        writer = SafetensorsWriter(path, [t.spec for t in file.tensors])
-        for tensor in file.tensors:
-            if tensor.scale_of is not None:
-                if tensor.scale_of not in scales:  # the weight comes later in this file: one extra pass for its scales
-                    scales[tensor.scale_of] = [scale for piece in tensor.pieces for _, scale in _chunks(tensor, piece, reader)]
-                writer.write(_as_bytes(torch.cat(scales[tensor.scale_of])))
-                continue
-            collected: list[torch.Tensor] = []
-            for piece in tensor.pieces:
-                if not tensor.quantize and tensor.spec.dtype == piece.dtype:
-                    writer.copy_range(reader.fd(piece.file), piece.begin, piece.nbytes)  # unchanged bytes: kernel copy
-                for chunk in _chunks(tensor, piece, reader):
-                    if tensor.quantize:
-                        q, scale = chunk
-                        collected.append(scale)
-                        writer.write(_as_bytes(q))
-                    else:
-                        writer.write(chunk)
-                if on_progress is not None:
-                    on_progress(piece.nbytes)
-            if tensor.quantize:
-                scales.setdefault(tensor.spec.name, collected)
-        writer.close()
-    except OSError as exc:
-        if writer is not None:
-            writer.abort()
-        if isinstance(exc, _ReadError):
-            raise CheckpointError(
-                f"could not read tensor '{exc.tensor}' from {exc.file.name}: {exc.reason}",
-                hint="the source file may be damaged; run `dsv2 verify` on SOURCE",
-            ) from exc
-        raise write_error(path, tensor.spec.name, exc) from exc
+class _Stopped(Exception):
+    """The conversion stopped: the reader thread ends."""
 
 
 class _ReadError(OSError):
@@ -319,30 +258,156 @@ class _ReadError(OSError):
         self.file, self.tensor, self.reason = file, tensor, reason
 
 
-def _chunks(tensor: OutputTensor, piece: TensorInfo, reader: _Reader) -> Iterator:
-    """One source range that needs converting, read a few rows at a time and converted for ``tensor``.
+def _read_ahead(todo: Iterator[Step], buffers: _Buffers, out: queue.SimpleQueue) -> None:
+    """Reader thread: every step, in order, with the source bytes it reads (``(step, buffer, view)``).
 
-    Yields bytes to write for a cast, and ``(q, scale)`` (int8 rows, their float32 scales) for an
-    int8 weight or its scale tensor. Yields nothing for a range whose bytes are kept as they are.
+    Runs ahead of the conversion by as many reads as there are buffers; a read that fails is put in
+    the queue as a :class:`_ReadError` and ends the thread, as does :meth:`_Buffers.close`.
     """
-    quantize = tensor.quantize or tensor.scale_of is not None
-    if not quantize and tensor.spec.dtype == piece.dtype:
-        return
-    rows = piece.shape[0] if piece.shape else 1
-    row_bytes = piece.nbytes // max(rows, 1)
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    source_dtype, target = ST_TO_TORCH[piece.dtype], ST_TO_TORCH.get(tensor.spec.dtype)
-    for first in range(0, rows, step):
-        count = min(step, rows - first)
-        try:
-            view = reader.read(piece, first * row_bytes, count * row_bytes)
-        except OSError as exc:
-            raise _ReadError(piece.file, tensor.spec.name, str(exc)) from exc
-        values = torch.frombuffer(view, dtype=source_dtype)
-        if quantize:
-            yield quantize_rows(values.view(count, -1))  # [rows, I]
-        else:
-            yield _as_bytes(values.to(target))
+    fds: dict[Path, int] = {}
+    try:
+        for step in todo:
+            if not isinstance(step, Read):
+                out.put((step, None, None))
+                continue
+            buffer = buffers.take(step.length)
+            view = memoryview(buffer)[: step.length]
+            begin = step.piece.begin + step.offset
+            try:
+                if step.piece.file not in fds:
+                    fds[step.piece.file] = os.open(step.piece.file, os.O_RDONLY)
+                done = 0
+                while done < step.length:
+                    n = os.preadv(fds[step.piece.file], [view[done:]], begin + done)
+                    if n == 0:
+                        raise OSError(errno.EIO, f"unexpected end of file at byte {begin + done}")
+                    done += n
+            except OSError as exc:
+                out.put(_ReadError(step.piece.file, step.tensor.spec.name, str(exc)))
+                return
+            out.put((step, buffer, view))
+    except _Stopped:
+        pass
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        out.put(None)
+
+
+def _write_all(
+    files: list[OutputFile], aux: list[Path], staging: Path, dtype: str | None, on_progress: Progress | None
+) -> tuple[list[WrittenFile], float]:
+    """Write every planned file (:func:`_write_weights`), then copy and hash the aux files.
+
+    Returns the written files and the seconds spent waiting for the writer after the last conversion.
+    """
+    with _one_torch_thread():
+        written, wait = _write_weights(files, staging, on_progress)
+    for path in aux:
+        _copy(path, staging, dtype)
+        written.append(hash_file(staging / path.name))
+    return written, wait
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch runs this thread's kernels on one core: the reader and the writer keep the others busy.
+
+    With a worker per core, every kernel waits for a worker that the reader or the writer holds
+    off its core: the int8 conversion of two DeepSeek-V2-Lite layers took 65 s instead of 12 s.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_weights(files: list[OutputFile], staging: Path, on_progress: Progress | None) -> tuple[list[WrittenFile], float]:
+    """Execute the plan on three threads: read, convert (this one), write and hash.
+
+    The reader thread runs ahead by :data:`READS_AHEAD` buffers; this thread casts or quantizes
+    each chunk into one of :data:`WRITES_AHEAD` output buffers, which the writer thread writes and
+    hashes while the next chunks are read and converted. Bytes kept as they are go from the
+    reader's buffer to the writer unchanged.
+    """
+    reads, outputs = _Buffers(READS_AHEAD, READ_BYTES), _Buffers(WRITES_AHEAD, READ_BYTES)
+    ready: queue.SimpleQueue = queue.SimpleQueue()  # steps with their source bytes, in order
+    reader = threading.Thread(target=_read_ahead, args=(steps(files, READ_BYTES), reads, ready), name="dsv2-reader", daemon=True)
+    sink = FileWriterThread(on_progress)
+    reader.start()
+    scales: dict[str, list[torch.Tensor]] = {}  # int8 weight of the current file -> its row scales, chunk by chunk
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, _ReadError):
+                raise CheckpointError(
+                    f"could not read tensor '{item.tensor}' from {item.file.name}: {item.reason}",
+                    hint="the source file may be damaged; run `dsv2 verify` on SOURCE",
+                ) from item
+            sink.check()
+            step, buffer, view = item
+            if isinstance(step, Begin):
+                sink.begin(staging / step.file.name, [t.spec for t in step.file.tensors])
+                scales.clear()
+            elif isinstance(step, End):
+                sink.end()
+            elif isinstance(step, WriteScales):
+                sink.write(_as_bytes(torch.cat(scales[step.tensor.scale_of])))
+            elif step.mode == "copy":
+                sink.write(view, partial(reads.give, buffer))
+            else:
+                result = _convert(step, view, outputs, scales)
+                reads.give(buffer)
+                if result is not None:
+                    sink.write(*result)
+            if on_progress is not None and isinstance(step, Read) and step.mode != "scales":
+                on_progress(step.length)
+        written_at = time.perf_counter()
+        written = sink.finish()
+        wait = time.perf_counter() - written_at
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        reads.close()
+        outputs.close()
+        reader.join()
+    return written, wait
+
+
+def _convert(
+    step: Read, view: memoryview, outputs: _Buffers, scales: dict[str, list[torch.Tensor]]
+) -> tuple[memoryview, Callable[[], None]] | None:
+    """Cast or quantize one chunk into an output buffer; returns its bytes and how to give the buffer back.
+
+    Rows are quantized :data:`CONVERT_BYTES` at a time so that the float32 temporaries of
+    ``quantize_rows`` stay in the CPU's cache (7x faster than 16 MiB at once on this machine);
+    each row's result does not depend on the others.
+    """
+    values = torch.frombuffer(view, dtype=ST_TO_TORCH[step.piece.dtype]).view(step.rows, -1)  # [rows, I]
+    target = ST_TO_TORCH.get(step.tensor.spec.dtype)
+    if step.mode == "cast":
+        buffer = outputs.take(values.numel() * DTYPE_SIZES[step.tensor.spec.dtype])
+        out = torch.frombuffer(buffer, dtype=target, count=values.numel()).view_as(values)
+        out.copy_(values)
+        return _as_bytes(out), partial(outputs.give, buffer)
+    buffer = outputs.take(values.numel()) if step.mode == "quantize" else None
+    out = torch.frombuffer(buffer, dtype=torch.int8, count=values.numel()).view_as(values) if buffer is not None else None
+    rows = max(1, CONVERT_BYTES // max(1, values[0].nbytes))
+    chunk_scales = []
+    for first in range(0, step.rows, rows):
+        q, scale = quantize_rows(values[first : first + rows])
+        if out is not None:
+            out[first : first + rows] = q
+        chunk_scales.append(scale)
+    if step.collect is not None:
+        scales.setdefault(step.collect, []).append(torch.cat(chunk_scales))
+    return (_as_bytes(out), partial(outputs.give, buffer)) if out is not None else None
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 def _copy(path: Path, staging: Path, dtype: str | None) -> None:

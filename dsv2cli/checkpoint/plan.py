@@ -1,14 +1,17 @@
 """Planning a conversion: which output files hold which tensors, made of which source byte ranges.
 
 A plan is data: output files, each an ordered list of :class:`OutputTensor` (name, dtype, shape and
-the source ranges whose rows it concatenates). ``convert.py`` executes it.
+the source ranges whose rows it concatenates), and, from it, the sequence of :data:`Step` that
+``convert.py`` executes: the source read in chunks of whole rows, in the order the output is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Union
 
-from dsv2cli.checkpoint.files import TensorInfo
+from dsv2cli.checkpoint.files import DTYPE_SIZES, TensorInfo
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name, native_shapes
 from dsv2cli.checkpoint.native import expected_tensors, file_for
 from dsv2cli.checkpoint.source import Source
@@ -116,3 +119,71 @@ def plan_hf(src: Source, dtype: str, shard_bytes: int) -> tuple[list[OutputFile]
         OutputFile(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", _aligned(tensors)) for i, tensors in enumerate(shards)
     ]
     return files, _float_dtype([t for shard in shards for t in shard], dtype, strict=False)
+
+
+# One step of executing a plan, in file order: start an output file, read some source bytes and
+# hand them on, write an int8 weight's collected scales, or finish the file.
+Step = Union["Begin", "Read", "WriteScales", "End"]
+
+
+@dataclass(frozen=True)
+class Begin:
+    file: OutputFile
+
+
+@dataclass(frozen=True)
+class Read:
+    """``rows`` rows of ``piece`` from byte ``offset``: copied (``copy``), cast (``cast``) or quantized.
+
+    ``quantize`` writes the int8 rows, ``scales`` (the pass for a scale tensor that comes before its
+    weight) only keeps the scales; either keeps them under ``collect`` unless that is None.
+    """
+
+    tensor: OutputTensor
+    piece: TensorInfo
+    offset: int
+    length: int
+    rows: int
+    mode: str
+    collect: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteScales:
+    tensor: OutputTensor
+
+
+@dataclass(frozen=True)
+class End:
+    file: OutputFile
+
+
+def steps(files: list[OutputFile], read_bytes: int) -> Iterator[Step]:
+    """The plan as a sequence of steps; a read takes at most ``read_bytes`` of whole rows (and so does its output)."""
+    for file in files:
+        yield Begin(file)
+        quantized: set[str] = set()  # int8 weights of this file whose scales are kept
+        for tensor in file.tensors:
+            if tensor.scale_of is not None:
+                if tensor.scale_of not in quantized:  # the weight comes later in this file: one extra pass for its scales
+                    yield from _reads(tensor, read_bytes, "scales", tensor.scale_of)
+                    quantized.add(tensor.scale_of)
+                yield WriteScales(tensor)
+            elif tensor.quantize:
+                yield from _reads(tensor, read_bytes, "quantize", None if tensor.spec.name in quantized else tensor.spec.name)
+                quantized.add(tensor.spec.name)
+            else:
+                yield from _reads(tensor, read_bytes, "cast")
+        yield End(file)
+
+
+def _reads(tensor: OutputTensor, read_bytes: int, mode: str, collect: str | None = None) -> Iterator[Read]:
+    for piece in tensor.pieces:
+        kind = "copy" if mode == "cast" and tensor.spec.dtype == piece.dtype else mode
+        rows = piece.shape[0] if piece.shape else 1
+        row_bytes = piece.nbytes // max(rows, 1)
+        out_row_bytes = row_bytes * DTYPE_SIZES[tensor.spec.dtype] // DTYPE_SIZES[piece.dtype] if kind == "cast" else 0
+        step = max(1, read_bytes // max(row_bytes, out_row_bytes, 1))
+        for first in range(0, rows, step):
+            count = min(step, rows - first)
+            yield Read(tensor, piece, first * row_bytes, count * row_bytes, count, kind, collect)

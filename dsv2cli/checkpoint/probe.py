@@ -4,10 +4,16 @@ Both checkpoints run the same probe tokens layer by layer (one layer's weights i
 time, read as they are stored: a bfloat16 checkpoint runs in bfloat16, an int8 one through its int8
 matmuls), and the report compares the mean log-probability of each next token, the top-1
 agreement and the largest logit difference.
+
+The probe reads both checkpoints again, so it costs about as much as the conversion's own reading
+(DeepSeek-V2-Lite: 31 GB of source and 16 GB of int8), and ``dsv2 convert`` runs it only with
+``--probe``. :func:`probe_need` is the memory it holds at once, checked before anything is loaded.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from dsv2cli.checkpoint import fit
 from dsv2cli.checkpoint.files import CheckpointFiles, find_problems, problems_error
 from dsv2cli.checkpoint.loader import read_hf_state_dict
 from dsv2cli.checkpoint.native import ST_TO_TORCH, file_for, is_native, read_manifest
+from dsv2cli.checkpoint.source import open_source
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.quantized import dequantize_rows, quantize_int8
@@ -30,6 +38,7 @@ PROBE_TEXT = (
     "of many small experts. The quick brown fox jumps over the lazy dog; 1, 2, 3, 5, 8, 13, 21."
 )
 PROBE_LENGTH = 64
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -130,9 +139,44 @@ def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbed
     return F.linear(norm(x), lm_head.to(x.dtype)).float()[0]  # [S, V]
 
 
+def _part(name: str) -> str:
+    layer = _LAYER.search(name)
+    if layer is not None:
+        return f"layers.{layer.group(1)}"
+    return "embed" if "embed_tokens" in name else "head"
+
+
+def probe_need(config: ModelConfig, *checkpoints: Iterable[tuple[str, int]]) -> int:
+    """Bytes the probe holds at once, from each checkpoint's ``(tensor name, bytes)``.
+
+    One checkpoint at a time: its embedding (kept for the whole pass), its largest layer, its head
+    twice (an int8 head is dequantized), plus the probe's activations and logits (``working_bytes``).
+    """
+    largest = 0
+    for tensors in checkpoints:
+        parts: dict[str, int] = {}
+        for name, nbytes in tensors:
+            parts[_part(name)] = parts.get(_part(name), 0) + nbytes
+        layers = [n for part, n in parts.items() if part.startswith("layers.")]
+        largest = max(largest, parts.get("embed", 0) + max(layers, default=0) + 2 * parts.get("head", 0))
+    logits = 2 * PROBE_LENGTH * config.vocab_size * 4  # [S, V] float32: the reference's, kept, and the result's
+    return largest + logits + fit.working_bytes(config, torch.float32, tokens=PROBE_LENGTH)
+
+
+def require_probe_memory(config: ModelConfig, *checkpoints: Iterable[tuple[str, int]]) -> None:
+    """Raise ``InsufficientMemoryError`` (one line: needed vs available) unless the probe fits in memory."""
+    need, available = probe_need(config, *checkpoints), fit.available_memory("cpu")
+    if need > available.bytes:
+        raise fit.InsufficientMemoryError(
+            f"the quality probe needs {fit.gb(need)}, {fit.gb(available.bytes)} available ({available.source})",
+            hint="convert without --probe (the conversion itself needs well under 1 GB), or free some memory",
+        )
+
+
 def probe_quality(source: Path, result: Path) -> ProbeReport:
-    """Run the probe through ``source`` and ``result`` (same config) and compare."""
+    """Run the probe through ``source`` and ``result`` (same config) and compare; checks memory first."""
     config = load_config(source)
+    require_probe_memory(config, *(((n, t.nbytes) for n, t in open_source(path).tensors.items()) for path in (source, result)))
     tokens, kind = probe_tokens(source, config)
     rotary = RotaryEmbedding(config)
     reference = _logits(LayerwiseWeights(source, config), tokens, rotary)

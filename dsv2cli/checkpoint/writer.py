@@ -1,11 +1,13 @@
 """Writing safetensors files as a stream, and committing a whole output directory atomically.
 
 A file's header (names, dtypes, shapes, offsets) is known before any data, so tensors are written
-piece by piece in header order and never need to be whole in memory; bytes that need no change
-are copied file to file by the kernel. Files are hashed after they are closed (:func:`hash_file`). Files are deterministic: the
-header lists tensors in the order given, carries only ``{"format": "pt"}`` as metadata, and is
-padded with spaces so that the data starts 64-byte aligned (safetensors allows no gaps between
-tensors, so alignment inside a file comes from the order, see :func:`alignment_group`).
+piece by piece in header order and never need to be whole in memory. Each file's sha256 is computed
+on the bytes as they are written, so no file is read back; :class:`FileWriterThread` does the
+writing and hashing on a thread of its own while the caller reads and converts the next bytes.
+Files are deterministic: the header lists tensors in the order given, carries only
+``{"format": "pt"}`` as metadata, and is padded with spaces so that the data starts 64-byte aligned
+(safetensors allows no gaps between tensors, so alignment inside a file comes from the order, see
+:func:`alignment_group`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +28,6 @@ from dsv2cli.checkpoint.files import DTYPE_SIZES
 from dsv2cli.errors import InputError
 
 PARTIAL_MARK = ".partial-"
-# copy_file_range cannot copy between these files (other filesystems on old kernels, ...): copy through memory.
-_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,7 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header at once, then each tensor's bytes in order.
-
-    Bytes arrive either from memory (:meth:`write`) or straight from a source file
-    (:meth:`copy_range`, done by the kernel with ``copy_file_range``, as ``cp`` does).
-    """
+    """Writes one safetensors file: the header at once, then each tensor's bytes in order, hashing them as they go."""
 
     def __init__(self, path: Path, specs: list[TensorSpec]) -> None:
         self.path = path
@@ -94,6 +92,7 @@ class SafetensorsWriter:
         self._index = 0
         self._written_in_tensor = 0
         self._bytes = 0
+        self._digest = hashlib.sha256()
         self._file = path.open("wb", buffering=0)
         self._write_bytes(safetensors_header(specs))
 
@@ -102,15 +101,15 @@ class SafetensorsWriter:
         """Name of the tensor whose bytes come next (for error messages)."""
         return self.specs[self._index].name if self._index < len(self.specs) else "(end of file)"
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far, the header included."""
+        return self._bytes
+
     def write(self, data: memoryview | bytes | bytearray) -> None:
         """Append bytes of the current tensor (any split of a tensor's bytes into calls is fine)."""
         self._advance(memoryview(data).nbytes)
         self._write_bytes(data)
-
-    def copy_range(self, source_fd: int, offset: int, length: int) -> None:
-        """Append ``length`` bytes of the open file ``source_fd`` from ``offset`` as tensor bytes."""
-        self._advance(length)
-        self._copy_bytes(source_fd, offset, length)
 
     def _advance(self, n: int) -> None:
         while n:
@@ -124,44 +123,110 @@ class SafetensorsWriter:
                 self._written_in_tensor = 0
 
     def _write_bytes(self, data: memoryview | bytes | bytearray) -> None:
-        self._bytes += self._write_all(data)
-
-    def _write_all(self, data: memoryview | bytes | bytearray) -> int:
         view = memoryview(data).cast("B")
-        total = len(view)
+        self._digest.update(view)  # releases the GIL for large buffers
+        self._bytes += len(view)
         while view:
             view = view[self._file.write(view) :]
-        return total
 
-    def _copy_bytes(self, source_fd: int, offset: int, length: int) -> None:
-        done = 0
-        while done < length:
-            try:
-                n = os.copy_file_range(source_fd, self._file.fileno(), length - done, offset + done)
-            except OSError as exc:
-                if exc.errno not in _NO_KERNEL_COPY:
-                    raise
-                n = self._write_all(os.pread(source_fd, min(16 << 20, length - done), offset + done))
-            if n == 0:
-                raise OSError(errno.EIO, f"the source ended {length - done} bytes early")
-            done += n
-        self._bytes += length
-
-    def close(self) -> int:
-        """Close the file (``staged_directory`` flushes it to disk); returns its size."""
+    def close(self) -> WrittenFile:
+        """Close the file (``staged_directory`` flushes it to disk); returns its size and sha256."""
         while self._index < len(self.specs) and self.specs[self._index].nbytes == 0:
             self._index += 1
         if self._index != len(self.specs):
             raise AssertionError(f"{self.path.name}: tensor '{self.current}' was not written completely")
         self._file.close()
-        return self._bytes
+        return WrittenFile(self.path.name, self._bytes, self._digest.hexdigest())
 
     def abort(self) -> None:
         self._file.close()
 
 
+class FileWriterThread:
+    """Writes and hashes safetensors files on a thread of its own, in the order they are given.
+
+    The caller queues ``begin(path, specs)``, the files' bytes with ``write(data, release)`` and
+    ``end()``, and collects the :class:`WrittenFile` records with :meth:`finish`. ``release`` is
+    called once ``data`` is written (the caller reuses its buffer); the caller bounds memory by the
+    buffers it owns. A failed write becomes :attr:`error` (an :class:`InputError` naming the file
+    and tensor); the thread then discards what is queued, and :meth:`check` raises the error.
+    """
+
+    def __init__(self, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.error: BaseException | None = None
+        self._written: list[WrittenFile] = []
+        self._on_bytes = on_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dsv2-writer", daemon=True)
+        self._thread.start()
+
+    def begin(self, path: Path, specs: list[TensorSpec]) -> None:
+        self._queue.put(("begin", path, specs))
+
+    def write(self, data: memoryview | bytes, release: Callable[[], None] | None = None) -> None:
+        self._queue.put(("write", data, release))
+
+    def end(self) -> None:
+        self._queue.put(("end",))
+
+    def check(self) -> None:
+        """Raise the error of a write that failed, if one did."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> list[WrittenFile]:
+        """Wait until everything queued is written; the files' records, or the error of a failed write."""
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+        return self._written
+
+    def abort(self) -> None:
+        """Stop: what is queued is discarded, an open file is closed as it is (the caller removes it)."""
+        self.error = self.error or _Aborted()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        writer: SafetensorsWriter | None = None
+        path: Path | None = None
+        while (item := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    if item[0] == "begin":
+                        path = item[1]
+                        writer = SafetensorsWriter(item[1], item[2])
+                        self._report(writer.size)
+                    elif item[0] == "write":
+                        writer.write(item[1])
+                        self._report(memoryview(item[1]).nbytes)
+                    else:
+                        self._written.append(writer.close())
+                        writer = None
+            except OSError as exc:
+                self.error = write_error(path, writer.current if writer else None, exc)
+            except BaseException as exc:  # handed to the caller's thread by check()
+                self.error = exc
+            finally:
+                if item[0] == "write" and item[2] is not None:
+                    item[2]()
+        if writer is not None:
+            writer.abort()
+
+    def _report(self, n: int) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(n)
+
+
+class _Aborted(Exception):
+    """The writer was stopped by its caller."""
+
+
 def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None, chunk: int = 16 << 20) -> WrittenFile:
-    """Size and sha256 of a file, read in chunks (hashlib releases the GIL, so threads hash in parallel)."""
+    """Size and sha256 of a file, read in chunks (hashlib releases the GIL, so threads hash in parallel).
+
+    What :class:`SafetensorsWriter` computes while writing, for files read back (``verify``, copies).
+    """
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray(max(1, min(chunk, path.stat().st_size)))

@@ -19,7 +19,7 @@ from dsv2cli.errors import InputError
 EPILOG = (
     "Examples:\n\n"
     "  dsv2 convert deepseek-ai/DeepSeek-V2-Lite ./lite-native\n\n"
-    "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int8 --quantize int8 --format json\n\n"
+    "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int8 --quantize int8 --probe --format json\n\n"
     "  dsv2 convert ./lite-native ./lite-hf --to hf --dtype float32\n\n"
     "  dsv2 convert demo ./demo-int8 --quantize int8   (the bundled model)\n\n"
     "SOURCE is a Hub repo id (fetched like `dsv2 download`), a HF-layout directory, a native one or `demo`. "
@@ -88,8 +88,11 @@ def convert(
     shard_size: str = typer.Option(
         f"{DEFAULT_SHARD_BYTES // 10**9}GB", "--shard-size", help="Largest shard for --to hf (5GB, 500MB, ...)."
     ),
-    probe: bool | None = typer.Option(
-        None, "--probe/--no-probe", help="Measure the quality cost on a probe text (default: when values change)."
+    probe: bool = typer.Option(
+        False,
+        "--probe/--no-probe",
+        help="Also measure the quality cost: a probe text through SOURCE and OUTPUT, layer by layer. Off by default: "
+        "it reads both checkpoints again, about as long as the conversion itself.",
     ),
     format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
 ) -> None:
@@ -123,9 +126,11 @@ def _render(r: ConvertReport) -> None:
     table.add_row("read / written", f"{human_bytes(r.bytes_read)} / {human_bytes(r.bytes_written)}")
     table.add_row(
         "time",
-        f"{r.seconds:.2f} s ({human_bytes(r.throughput_bytes_per_s)}/s; {r.hash_wait_seconds:.2f} s of it waiting for sha256)",
+        f"{r.seconds:.2f} s ({human_bytes(r.throughput_bytes_per_s)}/s; {r.write_wait_seconds:.2f} s of it waiting for the writer)",
     )
     table.add_row("peak memory (RSS)", human_bytes(r.peak_rss_bytes))
+    if r.quality is None and r.quantization is not None:
+        table.add_row("quality (probe)", "not measured (pass --probe)")
     if r.quality is not None:
         q = r.quality
         table.add_row(
