@@ -13,6 +13,7 @@ from dsv2cli.checkpoint.convert import convert_checkpoint
 from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.checkpoint.native import read_manifest
 from dsv2cli.cli.main import app
+from dsv2cli.errors import DSV2Error
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
 from dsv2cli.model.quantized import Int8Linear
 from dsv2cli.parallel.group import ParallelGroup
@@ -128,6 +129,15 @@ def test_native_slices_are_mapped_where_nothing_changes(checkpoints):
     assert mapped(model.layers[1].mlp.experts.gate_up_proj)  # this rank's experts: rows of the file
     assert mapped(attn.q_b_proj.weight)  # this rank's heads: rows
     assert not mapped(attn.o_proj.weight) and attn.o_proj.weight.is_contiguous()  # input columns: copied, contiguous
+
+
+def test_each_rank_checks_its_own_share_against_memory(checkpoints, monkeypatch):
+    from dsv2cli.checkpoint import fit
+
+    monkeypatch.setattr(fit, "available_memory", lambda device="cpu": fit.Available(1 << 20, "MemAvailable"))
+    with pytest.raises(DSV2Error) as info:
+        load_sharded(checkpoints["int8"], _group(1, 2), torch.float32)
+    assert "rank 1 of 2" in info.value.message
 
 
 def test_generate_under_torchrun_reads_an_int8_checkpoint(checkpoints, tmp_path):

@@ -5,7 +5,8 @@ device (with int8 modules for an int8 checkpoint), :func:`parallelize` gives it 
 single-process reader of the layout, given this rank's :class:`ShardPlan`, reads each split tensor with
 ``safe_open(...).get_slice(name)[split]`` from the memory-mapped files: ``read_hf_state_dict`` for HF
 safetensors, ``read_native_state_dict`` for a native directory. Routed experts that belong to other
-ranks are not touched at all.
+ranks are not touched at all. Before anything is read, the rank's share is checked against the memory it
+has (``checkpoint/fit.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dsv2cli.checkpoint.files import inspect_checkpoint
+from dsv2cli.checkpoint.fit import check_load
 from dsv2cli.checkpoint.loader import build_empty, read_hf_state_dict
 from dsv2cli.checkpoint.native import build_structure, has_int8_head, is_native, read_manifest, read_native_state_dict
 from dsv2cli.config import ModelConfig, load_config
@@ -43,6 +45,7 @@ def load_sharded(
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config = config or load_config(directory)
     plan = ShardPlan(config, group.rank, group.world_size)
+    check_load(directory, dtype, group.device, plan=plan)
     if is_native(directory):
         manifest = read_manifest(directory)
         model = parallelize(build_structure(config, manifest.quantization, has_int8_head(manifest)), group)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from dsv2cli.inference.session import LoadedModel, choose_dtype, configure_cpu, load_for_generation
+from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model.fusion import fuse_projections
-from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree
+from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree, from_main_rank
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
 from dsv2cli.resolve import resolve_checkpoint
@@ -22,6 +22,7 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    progress: LoadProgress | None = None,
 ) -> tuple[LoadedModel, ShardReport | None]:
     """The whole model without a group; with one, this rank's shard and every rank's memory numbers.
 
@@ -30,12 +31,14 @@ def load_model(
     waiting in their first collective.
     """
     if group is None:
-        return load_for_generation(spec, device, dtype, threads), None
+        return load_for_generation(spec, device, dtype, threads, progress=progress), None
+
+    # Every rank must compute in one dtype, and "auto" may depend on the memory free at that moment: rank 0 decides.
+    torch_dtype = from_main_rank(group, lambda: choose_dtype(dtype, group.device, resolve_checkpoint(spec)[1]))
 
     def load_shard() -> LoadedModel:
         configure_cpu(threads)
         name, directory = resolve_checkpoint(spec)
-        torch_dtype = choose_dtype(dtype, group.device, directory)
         model = fuse_projections(load_sharded(directory, group, torch_dtype))
         if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
             raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
