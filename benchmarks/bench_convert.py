@@ -317,7 +317,7 @@ def synthetic_config(size_gb: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="bfloat16 HF checkpoint to convert (default: a synthetic one)")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of both converters (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of both converters (default 1; 0: none)")
     parser.add_argument(
         "--dir", type=Path, default=Path("/tmp/dsv2-bench-convert"), help="outputs (and the synthetic checkpoint)"
     )
@@ -343,8 +343,9 @@ def main() -> None:
         if not args.skip_llamacpp:
             source = llama_source(args.llama_cache)
             llama = (converter(source, args.llama_cache), source)
-        runs = side_by_side(checkpoint, args.dir, args.rounds, llama)
-        print_comparison(runs, checkpoint, cold=os.geteuid() == 0)
+        if args.rounds > 0:
+            runs = side_by_side(checkpoint, args.dir, args.rounds, llama)
+            print_comparison(runs, checkpoint, cold=os.geteuid() == 0)
         if args.probe:
             probe_cost(checkpoint, args.dir)
         if args.layout:
