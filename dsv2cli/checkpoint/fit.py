@@ -401,15 +401,23 @@ def require(need: MemoryNeed, subject: str, hint: str, device: torch.device | st
 
 
 def describe(need: MemoryNeed) -> str:
-    """'29.7 GB: 29.3 GB of weights copied into memory + 396 MB of cache and working memory (+ 2.1 GB mapped from disk)'."""
-    counted = need.total if address_space_limited() else need.allocated
-    text = f"{gb(counted)}: {gb(need.copied)} of weights copied into memory + {gb(need.working)} of cache and working memory"
-    if need.mapped:
-        text += (
-            f" + {gb(need.mapped)} of weights mapped from disk"
-            if address_space_limited()
-            else f" (+ {gb(need.mapped)} of weights mapped from disk)"
-        )
+    """'29.7 GB: 29.3 GB of weights copied into memory + 396 MB of cache and working memory (+ 2.1 GB mapped from disk)'.
+
+    Parts that are zero are left out; a need of one part is its size alone.
+    """
+    limited = address_space_limited()
+    parts = [
+        f"{gb(n)} of {what}"
+        for n, what in ((need.copied, "weights copied into memory"), (need.working, "cache and working memory"))
+        if n
+    ]
+    if need.mapped and limited:
+        parts.append(f"{gb(need.mapped)} of weights mapped from disk")
+    text = gb(need.total if limited else need.allocated)
+    if len(parts) > 1:
+        text += ": " + " + ".join(parts)
+    if need.mapped and not limited:
+        text += f" (+ {gb(need.mapped)} of weights mapped from disk)"
     return text
 
 

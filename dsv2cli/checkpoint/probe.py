@@ -165,12 +165,11 @@ def probe_need(config: ModelConfig, *checkpoints: Iterable[tuple[str, int]]) -> 
 
 def require_probe_memory(config: ModelConfig, *checkpoints: Iterable[tuple[str, int]]) -> None:
     """Raise ``InsufficientMemoryError`` (one line: needed vs available) unless the probe fits in memory."""
-    need, available = probe_need(config, *checkpoints), fit.available_memory("cpu")
-    if need > available.bytes:
-        raise fit.InsufficientMemoryError(
-            f"the quality probe needs {fit.gb(need)}, {fit.gb(available.bytes)} available ({available.source})",
-            hint="convert without --probe (the conversion itself needs well under 1 GB), or free some memory",
-        )
+    fit.require(
+        fit.MemoryNeed(0, 0, probe_need(config, *checkpoints)),
+        "the quality probe",
+        hint="convert without --probe (the conversion itself needs well under 1 GB), or free some memory",
+    )
 
 
 def probe_quality(source: Path, result: Path) -> ProbeReport:
