@@ -150,6 +150,7 @@ def test_generate_under_torchrun_reads_an_int8_checkpoint(checkpoints, tmp_path)
     doc = json.loads(ranks[0][1])
     assert [r["token_ids"] for r in doc["results"]] == [r["token_ids"] for r in json.loads(single.stdout)["results"]]
     assert "2 ranks (gloo)" in ranks[0][2]
+    assert ranks[0][2].count("(50.0% of all)") == 2  # int8 experts are buffers: counted, half on each rank
 
 
 def test_plan_splits_an_int8_scale_with_its_weight_rows_and_keeps_it_whole_for_columns():

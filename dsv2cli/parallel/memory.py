@@ -109,14 +109,18 @@ def _rss() -> tuple[int, int]:
 
 
 def measure_rank(model: torch.nn.Module, rank: int) -> MeasuredRank:
-    """Count the parameter bytes ``model`` holds on this rank (shared tensors once) and read the RSS."""
+    """Count the weight bytes ``model`` holds on this rank (shared tensors once) and read the RSS.
+
+    Weights are every tensor of the state dict: parameters, and the buffers int8 modules keep their
+    weights and scales in.
+    """
     seen: set[int] = set()
     total = experts = 0
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param.data_ptr() in seen:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
             continue
-        seen.add(param.data_ptr())
-        nbytes = param.numel() * param.element_size()
+        seen.add(tensor.data_ptr())
+        nbytes = tensor.numel() * tensor.element_size()
         total += nbytes
         if ".mlp.experts." in name:
             experts += nbytes
@@ -160,8 +164,7 @@ class ShardReport:
 def gather_report(group: ParallelGroup, model: torch.nn.Module, dtype: torch.dtype) -> ShardReport:
     """Measure this rank and collect every rank's numbers (a collective: every rank calls it)."""
     measured = gather_objects(group, measure_rank(model, group.rank))
-    config = model.config  # type: ignore[attr-defined]
-    full = rank_memory(config, 1, dtype).routed_experts if config.moe_layer_indices else 0
+    full = sum(rank.expert_bytes for rank in measured)  # type: ignore[union-attr]  # experts are split, never replicated
     return ShardReport(group.backend, measured, full)  # type: ignore[arg-type]
 
 
