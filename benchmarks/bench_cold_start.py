@@ -46,11 +46,9 @@ def drop_page_cache() -> bool:
 
 def disk_read(checkpoint: Path) -> dict:
     """Read every weight file once in large blocks: bytes and seconds."""
-    from dsv2cli.checkpoint.loader import weight_files
-
     buffer = bytearray(BLOCK)
     total, start = 0, time.perf_counter()
-    for path in weight_files(checkpoint):
+    for path in _files(checkpoint):
         with path.open("rb", buffering=0) as f:
             while n := f.readinto(buffer):
                 total += n
@@ -165,10 +163,10 @@ def main() -> None:
         print(f"warning shown to the user: {warning}")
 
 
-def _files(checkpoint: Path) -> list[Path]:
-    from dsv2cli.checkpoint.loader import weight_files
+def _files(checkpoint: Path) -> tuple[Path, ...]:
+    from dsv2cli.checkpoint.fit import stored_weights
 
-    return weight_files(checkpoint)
+    return stored_weights(checkpoint).files
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ class StoredWeights:
     quantization: str | None
     tensors: dict[str, tuple[str, tuple[int, ...]]]
     declared: torch.dtype | None = None  # a native manifest's dtype
+    files: tuple[Path, ...] = ()  # the safetensors files a load reads
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -248,9 +249,11 @@ def stored_weights(directory: Path, config: ModelConfig | None = None) -> Stored
             for name, entry in manifest.tensors.items()
             if entry.get("dtype") in ST_TO_TORCH
         }
-        return StoredWeights(directory, config, True, manifest.quantization, tensors, DTYPE_BY_NAME[manifest.dtype])
-    files, _ = find_problems(directory, config)
-    return StoredWeights(directory, config, False, None, {name: (i.dtype, i.shape) for name, i in files.tensors.items()})
+        files = tuple(directory / f for f in sorted({str(e.get("file")) for e in manifest.tensors.values()}))
+        return StoredWeights(directory, config, True, manifest.quantization, tensors, DTYPE_BY_NAME[manifest.dtype], files)
+    found, _ = find_problems(directory, config)
+    tensors = {name: (i.dtype, i.shape) for name, i in found.tensors.items()}
+    return StoredWeights(directory, config, False, None, tensors, None, tuple(found.files))
 
 
 def load_need(

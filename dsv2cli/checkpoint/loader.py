@@ -20,7 +20,7 @@ from safetensors import safe_open
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
 from dsv2cli.checkpoint.fit import check_load
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, native_name, native_shapes, runtime_dtype
-from dsv2cli.checkpoint.native import is_native, load_native, read_manifest
+from dsv2cli.checkpoint.native import is_native, load_native
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
@@ -114,14 +114,6 @@ def load_hf_checkpoint(
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.to(device)
     return model.eval()
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files a load of ``directory`` reads (native manifest, HF index or ``*.safetensors``)."""
-    directory = Path(directory)
-    if is_native(directory):
-        return [directory / file for file in sorted({str(t.get("file")) for t in read_manifest(directory).tensors.values()})]
-    return inspect_checkpoint(directory, load_config(directory)).files
 
 
 def load_checkpoint(

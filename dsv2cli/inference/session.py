@@ -11,7 +11,7 @@ import torch
 
 from dsv2cli import kernels
 from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, fit_of, gb, load_need, stored_weights, working_bytes
-from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint, weight_files
+from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
 from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
@@ -111,7 +111,7 @@ class LoadProgress(Protocol):
     def read(self, report: ReadAhead) -> None: ...
 
 
-def read_weights_ahead(directory: Path, fit: Fit, progress: LoadProgress | None) -> ReadAhead | None:
+def read_weights_ahead(weights: StoredWeights, fit: Fit, progress: LoadProgress | None) -> ReadAhead | None:
     """Read the weight files into the page cache before the first step when they fit there with room to spare.
 
     When the mapped weights do not fit beside the rest, steps will read them from disk as they touch
@@ -124,7 +124,7 @@ def read_weights_ahead(directory: Path, fit: Fit, progress: LoadProgress | None)
             f"({gb(max(0, fit.available.bytes - fit.need.allocated))} free of {gb(fit.available.bytes)}): decode steps "
             "will read weights from disk and run slowly; an int8 copy (dsv2 convert --quantize int8) reads half the bytes"
         )
-    files = weight_files(directory)
+    files = [path for path in weights.files if path.is_file()]
     total = sum(path.stat().st_size for path in files)
     spare = max(READ_AHEAD_SPARE, fit.available.bytes // 20)
     if total > fit.available.bytes - fit.need.allocated - spare:
@@ -157,7 +157,7 @@ def load_for_generation(
     weights = stored_weights(directory)
     torch_dtype = choose_dtype(dtype, torch_device, weights, working)
     fit = check_load(weights, torch_dtype, torch_device, working=working)
-    if read_weights:
-        read_weights_ahead(directory, fit, progress)
+    if read_weights and torch_device.type == "cpu":  # the page cache is host memory; a GPU load reads each file once anyway
+        read_weights_ahead(weights, fit, progress)
     model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)
