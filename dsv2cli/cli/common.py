@@ -61,6 +61,19 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def byte_bar() -> Progress:
+    """A transient rich progress bar by bytes on stderr (description, bar, bytes, speed, time left)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 class LoadStatus:
     """Shows a model load on stderr: warnings, and a progress bar while weight files are read ahead."""
 
@@ -73,16 +86,8 @@ class LoadStatus:
     def reading(self, total_bytes: int) -> Callable[[int], None]:
         if not err.is_terminal:
             return lambda n: None
-        self.progress = Progress(
-            TextColumn("reading weights"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
-        task = self.progress.add_task("read", total=total_bytes)
+        self.progress = byte_bar()
+        task = self.progress.add_task("reading weights", total=total_bytes)
         self.progress.start()
         progress = self.progress
         return lambda n: progress.advance(task, n)

@@ -9,11 +9,10 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from dsv2cli.checkpoint.convert import DEFAULT_SHARD_BYTES, ConvertReport, convert_checkpoint
-from dsv2cli.cli.common import TextOrJson, emit_json, err, handle_errors, human_bytes, out
+from dsv2cli.cli.common import TextOrJson, byte_bar, emit_json, err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
 
 EPILOG = (
@@ -58,15 +57,7 @@ def parse_size(text: str) -> int:
 @contextmanager
 def byte_progress(description: str) -> Iterator[tuple]:
     """A rich progress bar by bytes on stderr; yields ``(on_start(total), on_bytes(n))``."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
+    progress = byte_bar()
     if not err.is_terminal:  # nothing to animate; keep stderr for the report's errors and hints
         yield (lambda total: None, lambda n: None)
         return
