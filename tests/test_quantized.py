@@ -88,7 +88,7 @@ def _random_experts(config: ModelConfig, seed: int) -> tuple[RoutedExperts, Int8
     return experts, Int8RoutedExperts.from_experts(experts)
 
 
-def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights(bfloat16_cpu):
+def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights(bfloat16_cpu, vnni):
     config = _config()
     experts, int8 = _random_experts(config, seed=3)
     dequantized = RoutedExperts(config)
@@ -121,11 +121,35 @@ def test_int8_gemv_is_exact_int8_arithmetic_on_the_quantized_token():
     expected = (xq.double() @ q.double().t()) * scale.double() * x_scale
     got = int8_gemv((xq, step), q, scale)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
-    # int8_linear routes one token there, in either activation dtype, and keeps the leading dims.
-    assert torch.equal(int8_linear(x.view(1, 1, 64), q, scale), got.view(1, 1, 40))
     reference = F.linear(x, dequantize_rows(q, scale, torch.float32))
     assert (got - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+@pytest.fixture(params=[True, False], ids=["vnni", "no-vnni"])
+def vnni(request, monkeypatch):
+    """Both one-token kernels on any CPU: int8 x int8 (chosen with VNNI) and torch's int8-weight kernel (without)."""
+    monkeypatch.setattr(quantized, "int8_dot_products", lambda: request.param)
+    return request.param
+
+
+def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni):
+    torch.manual_seed(7)
+    x, w = torch.randn(1, 64) * 3, torch.randn(40, 64)
+    q, scale = quantize_rows(w)
+    got = int8_linear(x.view(1, 1, 64), q, scale)  # keeps the leading dims
+    if vnni:
+        assert torch.equal(got, int8_gemv(quantize_activation(x), q, scale).view(1, 1, 40))
+    else:
+        int8pack = torch._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16()).float()
+        assert torch.equal(got, int8pack.view(1, 1, 40))
+    # Either way within the error of an 8-bit token of the dequantized product.
+    reference = F.linear(x, dequantize_rows(q, scale, torch.float32))
+    assert (got.view(1, 40) - reference).abs().max() <= 0.02 * reference.abs().max()
     assert int8_linear(x.bfloat16(), q, scale).dtype == torch.bfloat16
+    # An input width the int8-weight kernel cannot take falls back to int8 x int8.
+    q9, s9 = quantize_rows(torch.randn(40, 72))
+    x9 = torch.randn(1, 72)
+    assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
 
 
 def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():
@@ -177,7 +201,7 @@ def test_int8_linear_bfloat16_with_an_input_dim_the_kernel_cannot_take(bfloat16_
     assert torch.isfinite(got).all() and (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
 
 
-def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids():
+def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids(vnni):
     from dsv2cli.model.moe import run_experts
 
     config = _config()
@@ -192,7 +216,7 @@ def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids():
         assert (int8(x, ids_t, weights) - sorted_path).abs().max() <= 0.03 * sorted_path.abs().max() + 1e-6
 
 
-def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_change():
+def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_change(vnni):
     """docs/convert.md states the int8 decode path's cost on the bundled demo: about -0.001 nats, 98 % top-1."""
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer

@@ -14,7 +14,8 @@ is tied to the embedding; int8 checkpoints written before it was quantized keep 
 (``quantize_head=False``).
 
 Decode steps on CPU (one token) quantize the token to int8 and use int8 x int8 dot products
-(:func:`int8_gemv`); compiled decode steps (``decode.py``) convert the int8 weights inside their own
+(:func:`int8_gemv`) on CPUs with VNNI, and torch's int8-weight kernel on the bfloat16 token elsewhere
+(:func:`int8_row`: ten times faster on AVX2); compiled decode steps (``decode.py``) convert the int8 weights inside their own
 reductions instead. Several tokens (a prefill) on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
 int8 values; elsewhere bfloat16 activations use ``torch._weight_int8pack_mm`` and other activation
 dtypes dequantize the weight on the fly, one matrix (or one expert) at a time
@@ -24,6 +25,7 @@ dtypes dequantize the weight on the fly, one matrix (or one expert) at a time
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -56,7 +58,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
-    One token on CPU (a decode step) takes the int8 x int8 path (:func:`int8_gemv`). Several tokens on a
+    One token on CPU (a decode step) takes :func:`int8_row` (int8 x int8 on CPUs with VNNI). Several tokens on a
     CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after. Otherwise,
     with bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
@@ -66,13 +68,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
     int8 x int8 path quantizes ``x``.
     """
     if is_one_cpu_token(x):
-        out = int8_gemv(quantize_activation(x.reshape(1, -1), amax), q, scale)
+        row = x.reshape(1, -1)
+        out = int8_row(row, q, scale, lambda: quantize_activation(row, amax))
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and fast_cpu_bfloat16():
         # int8 values are exact in bfloat16, and on AVX512-BF16 a bfloat16 GEMM runs ~4x faster than a float32 one
         # and ~3x faster than torch's int8-weight kernel (float32 activations and outputs round to bfloat16).
         return cast(F.linear(cast(x, torch.bfloat16), q.to(torch.bfloat16)), x.dtype) * cast(scale, x.dtype)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[1] % 16 == 0 and q.data_ptr() % 16 == 0:
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and int8pack_ok(q):
         flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
@@ -126,6 +129,35 @@ def int8_gemv(token: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, scale: 
     """
     values, step = token
     return torch._int_mm(values, q.t()).mul(cast(scale, torch.float32)).mul_(step)
+
+
+@functools.cache
+def int8_dot_products() -> bool:
+    """Whether this CPU has VNNI (native int8 dot products), where one token's int8 x int8 product is fastest."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe and probe())
+
+
+def int8pack_ok(q: torch.Tensor) -> bool:
+    """Whether torch's CPU int8-weight kernel takes ``q [O, I]``: I a multiple of 16, the weight 16-byte aligned
+    (torch 2.13 returns NaNs or crashes otherwise)."""
+    return q.shape[-1] % 16 == 0 and q.data_ptr() % 16 == 0
+
+
+def int8_row(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, token: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """One row ``x [1, I]`` against ``q [O, I]`` int8 -> ``[1, O]`` float32, by the kernel this CPU streams fastest.
+
+    With VNNI, int8 x int8 dot products on the quantized row (:func:`int8_gemv`; ``token()`` quantizes it,
+    so a caller can share one quantization between matrices). Without VNNI (AVX2 CPUs), oneDNN's int8
+    products read the weight at ~2.6 GB/s on a Zen 2 while torch's int8-weight kernel on the bfloat16 row
+    reads it at ~27 GB/s, the speed of a copy (``benchmarks/notes/2026-12-05-real-scale.md``): that one
+    (bfloat16 activations and outputs, float32 scale rounded to bfloat16: the error of the int8 token).
+    """
+    if int8_dot_products() or not int8pack_ok(q):
+        return int8_gemv(token(), q, scale)
+    return torch._weight_int8pack_mm(cast(x, torch.bfloat16), q, cast(scale, torch.bfloat16)).float()
 
 
 class Int8Linear(nn.Module):
@@ -195,19 +227,26 @@ class Int8RoutedExperts(nn.Module):
         return experts_on_one_token(x, expert_ids, weights, self.one_token)
 
     def one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """x ``[1, D]`` on CPU through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32."""
-        token = quantize_activation(x)
+        """x ``[1, D]`` on CPU through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32.
+
+        Each product through :func:`int8_row`; where that quantizes, ``x`` is quantized once for every gate_up.
+        """
+        token = functools.cache(lambda: quantize_activation(x))
 
         def down(indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
-            values, steps = quantize_activation(hidden)  # [K, I], [K, 1]
             rows = [
-                torch._int_mm(values[k : k + 1], self.down_proj[i].t()).mul(cast(self.down_proj_scale[i], torch.float32))
+                int8_row(
+                    hidden[k : k + 1],
+                    self.down_proj[i],
+                    self.down_proj_scale[i],
+                    lambda k=k: quantize_activation(hidden[k : k + 1]),
+                )
                 for k, i in enumerate(indices)
             ]
-            return torch.cat(rows).mul_(steps)
+            return torch.cat(rows)
 
         return weighted_experts_of_one_token(
-            x, ids, weights, lambda i: int8_gemv(token, self.gate_up_proj[i], self.gate_up_proj_scale[i]), down
+            x, ids, weights, lambda i: int8_row(x, self.gate_up_proj[i], self.gate_up_proj_scale[i], token), down
         )
 
 
