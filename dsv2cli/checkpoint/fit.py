@@ -190,15 +190,16 @@ def _numel(shape: tuple[int, ...] | list[int]) -> int:
     return n
 
 
-def _local_numel(name: str, shape: tuple[int, ...], plan) -> int:  # noqa: ANN001 (a parallel.plan.ShardPlan)
-    """Elements of ``name`` one rank holds (a scale is split with its weight's rows)."""
+def _local_share(name: str, shape: tuple[int, ...], plan) -> tuple[int, bool]:  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    """Elements of ``name`` one rank holds (a scale is split with its weight's rows), and whether they are one
+    contiguous block of the stored tensor (whole, or a slice of its first dimension), which the loaders map."""
     if plan is None:
-        return _numel(shape)
+        return _numel(shape), True
     weight = name.removesuffix("_scale") if name.endswith("_scale") else name.removesuffix(".scale") + ".weight"
     split = plan.split_for(name) or (plan.split_for(weight) if weight != name else None)
     if split is None or split.dim >= len(shape):
-        return _numel(shape)
-    return _numel(shape) // shape[split.dim] * split.size
+        return _numel(shape), True
+    return _numel(shape) // shape[split.dim] * split.size, split.dim == 0
 
 
 def _fused(name: str) -> bool:
@@ -213,7 +214,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 class StoredWeights:
     """A checkpoint's tensors as its headers describe them: ``name -> (safetensors dtype, shape)``.
 
-    ``names`` are as stored (HF names for a HF checkpoint, dsv2 names for a native one); read once by
+    Names are as stored (HF names for a HF checkpoint, dsv2 names for a native one); read once by
     :func:`stored_weights` and passed to every estimate, so a load reads its headers once more, not five times.
     """
 
@@ -291,8 +292,8 @@ def load_need(
             want = activation
         else:
             want = dtype or (have if weights.native else activation)
-        n = _local_numel(target, shape, plan)
-        if want == have and on_cpu and not _fused(target) and n == _numel(shape):
+        n, contiguous = _local_share(target, shape, plan)
+        if want == have and on_cpu and not _fused(target) and contiguous:
             mapped += n * _itemsize(have)
         else:
             copied += n * _itemsize(want)
