@@ -60,8 +60,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
 
     One token on CPU (a decode step) takes :func:`int8_row` (int8 x int8 on CPUs with VNNI). Several tokens on a
     CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after. Otherwise,
-    bfloat16 activations and up to :data:`FEW_TOKENS` float32 rows (cast to bfloat16) take torch's int8-weight
-    kernel; more float32 rows and other dtypes dequantize the weight.
+    with bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights. ``amax``: the
@@ -76,22 +75,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
         # int8 values are exact in bfloat16, and on AVX512-BF16 a bfloat16 GEMM runs ~4x faster than a float32 one
         # and ~3x faster than torch's int8-weight kernel (float32 activations and outputs round to bfloat16).
         return cast(F.linear(cast(x, torch.bfloat16), q.to(torch.bfloat16)), x.dtype) * cast(scale, x.dtype)
-    few = x.dtype == torch.float32 and x.numel() // x.shape[-1] <= FEW_TOKENS
-    if (x.dtype == torch.bfloat16 or few) and x.device.type == "cpu" and int8pack_ok(q):
-        # Without AVX512-BF16, a float32 row dequantizes the whole weight per call; a few rows run faster on
-        # torch's int8-weight kernel in bfloat16 (5 rows of one V2-Lite expert: 5.5 -> 1.1 ms on a Zen 2).
-        flat = cast(x.reshape(-1, x.shape[-1]), torch.bfloat16)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and int8pack_ok(q):
+        flat = x.reshape(-1, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
         out = torch._weight_int8pack_mm(flat, q, scale.to(torch.bfloat16))  # [N, O]
-        return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
+        return out.reshape(*x.shape[:-1], q.shape[0])
     # Multiplying the output by the scale is exact in real arithmetic and avoids a scaled weight copy.
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-
-
-# Up to this many float32 rows, torch's int8-weight kernel (in bfloat16) beats dequantizing the weight on CPUs without
-# AVX512-BF16; from about 128 rows on the two cost the same (one [2816 x 2048] expert on a Zen 2, 2 threads).
-FEW_TOKENS = 64
 
 
 @functools.cache
