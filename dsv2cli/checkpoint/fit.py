@@ -20,6 +20,7 @@ files count there); on CUDA, the device's free memory.
 
 from __future__ import annotations
 
+import math
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from dsv2cli.errors import DSV2Error
 
 GB = 10**9
 RUNTIME_SLACK = 256 << 20  # allocator slack, the tokenizer, temporaries of one layer
+DEFAULT_CONTEXT = 4096  # tokens of one sequence a load reserves a cache for when the request is not known yet
 # Linears whose weights fuse_projections stacks into one new tensor at load time (a copy, even when mapped).
 _FUSED = (".self_attn.q_proj.", ".self_attn.q_a_proj.", ".self_attn.kv_a_proj_with_mqa.", "mlp.gate_proj.", "mlp.up_proj.")
 
@@ -183,31 +185,20 @@ def address_space_limited() -> bool:
 # ---- what a load needs -----------------------------------------------------------------------------------------
 
 
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _local_share(name: str, shape: tuple[int, ...], plan) -> tuple[int, bool]:  # noqa: ANN001 (a parallel.plan.ShardPlan)
     """Elements of ``name`` one rank holds (a scale is split with its weight's rows), and whether they are one
     contiguous block of the stored tensor (whole, or a slice of its first dimension), which the loaders map."""
     if plan is None:
-        return _numel(shape), True
+        return math.prod(shape), True
     weight = name.removesuffix("_scale") if name.endswith("_scale") else name.removesuffix(".scale") + ".weight"
     split = plan.split_for(name) or (plan.split_for(weight) if weight != name else None)
     if split is None or split.dim >= len(shape):
-        return _numel(shape), True
-    return _numel(shape) // shape[split.dim] * split.size, split.dim == 0
+        return math.prod(shape), True
+    return math.prod(shape) // shape[split.dim] * split.size, split.dim == 0
 
 
 def _fused(name: str) -> bool:
     return ".experts." not in name and any(part in name for part in _FUSED)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -235,7 +226,7 @@ class StoredWeights:
         for st_dtype, shape in self.tensors.values():
             dtype = ST_TO_TORCH.get(st_dtype)
             if dtype is not None and dtype.is_floating_point:
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + _numel(shape) * _itemsize(dtype)
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape) * dtype.itemsize
         return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
 
 
@@ -281,7 +272,7 @@ def load_need(
             continue
         expert = None if weights.native else expert_slice(name)
         if expert is not None:
-            copied += _numel(shape) * _itemsize(activation) if first <= expert.expert < stop else 0
+            copied += math.prod(shape) * activation.itemsize if first <= expert.expert < stop else 0
             continue
         target = name if weights.native else native_name(name)
         if have == torch.int8:
@@ -294,9 +285,9 @@ def load_need(
             want = dtype or (have if weights.native else activation)
         n, contiguous = _local_share(target, shape, plan)
         if want == have and on_cpu and not _fused(target) and contiguous:
-            mapped += n * _itemsize(have)
+            mapped += n * have.itemsize
         else:
-            copied += n * _itemsize(want)
+            copied += n * want.itemsize
     return MemoryNeed(copied, mapped)
 
 
@@ -330,7 +321,7 @@ def working_bytes(
     ``rows x heads x tokens x capacity`` in float32), plus ``slack`` (counted once per process: a check
     made after loading, which reserved it, passes 0).
     """
-    size = _itemsize(dtype)
+    size = dtype.itemsize
     cache = rows * capacity * config.num_hidden_layers * config.kv_cache_elements_per_token_per_layer * size
     heads = config.num_attention_heads
     per_token = 4 * (
@@ -341,6 +332,11 @@ def working_bytes(
     )
     scores = 2 * rows * heads * tokens * max(tokens, capacity) * 4
     return cache + rows * tokens * per_token + scores + slack
+
+
+def default_working(config: ModelConfig, dtype: torch.dtype) -> int:
+    """What a load reserves beside its weights: a :data:`DEFAULT_CONTEXT`-token cache of one sequence and the slack."""
+    return working_bytes(config, dtype, capacity=DEFAULT_CONTEXT)
 
 
 # ---- the check ---------------------------------------------------------------------------------------------------
@@ -376,7 +372,7 @@ def check_load(
 ) -> Fit:
     """Raise :class:`InsufficientMemoryError` unless loading ``directory`` fits; returns the fit otherwise.
 
-    ``working`` defaults to :data:`RUNTIME_SLACK` plus a 4096-token cache for one sequence. Mapped
+    ``working`` defaults to :func:`default_working`. Mapped
     weights that do not fit beside the rest are allowed (the page cache reads them again), and the
     returned :class:`Fit` says so (``mapped_fits``) for the caller to warn about.
     """
@@ -384,24 +380,28 @@ def check_load(
     config = weights.config
     activation = dtype or weights.dtype or torch.float32
     need = load_need(weights, dtype, device, plan)
-    need = need.with_working(working if working is not None else working_bytes(config, activation, capacity=4096))
+    need = need.with_working(working if working is not None else default_working(config, activation))
     fit = fit_of(need, device)
     if fit.fits:
         return fit
     subject = f"{weights.directory.name} in {str(activation).removeprefix('torch.')}"
     if plan is not None:
         subject += f" (rank {plan.rank} of {plan.world_size})"
-    return require(need, subject, fix_hint(weights, dtype, device, fit.available, plan), device)
+    raise _refusal(fit, subject, fix_hint(weights, dtype, device, fit.available, plan))
 
 
 def require(need: MemoryNeed, subject: str, hint: str, device: torch.device | str = "cpu") -> Fit:
     """Raise :class:`InsufficientMemoryError` (``subject needs ...; ... available``) unless ``need`` fits on ``device``."""
     fit = fit_of(need, device)
     if not fit.fits:
-        raise InsufficientMemoryError(
-            f"{subject} needs {describe(need)}; {gb(fit.available.bytes)} available ({fit.available.source})", hint=hint
-        )
+        raise _refusal(fit, subject, hint)
     return fit
+
+
+def _refusal(fit: Fit, subject: str, hint: str) -> InsufficientMemoryError:
+    return InsufficientMemoryError(
+        f"{subject} needs {describe(fit.need)}; {gb(fit.available.bytes)} available ({fit.available.source})", hint=hint
+    )
 
 
 def describe(need: MemoryNeed) -> str:
@@ -436,11 +436,11 @@ def fix_hint(
     options = []
     config, stored = weights.config, weights.dtype
     if dtype == torch.float32 and stored is not None and stored != torch.float32:
-        smaller = load_need(weights, stored, device, plan).with_working(working_bytes(config, stored, capacity=4096))
+        smaller = load_need(weights, stored, device, plan).with_working(default_working(config, stored))
         if Fit(smaller, available).fits:
             options.append(f"--dtype {str(stored).removeprefix('torch.')} ({gb(smaller.allocated)})")
     if weights.quantization is None:
-        int8 = int8_need(config, torch.float32, plan).with_working(working_bytes(config, torch.float32, capacity=4096))
+        int8 = int8_need(config, torch.float32, plan).with_working(default_working(config, torch.float32))
         per_rank = " per rank" if plan is not None else ""
         directory = weights.directory
         if Fit(int8, available).fits:

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from dsv2cli import kernels
-from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, fit_of, gb, load_need, stored_weights, working_bytes
+from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, default_working, fit_of, gb, load_need, stored_weights
 from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
 from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
 from dsv2cli.errors import InputError
@@ -67,7 +67,7 @@ def choose_dtype(
         weights = stored_weights(weights)
     stored = weights.dtype or torch.bfloat16
     if device.type == "cpu" and stored != torch.float32:
-        reserve = working if working is not None else working_bytes(weights.config, torch.float32, capacity=4096)
+        reserve = working if working is not None else default_working(weights.config, torch.float32)
         if fit_of(load_need(weights, torch.float32, device, plan).with_working(reserve), device).fits:
             return torch.float32
     return stored

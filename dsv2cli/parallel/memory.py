@@ -199,14 +199,14 @@ def fit_table(config: ModelConfig, machine_gib: tuple[int, ...] = MACHINE_GIB) -
     Each precision is a native copy loaded as ``dsv2 generate`` loads it (int8: int8 weights with float32
     activations, the CPU default); a rank of ``n`` holds its :class:`ShardPlan` share.
     """
-    from dsv2cli.checkpoint.fit import load_need, native_weights, working_bytes
+    from dsv2cli.checkpoint.fit import default_working, load_need, native_weights
 
     world_sizes = ShardPlan.world_sizes(config)
     rows = []
     for precision in PRECISIONS:
         dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
         weights = native_weights(config, "int8") if precision == "int8" else native_weights(config, None, dtype)
-        working = working_bytes(config, dtype, capacity=4096)
+        working = default_working(config, dtype)
 
         def need(world_size: int, weights=weights, dtype=dtype, working=working) -> int:
             plan = ShardPlan(config, 0, world_size) if world_size > 1 else None
