@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from dsv2cli.analysis.kv_cache import AttentionShape, Precision, Scheme, cache_row
 from dsv2cli.analysis.params import count_params
-from dsv2cli.checkpoint.fit import MemoryNeed, check_load, load_need, native_weights, require, working_bytes
+from dsv2cli.checkpoint.fit import MemoryNeed, load_need, native_weights, require, working_bytes
 from dsv2cli.checkpoint.hf_keys import native_shapes
 from dsv2cli.checkpoint.loader import DTYPES, build_empty, load_checkpoint
 from dsv2cli.config import ModelConfig
@@ -222,13 +222,14 @@ def measure_cache(
     layers: int | None = None,
     checkpoint: Path | None = None,
     on_stage: Callable[[str], None] | None = None,
-    load: Callable[[Path, torch.dtype], DeepseekV2] = load_checkpoint,
+    load: Callable[..., DeepseekV2] = load_checkpoint,
     prepare: Callable[[DeepseekV2], DeepseekV2] | None = None,
 ) -> CacheMeasurement:
     """Run prefill + decode with both caches and compare their bytes with the prediction for the measured shape.
 
-    ``load`` reads a checkpoint and ``prepare`` transforms the random model (a multi-process run passes its
-    sharded loader and ``parallelize``). When the model holds only a share of the heads, the expanded cache
+    ``load(path, dtype, working=bytes)`` reads a checkpoint after checking that it fits with the
+    measurement's caches beside it, and ``prepare`` transforms the random model (a multi-process run passes
+    its sharded loader and ``parallelize``). When the model holds only a share of the heads, the expanded cache
     holds that share too and its prediction is scaled to it; the latent cache is whole on every process.
     """
     if dtype not in DTYPES:
@@ -243,9 +244,9 @@ def measure_cache(
     stage = on_stage or (lambda _: None)
     torch_dtype = DTYPES[dtype]
     if checkpoint is not None:
-        check_load(checkpoint, torch_dtype, working=_working(config, name, torch_dtype, batch_size, context))
         stage(f"loading {checkpoint}")
-        model, changes, weights = load(checkpoint, torch_dtype), [], "checkpoint"
+        working = _working(config, name, torch_dtype, batch_size, context)  # the loader checks it beside the weights
+        model, changes, weights = load(checkpoint, torch_dtype, working=working), [], "checkpoint"
     else:
         measured_config, changes = measurement_config(config, layers)
         random_weights = load_need(native_weights(measured_config, None, torch_dtype), torch_dtype).total

@@ -160,7 +160,9 @@ def _measure(
             layers=layers,
             checkpoint=checkpoint,
             on_stage=status.update,
-            load=load_checkpoint if group is None else (lambda path, dtype: load_sharded(path, group, dtype)),
+            load=load_checkpoint
+            if group is None
+            else (lambda path, dtype, working: load_sharded(path, group, dtype, working=working)),
             prepare=None if group is None else (lambda model: parallelize(model, group)),
         )
     if group is None:

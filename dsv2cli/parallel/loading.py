@@ -34,18 +34,20 @@ def load_sharded(
     dtype: torch.dtype | None = None,
     config: ModelConfig | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    working: int | None = None,
 ) -> DeepseekV2:
     """This rank's part of a checkpoint (HF layout, or native float or int8), as a parallelized model on ``group.device``.
 
     ``dtype`` as in ``load_checkpoint``: None keeps float32 for HF and the stored dtype for native; int8
     weights stay int8 and ``dtype`` is then the activation dtype. ``on_tensor`` is called per HF tensor read.
+    ``working``: the bytes the rank needs beside its weights (``fit.check_load``'s default when None).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config = config or load_config(directory)
     plan = ShardPlan(config, group.rank, group.world_size)
-    check_load(directory, dtype, group.device, plan=plan)
+    check_load(directory, dtype, group.device, plan=plan, working=working)
     if is_native(directory):
         manifest = read_manifest(directory)
         model = parallelize(build_structure(config, manifest.quantization, has_int8_head(manifest)), group)
