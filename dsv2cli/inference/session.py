@@ -55,7 +55,6 @@ def choose_dtype(
     device: torch.device,
     weights: StoredWeights | Path,
     working: int | None = None,
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan: one rank's share decides)
 ) -> torch.dtype:
     """``auto``: on CPU float32 (fastest and exact there) when it fits in memory, else the stored dtype
     (a native checkpoint's files are then mapped, not copied); on CUDA the stored dtype."""
@@ -68,7 +67,7 @@ def choose_dtype(
     stored = weights.dtype or torch.bfloat16
     if device.type == "cpu" and stored != torch.float32:
         reserve = working if working is not None else default_working(weights.config, torch.float32)
-        if fit_of(load_need(weights, torch.float32, device, plan).with_working(reserve), device).fits:
+        if fit_of(load_need(weights, torch.float32, device).with_working(reserve), device).fits:
             return torch.float32
     return stored
 
