@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from dsv2cli.analysis.params import count_params  # noqa: E402
 from dsv2cli.checkpoint.files import DTYPE_SIZES, INDEX_NAME  # noqa: E402
+from dsv2cli.checkpoint.fit import load_need, native_weights  # noqa: E402
 from dsv2cli.checkpoint.hf_keys import hf_tensor_shapes  # noqa: E402
 from dsv2cli.checkpoint.writer import SafetensorsWriter, TensorSpec  # noqa: E402
 from dsv2cli.config import ModelConfig  # noqa: E402
@@ -55,14 +57,7 @@ def lite_config() -> ModelConfig:
 
 
 def checkpoint_bytes(config: ModelConfig, dtype: str = "BF16") -> int:
-    return sum(DTYPE_SIZES[dtype] * _numel(shape) for shape in hf_tensor_shapes(config).values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sum(DTYPE_SIZES[dtype] * math.prod(shape) for shape in hf_tensor_shapes(config).values())
 
 
 def shard_specs(config: ModelConfig, shard_bytes: int) -> list[list[TensorSpec]]:
@@ -108,7 +103,7 @@ def write_checkpoint(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(DEMO / name, directory / name)
     shards = shard_specs(config, shard_bytes)
-    largest = max(_numel(spec.shape) for specs in shards for spec in specs)
+    largest = max(math.prod(spec.shape) for specs in shards for spec in specs)
     pool_values = min(POOL_VALUES, largest)  # a small model needs only a small pool
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randn(pool_values, generator=generator).bfloat16()
@@ -121,7 +116,7 @@ def write_checkpoint(
         writer = SafetensorsWriter(partial, specs)
         for spec in specs:
             weight_map[spec.name] = file
-            numel = _numel(spec.shape)
+            numel = math.prod(spec.shape)
             scale = 0.5 / 0.02 if spec.name.endswith("mlp.gate.weight") else 1.0
             for first in range(0, numel, CHUNK_VALUES):
                 n = min(CHUNK_VALUES, numel - first)
@@ -157,11 +152,13 @@ def main() -> None:
     args = parser.parse_args()
     config = lite_config()
     if args.print_needs:
-        bf16 = checkpoint_bytes(config)
+        stored = load_need(native_weights(config, "int8"), None)  # the int8 copy in its stored dtypes: its files
         print(f"DeepSeek-V2-Lite shape: {count_params(config).total:,} parameters")
-        print(f"  bfloat16 HF checkpoint     {bf16 / GB:5.1f} GB")
-        print(f"  dsv2 int8 copy             {count_params(config).total * 1.0125 / GB:5.1f} GB (approx.)")
-        print(f"  llama.cpp Q8_0 GGUF        {count_params(config).total * 34 / 32 / GB:5.1f} GB (approx.)")
+        print(f"  bfloat16 HF checkpoint     {checkpoint_bytes(config) / GB:5.1f} GB")
+        print(f"  dsv2 int8 copy             {(stored.copied + stored.mapped) / GB:5.1f} GB")
+        print(
+            f"  llama.cpp Q8_0 GGUF        {count_params(config).total * 34 / 32 / GB:5.1f} GB (approx.: 34 bytes per 32 weights)"
+        )
         return
     if args.directory is None:
         parser.error("give a directory")
