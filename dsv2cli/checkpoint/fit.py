@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from dsv2cli.checkpoint.files import find_problems
-from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name
+from dsv2cli.checkpoint.hf_keys import expert_slice, native_name
+from dsv2cli.checkpoint.hf_keys import runtime_dtype as hf_runtime_dtype
 from dsv2cli.checkpoint.native import DTYPE_BY_NAME, ST_TO_TORCH, TORCH_TO_ST, expected_tensors, is_native, read_manifest
+from dsv2cli.checkpoint.native import runtime_dtype as native_runtime_dtype
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import DSV2Error
 
@@ -258,8 +260,8 @@ def load_need(
 
     ``dtype=None`` is the loaders' own default (float32 for HF, the stored dtype for native). A tensor is
     mapped when it keeps its stored dtype on the CPU, whole and not fused (safetensors maps what it
-    returns); else it is copied in the dtype it gets: float32 for routers, the activation dtype for int8
-    scales, int8 stays int8 (``load_native``), and HF experts are always stacked into new tensors.
+    returns); else it is copied in the dtype the loader gives it (``native.runtime_dtype``,
+    ``hf_keys.runtime_dtype``), and HF experts are always stacked into new tensors.
     """
     on_cpu = torch.device(device).type == "cpu"
     config = weights.config
@@ -275,14 +277,10 @@ def load_need(
             copied += math.prod(shape) * activation.itemsize if first <= expert.expert < stop else 0
             continue
         target = name if weights.native else native_name(name)
-        if have == torch.int8:
-            want = torch.int8
-        elif target.endswith(ROUTER_SUFFIX):
-            want = torch.float32 if dtype is not None or not weights.native else have
-        elif weights.quantization and target.endswith("scale"):
-            want = activation
+        if weights.native:
+            want = native_runtime_dtype(target, have, dtype, activation, weights.quantization is not None)
         else:
-            want = dtype or (have if weights.native else activation)
+            want = hf_runtime_dtype(target, activation)
         n, contiguous = _local_share(target, shape, plan)
         if want == have and on_cpu and not _fused(target) and contiguous:
             mapped += n * have.itemsize

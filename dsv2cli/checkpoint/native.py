@@ -234,6 +234,23 @@ def read_native_state_dict(
     return state
 
 
+def runtime_dtype(
+    name: str, stored: torch.dtype, dtype: torch.dtype | None, activation: torch.dtype, quantized: bool
+) -> torch.dtype:
+    """The dtype a native tensor stored as ``stored`` is computed in, loaded with ``dtype`` (None: as stored).
+
+    int8 weights stay int8; the router is float32 when a dtype is asked for; an int8 checkpoint's scales
+    take the ``activation`` dtype; everything else ``dtype``.
+    """
+    if stored == torch.int8:
+        return torch.int8
+    if name.endswith(ROUTER_SUFFIX):
+        return torch.float32 if dtype is not None else stored
+    if quantized and name.endswith("scale"):
+        return activation  # stored in float32; int8 matmuls take the scale in the activation dtype
+    return dtype or stored
+
+
 def _runtime(
     name: str,
     tensor: torch.Tensor,
@@ -243,14 +260,7 @@ def _runtime(
     device: torch.device | str,
 ) -> torch.Tensor:
     """``tensor`` in the dtype and on the device the model computes with (the same tensor when nothing changes)."""
-    if tensor.dtype == torch.int8:
-        want = torch.int8
-    elif name.endswith(ROUTER_SUFFIX):
-        want = torch.float32 if dtype is not None else tensor.dtype
-    elif quantized and name.endswith("scale"):
-        want = activation  # stored in float32; int8 matmuls take the scale in the activation dtype
-    else:
-        want = dtype or tensor.dtype
+    want = runtime_dtype(name, tensor.dtype, dtype, activation, quantized)
     if tensor.dtype != want or torch.device(device) != tensor.device:
         return tensor.to(device=device, dtype=want)
     return tensor
