@@ -188,13 +188,10 @@ def address_space_limited() -> bool:
 
 
 def _local_share(name: str, shape: tuple[int, ...], plan) -> tuple[int, bool]:  # noqa: ANN001 (a parallel.plan.ShardPlan)
-    """Elements of ``name`` one rank holds (a scale is split with its weight's rows), and whether they are one
-    contiguous block of the stored tensor (whole, or a slice of its first dimension), which the loaders map."""
-    if plan is None:
-        return math.prod(shape), True
-    weight = name.removesuffix("_scale") if name.endswith("_scale") else name.removesuffix(".scale") + ".weight"
-    split = plan.split_for(name) or (plan.split_for(weight) if weight != name else None)
-    if split is None or split.dim >= len(shape):
+    """Elements of ``name`` one rank holds (``plan.split_for``; a scale follows its weight's rows), and whether they
+    are one contiguous block of the stored tensor (whole, or a slice of its first dimension), which the loaders map."""
+    split = None if plan is None else plan.split_for(name)
+    if split is None:
         return math.prod(shape), True
     return math.prod(shape) // shape[split.dim] * split.size, split.dim == 0
 
