@@ -231,6 +231,34 @@ def test_existing_output_is_refused_then_overwritten(hf, native, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
 
 
+def test_output_appearing_mid_run_is_left_alone(hf, native, tmp_path, monkeypatch):
+    from dsv2cli.checkpoint import convert
+
+    output = tmp_path / "out"
+    original = convert._write_manifest
+
+    def appear(*args, **kwargs):
+        output.mkdir()
+        (output / "theirs.txt").write_text("theirs")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "_write_manifest", appear)
+    result = _convert(str(hf), str(output), "--no-probe")
+    assert result.exit_code == 1 and "changed while this command ran" in result.stderr, result.output
+    assert [p.name for p in output.iterdir()] == ["theirs.txt"]
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.result-")]
+    assert len(kept) == 1 and _hashes(kept[0]) == _hashes(native)
+
+
+def test_overwrite_of_the_current_directory(hf, native, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = _convert(str(hf), ".", "--overwrite", "--no-probe")
+    assert result.exit_code == 0, result.output
+    assert _hashes(work) == _hashes(native) and [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
 def test_output_inside_source_is_refused(hf):
     result = _convert(str(hf), str(hf / "native"))
     assert result.exit_code == 1 and "overlaps SOURCE" in result.stderr

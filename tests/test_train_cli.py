@@ -85,3 +85,75 @@ def test_help_has_examples():
     result = CliRunner().invoke(app, ["train", "--help"])
     assert result.exit_code == 0
     assert "Examples" in result.stdout and "--capacity-factor" in result.stdout
+
+
+def test_resume_of_a_moved_run_writes_where_it_is_now(tmp_path):
+    first, moved = tmp_path / "runA", tmp_path / "runB"
+    assert run(CORPUS, "--out", str(first), *TINY, "--max-steps", "3", "--save-every", "1").exit_code == 0
+    state = json.loads((first / "trainer" / "state.json").read_text())
+    state["step"] = 1  # as if it had been stopped after its first checkpoint
+    (first / "trainer" / "state.json").write_text(json.dumps(state))
+    first.rename(moved)
+    first.mkdir()
+    (first / "mine.txt").write_text("a directory the user put at the old place")
+    resumed = run("--resume", str(moved), "--format", "json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["steps"] == 3
+    assert json.loads((moved / "trainer" / "state.json").read_text())["step"] == 3
+    assert [p.name for p in first.iterdir()] == ["mine.txt"]
+
+
+def test_output_appearing_mid_run_is_left_alone(tmp_path, monkeypatch):
+    from dsv2cli.training import checkpointing
+
+    out = tmp_path / "out"
+    original = checkpointing.write_generation_config
+
+    def appear(config, directory):
+        out.mkdir(exist_ok=True)
+        (out / "theirs.txt").write_text("theirs")
+        original(config, directory)
+
+    monkeypatch.setattr(checkpointing, "write_generation_config", appear)
+    result = run(CORPUS, "--out", str(out), *TINY, "--max-steps", "1")
+    assert result.exit_code == 1 and "changed while this command ran" in result.stderr, result.output
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.result-")]
+    assert len(kept) == 1 and (kept[0] / "trainer" / "state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: "{not json", "not valid JSON"),
+        (lambda s: s[: len(s) // 2], "not valid JSON"),
+        (lambda s: json.dumps({**json.loads(s), "step": -5}), "'step' must be at least 0"),
+        (lambda s: json.dumps({**json.loads(s), "step": "3"}), "'step' must be an integer"),
+        (lambda s: json.dumps({**json.loads(s), "settings": []}), "settings"),
+        (lambda s: json.dumps({**json.loads(s), "settings": {**json.loads(s)["settings"], "lr": "fast"}}), "'lr'"),
+        (lambda s: json.dumps({**json.loads(s), "settings": {**json.loads(s)["settings"], "lr": -1}}), "--lr"),
+        (lambda s: "[" * 100000 + "]" * 100000, "nested"),
+    ],
+)
+def test_damaged_trainer_state_is_one_error_line(tmp_path, edit, message):
+    out = tmp_path / "m"
+    assert run(CORPUS, "--out", str(out), *TINY, "--max-steps", "2").exit_code == 0
+    state = out / "trainer" / "state.json"
+    state.write_text(edit(state.read_text()))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("--resume", str(out))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_damaged_trainer_weights_are_one_error_line(tmp_path):
+    out = tmp_path / "m"
+    assert run(CORPUS, "--out", str(out), *TINY, "--max-steps", "2").exit_code == 0
+    state = json.loads((out / "trainer" / "state.json").read_text())
+    state["step"] = 1
+    (out / "trainer" / "state.json").write_text(json.dumps(state))
+    weights = out / "trainer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = run("--resume", str(out))
+    assert result.exit_code == 1 and "cannot be restored" in result.stderr and "Traceback" not in result.output

@@ -8,7 +8,7 @@ manifest) on the way. Torch's kernels, ``pread``, ``write`` and hashlib all rele
 reading, converting and writing-and-hashing run at once on different cores. Peak memory is a
 fixed number of such buffers plus the int8 scales of one file, whatever the model's size.
 Everything is written into a staging directory beside OUTPUT and renamed into place only when
-complete (``writer.staged_directory``).
+complete (:class:`dsv2cli.commit.Output`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,11 @@ from dsv2cli.checkpoint.source import open_source
 from dsv2cli.checkpoint.writer import (
     FileWriterThread,
     WrittenFile,
-    check_output,
     hash_file,
-    staged_directory,
     write_error,
     write_text_file,
 )
+from dsv2cli.commit import Output
 from dsv2cli.errors import CheckpointError, InputError, UnsupportedError
 from dsv2cli.model.quantized import quantize_rows
 
@@ -146,6 +145,12 @@ def resolve_source(spec: str) -> Path:
     )
 
 
+def _check_overlap(output: Path, source: Path) -> None:
+    out, src = output.resolve(), source.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise InputError(f"OUTPUT {output} overlaps SOURCE {source}", hint="choose an OUTPUT outside the source checkpoint")
+
+
 def convert_checkpoint(
     source: str,
     output: str | Path,
@@ -169,7 +174,8 @@ def convert_checkpoint(
     if quantize and to == "hf":
         raise UnsupportedError("int8 weights have no HF layout", hint="use --to native with --quantize int8")
     source_dir = resolve_source(source)
-    check_output(output, overwrite, protect=source_dir)
+    _check_overlap(output, source_dir)
+    target = Output.claim(output, kind="dir", replace=overwrite)
     src = open_source(source_dir)
     if src.quantization:
         raise UnsupportedError(
@@ -193,7 +199,7 @@ def convert_checkpoint(
     _return_large_blocks_to_the_os()
     start = time.perf_counter()
     quality, probe_seconds = None, 0.0
-    with staged_directory(output, overwrite) as staging:
+    with target.staged() as staging:
         written, write_wait = _write_all(files, aux, staging, float_dtype if dtype != "keep" else None, on_progress)
         if to == "native":
             written.append(_write_manifest(staging, files, written, float_dtype, quantize))

@@ -1,4 +1,4 @@
-"""Writing safetensors files as a stream, and committing a whole output directory atomically.
+"""Writing safetensors files as a stream.
 
 A file's header (names, dtypes, shapes, offsets) is known before any data, so tensors are written
 piece by piece in header order and never need to be whole in memory. Each file's sha256 is computed
@@ -15,19 +15,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import queue
-import shutil
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsv2cli.checkpoint.files import DTYPE_SIZES
 from dsv2cli.errors import InputError
-
-PARTIAL_MARK = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,7 @@ class SafetensorsWriter:
             view = view[self._file.write(view) :]
 
     def close(self) -> WrittenFile:
-        """Close the file (``staged_directory`` flushes it to disk); returns its size and sha256."""
+        """Close the file (the commit flushes it to disk); returns its size and sha256."""
         while self._index < len(self.specs) and self.specs[self._index].nbytes == 0:
             self._index += 1
         if self._index != len(self.specs):
@@ -245,80 +240,6 @@ def write_text_file(path: Path, text: str) -> WrittenFile:
     data = text.encode("utf-8")
     path.write_bytes(data)
     return WrittenFile(path.name, len(data), hashlib.sha256(data).hexdigest())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_partials(output: Path) -> list[Path]:
-    """Delete what interrupted runs left beside ``output`` (their process is gone); returns what was removed."""
-    removed = []
-    for candidate in output.parent.glob(f".{output.name}{PARTIAL_MARK}*"):
-        pid = candidate.name.rsplit(PARTIAL_MARK, 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)) and candidate.is_dir():
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def check_output(output: Path, overwrite: bool, protect: Path | None = None) -> None:
-    """Refuse an OUTPUT that exists (unless ``overwrite``) or that would touch the directory ``protect``."""
-    if protect is not None:
-        out, src = output.resolve(), protect.resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise InputError(f"OUTPUT {output} overlaps SOURCE {protect}", hint="choose an OUTPUT outside the source checkpoint")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} already exists", hint="choose another OUTPUT, or pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{output} exists and is not a directory", hint="choose another OUTPUT")
-    if not output.parent.is_dir():
-        raise InputError(f"the parent directory of {output} does not exist", hint="create it first")
-
-
-@contextmanager
-def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh directory beside ``output`` that replaces it only when the ``with`` body succeeds.
-
-    On any failure the staging directory is removed and ``output`` is left as it was. With
-    ``overwrite``, an existing ``output`` is moved aside, the new one renamed in, then the old removed,
-    so at every moment one complete version exists under some name.
-    """
-    check_output(output, overwrite)
-    _remove_stale_partials(output)
-    staging = output.parent / f".{output.name}{PARTIAL_MARK}{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        yield staging
-        for path in sorted(staging.iterdir()):  # on disk before the rename makes them visible
-            _fsync(path)
-        _fsync(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, old)
-    os.replace(staging, output)
-    _fsync(output.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(path: Path, tensor: str | None, exc: OSError) -> InputError:

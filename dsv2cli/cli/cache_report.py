@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 import sys
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from dsv2cli.analysis.kv_cache import (
     resolve_baseline,
 )
 from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out, pyplot_for
+from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
 from dsv2cli.parallel import ParallelGroup, distributed_run, load_sharded, parallelize
 from dsv2cli.parallel.group import gather_objects
@@ -98,6 +97,7 @@ def cache_report(
     if measure and format == ReportFormat.csv:
         raise InputError("--measure results do not fit the CSV table", hint="use --format json or markdown")
     pyplot = None if plot is None else pyplot_for(plot)
+    plot_file = None if plot is None else Output.claim(plot, kind="file", replace=True, what="--plot")
     resolved = resolve_config(model)
     config = resolved.config
     report = build_cache_report(
@@ -120,7 +120,7 @@ def cache_report(
             else None
         )
         if pyplot is not None:
-            _plot(pyplot, report, plot)
+            _plot(pyplot, report, plot_file)
             err.print(f"wrote {plot}")
         if format == ReportFormat.json:
             doc = report.to_json()
@@ -377,7 +377,7 @@ def _csv(report: CacheReport) -> str:
     return buffer.getvalue()
 
 
-def _plot(plt: Any, report: CacheReport, path: Path) -> None:
+def _plot(plt: Any, report: CacheReport, target: Output) -> None:
     """Cache bytes against context (log-log) for every scheme at the first batch size; written atomically."""
     batch = report.batch_sizes[0]
     top = max(report.contexts)
@@ -395,12 +395,10 @@ def _plot(plt: Any, report: CacheReport, path: Path) -> None:
     ax.set_title(f"KV cache of {report.model}, batch {batch}, {report.precision.name}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with target.staged() as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=target.path.suffix[1:].lower())
+    except OSError as exc:
+        raise InputError(f"could not write {target.path}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

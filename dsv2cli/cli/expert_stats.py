@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -28,6 +26,7 @@ from dsv2cli.analysis.expert_stats import (
 )
 from dsv2cli.analysis.text_inputs import read_sequences
 from dsv2cli.cli.common import LoadStatus, err, handle_errors, out, pyplot_for
+from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
 from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
@@ -137,6 +136,9 @@ def expert_stats(
         if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
             raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
         pyplot = None if plot is None else pyplot_for(plot)  # before any work: a missing matplotlib fails at once
+        files = {
+            flag: Output.claim(path, kind="file", replace=True, what=flag) for flag, path in _files(output, save_loads, plot)
+        }
         paths = from_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
         loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
         if shards is not None:
@@ -180,7 +182,7 @@ def expert_stats(
         if document_format is not None:
             document = json.dumps(report.to_json(), indent=2) + "\n" if document_format == "json" else _csv(report)
         if output is not None and document is not None:
-            _write_atomic(output, lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+            _write(files["--output"], lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
             err.print(f"wrote {output}")
         if format == StatsFormat.text:
             _render(report, view)
@@ -188,10 +190,10 @@ def expert_stats(
             sys.stdout.write(document)
             sys.stdout.flush()
         if save_loads is not None:
-            LOAD_WRITERS[save_loads.suffix.lower()](report, save_loads)
+            LOAD_WRITERS[save_loads.suffix.lower()](report, files["--save-loads"])
             err.print(f"wrote {save_loads}")
         if pyplot is not None:
-            _plot(pyplot, report, plot)
+            _plot(pyplot, report, files["--plot"])
             err.print(f"wrote {plot}")
 
 
@@ -250,18 +252,22 @@ class _progress:
         self.bar.update(task, rate=f"{speed:,.0f} tokens/s" if speed else "")
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same directory, so a failure leaves nothing half-written."""
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _files(output: Path | None, save_loads: Path | None, plot: Path | None) -> list[tuple[str, Path]]:
+    """The files this run writes, by option; two options naming one file are refused."""
+    named = [(flag, path) for flag, path in (("--output", output), ("--save-loads", save_loads), ("--plot", plot)) if path]
+    resolved = [path.resolve() for _, path in named]
+    if len(set(resolved)) < len(resolved):
+        raise InputError("--output, --save-loads and --plot must name different files")
+    return named
+
+
+def _write(target: Output, write: Callable[[str], None]) -> None:
+    """Write through a staging file beside the target (:class:`dsv2cli.commit.Output`): nothing half-written."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with target.staged() as tmp:
+            write(str(tmp))
+    except OSError as exc:
+        raise InputError(f"could not write {target.path}: {exc.strerror or exc}") from None
 
 
 def _csv(report: ExpertStatsReport) -> str:
@@ -274,7 +280,7 @@ def _csv(report: ExpertStatsReport) -> str:
     return buffer.getvalue()
 
 
-def _save_loads_json(report: ExpertStatsReport, path: Path) -> None:
+def _save_loads_json(report: ExpertStatsReport, path: Output) -> None:
     doc = {
         "layers": [layer.layer for layer in report.layers],
         "n_routed_experts": report.n_routed_experts,
@@ -282,25 +288,25 @@ def _save_loads_json(report: ExpertStatsReport, path: Path) -> None:
         "top_k": report.top_k,
         "loads": report.load_matrix(),
     }
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(doc) + "\n", encoding="utf-8"))
+    _write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc) + "\n", encoding="utf-8"))
 
 
-def _save_loads_csv(report: ExpertStatsReport, path: Path) -> None:
+def _save_loads_csv(report: ExpertStatsReport, path: Output) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["layer", *(f"expert_{e}" for e in range(report.n_routed_experts))])
     for layer in report.layers:
         writer.writerow([layer.layer, *layer.counts])
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+    _write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
 
 
-def _save_loads_safetensors(report: ExpertStatsReport, path: Path) -> None:
+def _save_loads_safetensors(report: ExpertStatsReport, path: Output) -> None:
     import torch
     from safetensors.torch import save_file
 
     loads = torch.tensor(report.load_matrix(), dtype=torch.int64)  # [moe_layers, experts]
     metadata = {"layers": json.dumps([layer.layer for layer in report.layers]), "tokens": str(report.tokens)}
-    _write_atomic(path, lambda tmp: save_file({"loads": loads}, tmp, metadata=metadata))
+    _write(path, lambda tmp: save_file({"loads": loads}, tmp, metadata=metadata))
 
 
 LOAD_WRITERS = {".json": _save_loads_json, ".csv": _save_loads_csv, ".safetensors": _save_loads_safetensors}
@@ -485,7 +491,7 @@ def _render_plan(report: ExpertStatsReport) -> None:
     )
 
 
-def _plot(plt: Any, report: ExpertStatsReport, path: Path) -> None:
+def _plot(plt: Any, report: ExpertStatsReport, path: Output) -> None:
     """Layers x experts heat map of load / layer mean; written atomically."""
     rows = [[c / (sum(layer.counts) / len(layer.counts)) for c in layer.counts] for layer in report.layers]
     fig, ax = plt.subplots(figsize=(min(4 + report.n_routed_experts * 0.12, 24), 1.5 + len(rows) * 0.3))
@@ -496,6 +502,6 @@ def _plot(plt: Any, report: ExpertStatsReport, path: Path) -> None:
     ax.set_title(f"Expert load / layer mean: {report.model}, {report.tokens:,} tokens, top-{report.top_k}")
     fig.colorbar(image, ax=ax, label="load / mean")
     try:
-        _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
+        _write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.path.suffix[1:].lower()))
     finally:
         plt.close(fig)

@@ -8,16 +8,14 @@ Layout of an output directory::
     trainer/optimizer.safetensors      AdamW moments and step counts
     trainer/state.json                 step, data fingerprint, optimizer hyper-parameters, RNG state
 
-Everything is safetensors or JSON (nothing is pickled). A checkpoint is written into a temporary
-sibling directory and renamed into place, so an interrupted write never leaves a half checkpoint.
+Everything is safetensors or JSON (nothing is pickled). A checkpoint is written into a staging
+directory beside OUTPUT and committed by :class:`dsv2cli.commit.Output`, so an interrupted write never
+leaves a half checkpoint and nothing the run did not write is ever replaced.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv2cli.checkpoint.hf_keys import hf_name
+from dsv2cli.commit import Output
 from dsv2cli.config import ModelConfig
-from dsv2cli.errors import CheckpointError
+from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
+from dsv2cli.untrusted import Fields, is_int, is_number, read_json
 
 TRAINER_DIR = "trainer"
 STATE_FILE = "state.json"
@@ -91,8 +91,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, value in tensors.items():
         _, index, key = name.split(".", 2)
+        if int(index) >= len(params) or (key != "step" and value.shape != params[int(index)].shape):
+            raise ValueError(f"optimizer.safetensors: '{name}' does not match the model")
         state.setdefault(int(index), {})[key] = value
     for group in groups:
         if "betas" in group:
@@ -101,7 +104,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def save_checkpoint(
-    output: Path,
+    output: Output,
     write_extra: Callable[[Path], None],
     model: DeepseekV2,
     optimizer: torch.optim.Optimizer,
@@ -109,68 +112,82 @@ def save_checkpoint(
     export_dtype: torch.dtype,
     export_dtype_name: str,
 ) -> None:
-    """Write the whole output directory atomically: temp sibling dir, then rename over the old one.
+    """Write the whole output directory into a staging directory, then commit it in place of the last checkpoint.
 
     ``write_extra(dir)`` adds the tokenizer files and the run summary.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
-        write_model_files(model, tmp, export_dtype, export_dtype_name)
-        write_generation_config(model.config, tmp)
-        write_extra(tmp)
-        trainer = tmp / TRAINER_DIR
-        trainer.mkdir()
-        master = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            master.pop("lm_head.weight", None)
-        save_file(master, str(trainer / "model.safetensors"))
-        tensors, groups = optimizer_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(trainer / "optimizer.safetensors"))
-        (trainer / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2) + "\n")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                path.chmod(0o666 & ~_umask())
-        old = None
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            output.rename(old)
-        tmp.rename(output)
-        if old is not None and old.is_dir():
-            shutil.rmtree(old)
-        elif old is not None:
-            old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with output.staged() as staging:
+        try:
+            write_model_files(model, staging, export_dtype, export_dtype_name)
+            write_generation_config(model.config, staging)
+            write_extra(staging)
+            trainer = staging / TRAINER_DIR
+            trainer.mkdir()
+            master = {name: t.detach().float().contiguous() for name, t in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                master.pop("lm_head.weight", None)
+            save_file(master, str(trainer / "model.safetensors"))
+            tensors, groups = optimizer_tensors(optimizer)
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(trainer / "optimizer.safetensors"))
+            (trainer / STATE_FILE).write_text(json.dumps({**state, "param_groups": groups}, indent=2) + "\n")
+        except OSError as exc:
+            raise InputError(
+                f"could not write the checkpoint of {output.path}: {exc.strerror or exc}",
+                hint="check free space and that OUTPUT's directory is writable",
+            ) from None
+        except Exception as exc:  # safetensors raises plain Exceptions for I/O errors
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise InputError(f"could not write the checkpoint of {output.path}: {exc}") from None
 
 
 def read_trainer_state(output: Path) -> dict[str, Any]:
+    """``trainer/state.json`` with every field's type checked (``settings`` stays a raw object for the trainer)."""
     path = output / TRAINER_DIR / STATE_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{output} has no resumable trainer state ({TRAINER_DIR}/{STATE_FILE})",
             hint="--resume takes an output directory written by `dsv2 train`",
         )
-    return json.loads(path.read_text())
+    where = f"{TRAINER_DIR}/{STATE_FILE} of {output}"
+    fields = Fields(read_json(path, CheckpointError), where, CheckpointError)
+    history = fields.list("eval_history")
+    for entry in history:
+        if not (isinstance(entry, list) and len(entry) == 2 and is_int(entry[0]) and is_number(entry[1])):
+            raise fields.fail("eval_history", "must list [step, loss] pairs")
+    groups = fields.list("param_groups")
+    if not groups or not all(isinstance(g, dict) for g in groups):
+        raise fields.fail("param_groups", "must be a list of objects")
+    return {
+        "step": fields.int("step", low=0),
+        "seconds": fields.float("seconds", low=0),
+        "settings": fields.object("settings"),
+        "data_fingerprint": fields.str("data_fingerprint"),
+        "eval_history": history,
+        "param_groups": groups,
+    }
 
 
 def restore_training(output: Path, model: DeepseekV2, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load master weights, optimizer moments and the RNG state saved by :func:`save_checkpoint`."""
     trainer = output / TRAINER_DIR
-    weights = load_file(str(trainer / "model.safetensors"))
-    if model.config.tie_word_embeddings:
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    own = model.state_dict()
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
-    tensors = load_file(str(trainer / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    restore_optimizer(optimizer, tensors, state["param_groups"])
+    try:
+        weights = load_file(str(trainer / "model.safetensors"))
+        if model.config.tie_word_embeddings and "embed_tokens.weight" in weights:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        own = model.state_dict()
+        if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+            raise ValueError("model.safetensors does not hold this run's weights")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
+        tensors = load_file(str(trainer / "optimizer.safetensors"))
+        rng = tensors.pop("rng.torch", None)
+        if rng is None or rng.dtype != torch.uint8:
+            raise ValueError("optimizer.safetensors has no RNG state")
+        restore_optimizer(optimizer, tensors, state["param_groups"])
+        torch.set_rng_state(rng)
+    except Exception as exc:  # safetensors, torch and our own checks: all mean a damaged checkpoint
+        raise CheckpointError(
+            f"the trainer checkpoint in {trainer} cannot be restored: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="it is damaged or from another run; start a new run with --out",
+        ) from None

@@ -23,14 +23,16 @@ from torch.nn import functional as F
 from dsv2cli.analysis.balance import max_over_mean
 from dsv2cli.analysis.token_drop import protected_sequences
 from dsv2cli.checkpoint.loader import parse_dtype
+from dsv2cli.commit import Output
 from dsv2cli.config import ModelConfig
-from dsv2cli.errors import InputError
+from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.presets import preset_hf_config
 from dsv2cli.training import checkpointing
 from dsv2cli.training.data import CorpusSplit, TextFile, batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
 from dsv2cli.training.routing import BalanceSettings, TrainingRoutingHook
 from dsv2cli.training.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
+from dsv2cli.untrusted import is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,47 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainSettings:
-        return cls(**{**data, "balance": BalanceSettings(**data["balance"])})
+    def from_json(cls, data: dict[str, Any], where: str = "settings") -> TrainSettings:
+        """Settings saved by :meth:`to_json`, every field's type checked (a saved state is untrusted input)."""
+        values = _typed_fields(cls, data, where)
+        values["balance"] = BalanceSettings(**_typed_fields(BalanceSettings, data.get("balance", {}), f"{where}.balance"))
+        return cls(**values)
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": is_int,
+    "float": is_number,
+    "bool": lambda v: isinstance(v, bool),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+}
+
+
+def _typed_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data``'s fields for the dataclass ``cls``, each checked against the field's annotation."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} must be an object")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise CheckpointError(f"{where}: unknown field '{key}'")
+        kind = str(known[key].type)
+        if kind == "BalanceSettings":
+            continue
+        optional = kind.endswith(" | None")
+        if not ((optional and value is None) or _CHECKS[kind.removesuffix(" | None")](value)):
+            raise CheckpointError(f"{where}: field '{key}' must be of type {kind}, not {json.dumps(value)[:40]}")
+        values[key] = value
+    missing = [
+        f.name
+        for f in known.values()
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise CheckpointError(f"{where}: missing field '{missing[0]}'")
+    return values
 
 
 @dataclass(frozen=True)
@@ -208,14 +249,14 @@ def train(
     emit = on_event or (lambda event: None)
     output = Path(settings.output)
     resumed_state = None
-    if resume:
+    if resume:  # the run continues where it is now, whatever directory it was first written to
         resumed_state = checkpointing.read_trainer_state(output)
-        settings = dataclasses.replace(
-            TrainSettings.from_json(resumed_state["settings"]), max_time=settings.max_time, stop_after=settings.stop_after
-        )
-    elif output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise InputError(f"output directory {output} exists and is not empty", hint="pass --resume to continue it or --overwrite")
+        saved = TrainSettings.from_json(resumed_state["settings"], f"{checkpointing.TRAINER_DIR}/{checkpointing.STATE_FILE}")
+        settings = dataclasses.replace(saved, output=str(output), max_time=settings.max_time, stop_after=settings.stop_after)
+        if resumed_state["step"] > settings.max_steps:
+            raise CheckpointError(f"{output}: the saved step {resumed_state['step']} is past max_steps {settings.max_steps}")
     validate(settings)
+    target = Output.claim(output, kind="dir", replace=resume or overwrite, what="--out", allow_empty=True)
     build_config(settings, max(settings.vocab_size, 2), 0, 1)  # config errors before any slow work
 
     corpus = load_corpus(settings.inputs, settings.held_out, settings.seed, settings.include, settings.exclude)
@@ -266,7 +307,7 @@ def train(
         start, elapsed_before = resumed_state["step"], resumed_state["seconds"]
         history = [tuple(x) for x in resumed_state["eval_history"]]
     parameters = sum(p.numel() for p in model.parameters())
-    run = _Run(settings, model, optimizer, tokenizer, train_rows, eval_rows, corpus, unigram, parameters, emit)
+    run = _Run(settings, target, model, optimizer, tokenizer, train_rows, eval_rows, corpus, unigram, parameters, emit)
     return run.loop(
         start,
         history,
@@ -282,6 +323,7 @@ class _Run:
     def __init__(
         self,
         settings: TrainSettings,
+        target: Output,
         model: DeepseekV2,
         optimizer: torch.optim.Optimizer,
         tokenizer: Tokenizer,
@@ -294,7 +336,7 @@ class _Run:
     ) -> None:
         self.s, self.model, self.optimizer, self.tokenizer = settings, model, optimizer, tokenizer
         self.train_rows, self.eval_rows, self.corpus, self.unigram = train_rows, eval_rows, corpus, unigram
-        self.parameters, self.emit = parameters, emit
+        self.parameters, self.emit, self.target = parameters, emit, target
         self.window: list[Any] = []
 
     def loop(
@@ -469,5 +511,5 @@ class _Run:
             save_tokenizer(self.tokenizer, directory, model_max_length=self.model.config.max_position_embeddings)
             (directory / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-        checkpointing.save_checkpoint(Path(s.output), extra, self.model, self.optimizer, state, *export)
+        checkpointing.save_checkpoint(self.target, extra, self.model, self.optimizer, state, *export)
         self.emit(TrainEvent("save", f"checkpoint at step {step}", step=step, max_steps=s.max_steps))
