@@ -109,6 +109,23 @@ def _inside(directory: Path, relative: str) -> Path | None:
     return None
 
 
+def outside_link(directory: Path, path: Path) -> str | None:
+    """Why ``path`` may not be read as part of the checkpoint in ``directory``: a symlink leading out of it.
+
+    Links inside the directory are fine, and so are the HF cache's links from ``snapshots/REV/`` into
+    the repository's ``blobs/``.
+    """
+    if not path.is_symlink():
+        return None
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = path.resolve()
+    if root in target.parents:
+        return None
+    return f"{path.name} is a symbolic link to {target}, outside the checkpoint directory"
+
+
 def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read, and the index's weight map if there is one."""
     index_path = directory / INDEX_NAME
@@ -128,10 +145,16 @@ def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[
                 problems.append(f"{INDEX_NAME}: names '{relative}', which is outside the checkpoint directory")
             elif not shard.is_file():
                 problems.append(f"missing shard '{relative}' (named by {INDEX_NAME})")
+            elif link := outside_link(directory, shard):
+                problems.append(link)
             else:
                 shards.append(shard)
         return shards, {k: str(v) for k, v in weight_map.items()}
     shards = sorted(directory.glob("*.safetensors"))
+    for shard in list(shards):
+        if link := outside_link(directory, shard):
+            problems.append(link)
+            shards.remove(shard)
     if not shards:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo, find_problems, problems_error, read_safetensors_header
+from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo, find_problems, outside_link, problems_error, read_safetensors_header
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, hf_tensor_shapes, native_name
 from dsv2cli.checkpoint.native import MANIFEST_NAME, header_problems, is_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
@@ -52,6 +52,9 @@ class Source:
 
     def aux_files(self) -> list[Path]:
         found = {p for pattern in AUX_PATTERNS for p in self.directory.glob(pattern) if p.is_file()}
+        links = [problem for p in sorted(found) if (problem := outside_link(self.directory, p))]
+        if links:  # copying one would put a file from elsewhere on this machine into OUTPUT
+            raise problems_error(self.directory, links)
         return sorted(found - {self.directory / MANIFEST_NAME, self.directory / INDEX_NAME})
 
 
