@@ -11,13 +11,13 @@ Every key of ``config.json`` is either mapped to a field, listed in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dsv2cli.errors import ConfigError
+from dsv2cli.untrusted import read_json
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -185,72 +185,121 @@ def _check(ok: bool, field_name: str, value: Any, why: str) -> None:
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     """Return ``(rope_theta, yarn)`` from either spelling."""
     params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"config.json: field 'rope_parameters' must be an object, not {_short(params)}")
     if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
+        theta = _field(params, "rope_theta", _float, "rope_parameters.")
         kind = params.get("rope_type", params.get("type", "default"))
         scaling: dict[str, Any] | None = params if kind != "default" else None
+        where = "rope_parameters."
     else:
-        theta = float(hf.get("rope_theta", 10000.0))
+        theta = _field(hf, "rope_theta", _float, default=10000.0)
         scaling = hf.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError(f"config.json: field 'rope_scaling' must be an object or null, not {_short(scaling)}")
         kind = (scaling or {}).get("type", (scaling or {}).get("rope_type", "default")) if scaling else "default"
         if kind == "default":
             scaling = None
+        where = "rope_scaling."
+    _check(theta > 0, "rope_theta", theta, "must be positive")
     if scaling is None:
         return theta, None
     _check(kind == "yarn", "rope_scaling.type", kind, "only 'yarn' rotary scaling is used by DeepSeek-V2")
     if "factor" not in scaling:
         raise ConfigError("rope_scaling of type 'yarn' has no 'factor'")
-    original = scaling.get("original_max_position_embeddings")
-    if original is None:
+    if scaling.get("original_max_position_embeddings") is None:
         raise ConfigError("rope_scaling of type 'yarn' has no 'original_max_position_embeddings'")
     yarn = YarnScaling(
-        factor=float(scaling["factor"]),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(scaling.get("beta_fast") or 32),
-        beta_slow=float(scaling.get("beta_slow") or 1),
-        mscale=None if scaling.get("mscale") is None else float(scaling["mscale"]),
-        mscale_all_dim=None if scaling.get("mscale_all_dim") is None else float(scaling["mscale_all_dim"]),
-        attention_factor=None if scaling.get("attention_factor") is None else float(scaling["attention_factor"]),
+        factor=_field(scaling, "factor", _float, where),
+        original_max_position_embeddings=_field(scaling, "original_max_position_embeddings", _int, where),
+        beta_fast=_field(scaling, "beta_fast", _float, where, 32.0),
+        beta_slow=_field(scaling, "beta_slow", _float, where, 1.0),
+        mscale=_field(scaling, "mscale", _float, where, None),
+        mscale_all_dim=_field(scaling, "mscale_all_dim", _float, where, None),
+        attention_factor=_field(scaling, "attention_factor", _float, where, None),
     )
     return theta, yarn
 
 
+def _field(data: dict[str, Any], key: str, convert: Any, where: str = "", default: Any = ...) -> Any:
+    """``convert(data[key])`` (``default`` when absent, null or 0 for the betas as HF writes them), or a ConfigError naming it."""
+    value = data.get(key)
+    if value is None or (value == 0 and key.startswith("beta_") and default is not ...):
+        if default is ...:
+            raise ConfigError(f"config.json has no '{where}{key}'")
+        return default
+    try:
+        return convert(value)
+    except TypeError as exc:
+        raise ConfigError(f"config.json: field '{where}{key}' must be {exc}, not {_short(value)}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 _ROPE_KEYS = {"rope_theta", "rope_scaling", "rope_parameters"}
 
+
 # HF key -> (field name, converter). Rope keys are handled by _parse_rope.
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("an integer")
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError("a finite number")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("true or false")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
 _HF_FIELDS: dict[str, tuple[str, Any]] = {
-    "vocab_size": ("vocab_size", int),
-    "hidden_size": ("hidden_size", int),
-    "num_hidden_layers": ("num_hidden_layers", int),
-    "num_attention_heads": ("num_attention_heads", int),
-    "num_key_value_heads": ("num_key_value_heads", int),
-    "q_lora_rank": ("q_lora_rank", int),
-    "kv_lora_rank": ("kv_lora_rank", int),
-    "qk_nope_head_dim": ("qk_nope_head_dim", int),
-    "qk_rope_head_dim": ("qk_rope_head_dim", int),
-    "v_head_dim": ("v_head_dim", int),
-    "intermediate_size": ("intermediate_size", int),
-    "moe_intermediate_size": ("moe_intermediate_size", int),
-    "n_routed_experts": ("n_routed_experts", int),
-    "n_shared_experts": ("n_shared_experts", int),
-    "num_experts_per_tok": ("num_experts_per_tok", int),
-    "first_k_dense_replace": ("first_k_dense_replace", int),
-    "moe_layer_freq": ("moe_layer_freq", int),
-    "topk_method": ("topk_method", str),
-    "n_group": ("n_group", int),
-    "topk_group": ("topk_group", int),
-    "routed_scaling_factor": ("routed_scaling_factor", float),
-    "norm_topk_prob": ("norm_topk_prob", bool),
-    "rms_norm_eps": ("rms_norm_eps", float),
-    "max_position_embeddings": ("max_position_embeddings", int),
-    "tie_word_embeddings": ("tie_word_embeddings", bool),
-    "bos_token_id": ("bos_token_id", int),
-    "eos_token_id": ("eos_token_id", lambda v: [int(x) for x in v] if isinstance(v, list) else int(v)),
-    "pad_token_id": ("pad_token_id", int),
-    "aux_loss_alpha": ("aux_loss_alpha", float),
-    "seq_aux": ("seq_aux", bool),
-    "torch_dtype": ("torch_dtype", str),
-    "dtype": ("torch_dtype", str),
+    "vocab_size": ("vocab_size", _int),
+    "hidden_size": ("hidden_size", _int),
+    "num_hidden_layers": ("num_hidden_layers", _int),
+    "num_attention_heads": ("num_attention_heads", _int),
+    "num_key_value_heads": ("num_key_value_heads", _int),
+    "q_lora_rank": ("q_lora_rank", _int),
+    "kv_lora_rank": ("kv_lora_rank", _int),
+    "qk_nope_head_dim": ("qk_nope_head_dim", _int),
+    "qk_rope_head_dim": ("qk_rope_head_dim", _int),
+    "v_head_dim": ("v_head_dim", _int),
+    "intermediate_size": ("intermediate_size", _int),
+    "moe_intermediate_size": ("moe_intermediate_size", _int),
+    "n_routed_experts": ("n_routed_experts", _int),
+    "n_shared_experts": ("n_shared_experts", _int),
+    "num_experts_per_tok": ("num_experts_per_tok", _int),
+    "first_k_dense_replace": ("first_k_dense_replace", _int),
+    "moe_layer_freq": ("moe_layer_freq", _int),
+    "topk_method": ("topk_method", _str),
+    "n_group": ("n_group", _int),
+    "topk_group": ("topk_group", _int),
+    "routed_scaling_factor": ("routed_scaling_factor", _float),
+    "norm_topk_prob": ("norm_topk_prob", _bool),
+    "rms_norm_eps": ("rms_norm_eps", _float),
+    "max_position_embeddings": ("max_position_embeddings", _int),
+    "tie_word_embeddings": ("tie_word_embeddings", _bool),
+    "bos_token_id": ("bos_token_id", _int),
+    "eos_token_id": ("eos_token_id", lambda v: [_int(x) for x in v] if isinstance(v, list) else _int(v)),
+    "pad_token_id": ("pad_token_id", _int),
+    "aux_loss_alpha": ("aux_loss_alpha", _float),
+    "seq_aux": ("seq_aux", _bool),
+    "torch_dtype": ("torch_dtype", _str),
+    "dtype": ("torch_dtype", _str),
 }
 _REQUIRED = (
     "vocab_size",
@@ -291,7 +340,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         try:
             kwargs[name] = convert(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"config value {key}={value!r} has the wrong type") from exc
+            raise ConfigError(f"config.json: field '{key}' must be {exc}, not {_short(value)}") from None
     if kwargs.get("topk_method") == "gready":  # spelling of the early remote code (spec §1.2)
         kwargs["topk_method"] = "greedy"
     if hf.get("n_group") is None:
@@ -309,10 +358,55 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(str(exc)) from exc
 
 
+# Upper bounds far above any released model (DeepSeek-V2: 60 layers, 160 experts, 102,400 tokens, width 5120);
+# beyond them a config is a mistake or an attack, and would only grind before failing on memory.
+_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "kv_lora_rank": 1 << 16,
+    "q_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12,
+    "qk_rope_head_dim": 1 << 12,
+    "v_head_dim": 1 << 12,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 18,
+    "n_routed_experts": 4096,
+    "n_shared_experts": 256,
+    "max_position_embeddings": 1 << 24,
+    "first_k_dense_replace": 1 << 20,
+    "moe_layer_freq": 1 << 20,
+    "n_group": 4096,
+    "topk_group": 4096,
+    "num_experts_per_tok": 4096,
+}
+
+
 def _validate(c: ModelConfig) -> None:
     for name in _REQUIRED:
         value = getattr(c, name)
         _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+    for name, limit in _LIMITS.items():
+        value = getattr(c, name)
+        _check(value is None or value <= limit, name, value, f"larger than dsv2 supports (at most {limit:,})")
+    for name in ("n_routed_experts", "n_shared_experts", "bos_token_id", "pad_token_id", "eos_token_id"):
+        values = getattr(c, name)
+        for value in values if isinstance(values, list) else [values]:
+            _check(value is None or value >= 0, name, value, "must not be negative")
+    _check(
+        c.num_key_value_heads is None or c.num_key_value_heads > 0,
+        "num_key_value_heads",
+        c.num_key_value_heads,
+        "must be positive",
+    )
+    _check(c.max_position_embeddings >= 1, "max_position_embeddings", c.max_position_embeddings, "must be positive")
+    _check(c.moe_intermediate_size >= 0, "moe_intermediate_size", c.moe_intermediate_size, "must not be negative")
+    for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+        value = getattr(c, name)
+        _check(math.isfinite(value) and value > 0, name, value, "must be a positive finite number")
+    _check(math.isfinite(c.aux_loss_alpha) and c.aux_loss_alpha >= 0, "aux_loss_alpha", c.aux_loss_alpha, "must not be negative")
     _check(c.q_lora_rank is None or c.q_lora_rank > 0, "q_lora_rank", c.q_lora_rank, "must be positive or null")
     _check(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", c.qk_rope_head_dim, "rotary pairs need an even size")
     _check(
@@ -340,7 +434,17 @@ def _validate(c: ModelConfig) -> None:
                 f"only {reachable} experts are reachable in {c.topk_group} groups",
             )
     if c.rope_scaling is not None:
-        _check(c.rope_scaling.factor > 0, "rope_scaling.factor", c.rope_scaling.factor, "must be positive")
+        y = c.rope_scaling
+        _check(math.isfinite(y.factor) and y.factor > 0, "rope_scaling.factor", y.factor, "must be positive")
+        _check(
+            1 <= y.original_max_position_embeddings <= 1 << 24,
+            "rope_scaling.original_max_position_embeddings",
+            y.original_max_position_embeddings,
+            "must be a positive integer",
+        )
+        for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            value = getattr(y, name)
+            _check(value is None or math.isfinite(value), f"rope_scaling.{name}", value, "must be finite")
 
 
 def _to_hf(c: ModelConfig, spelling: str) -> dict[str, Any]:
@@ -395,8 +499,4 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(
             f"no config.json at {path}", hint="pass a checkpoint directory or a preset name (see `dsv2 info --help`)"
         )
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    return ModelConfig.from_hf(hf)
+    return ModelConfig.from_hf(read_json(path, ConfigError, max_bytes=1 << 20))

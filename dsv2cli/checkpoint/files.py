@@ -8,6 +8,7 @@ collected and reported in one :class:`CheckpointError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, hf_tensor_shapes
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import CheckpointError
+from dsv2cli.untrusted import Fields, parse_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -52,8 +54,11 @@ class CheckpointFiles:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check that every tensor's bytes lie inside the file.
+    """Parse a safetensors header and check it as strictly as the safetensors library does.
 
+    Every tensor's entry is type-checked, the byte ranges must tile the data exactly (no overlaps, no
+    gaps, nothing after the last one) and ``__metadata__`` must map strings to strings; then the
+    library itself opens the file, so that whatever it would refuse later is refused here.
     Raises ``ValueError`` with a short reason for a corrupt or truncated file.
     """
     size = path.stat().st_size
@@ -66,32 +71,65 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(f"header claims {header_len} bytes but the file has {size}: corrupt or truncated")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"header is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from exc
+        header = parse_json(raw, "header", CheckpointError)
+    except CheckpointError as exc:
+        raise ValueError(exc.message) from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     data_size = size - 8 - header_len
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
+    metadata = header.get("__metadata__", {})
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("header field '__metadata__' must map strings to strings")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"header entry for '{name}' is malformed") from exc
-        if dtype not in DTYPE_SIZES:
-            raise ValueError(f"tensor '{name}' has unsupported dtype {dtype}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * DTYPE_SIZES[dtype] or begin < 0:
-            raise ValueError(f"tensor '{name}' has data offsets that do not match its shape")
-        if end > data_size:
-            raise ValueError(f"file is truncated: tensor '{name}' ends at byte {end} of {data_size} data bytes")
-        tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+        tensors[name] = _tensor_entry(path, name, entry, data_start, data_size)
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != data_start + end:
+            raise ValueError("header's data offsets overlap or leave gaps between tensors")
+        end = info.end - data_start
+    if end != data_size:
+        raise ValueError(f"tensor data ends at byte {end} but the file has {data_size} data bytes")
+    _library_accepts(path)
     return tensors
+
+
+def _tensor_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise ValueError(f"header entry for '{name}' is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise ValueError(f"tensor '{name}' has unsupported dtype {str(dtype)[:20]}")
+    if not (isinstance(shape, list) and all(_count(s) for s in shape)):
+        raise ValueError(f"tensor '{name}' has a malformed shape (needs a list of non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+        raise ValueError(f"tensor '{name}' has malformed data_offsets (needs two non-negative integers)")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise ValueError(f"tensor '{name}' has data offsets that do not match its shape")
+    if end > data_size:
+        raise ValueError(f"file is truncated: tensor '{name}' ends at byte {end} of {data_size} data bytes")
+    return TensorInfo(path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _library_accepts(path: Path) -> None:
+    """Open the file with the safetensors library (header only, memory-mapped); its refusal as a ValueError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass
+    except OSError:
+        raise
+    except Exception as exc:  # SafetensorError is a plain Exception in safetensors 0.8
+        raise ValueError(f"the safetensors library refuses it: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
 def _inside(directory: Path, relative: str) -> Path | None:
@@ -131,12 +169,15 @@ def _shard_list(directory: Path, problems: list[str]) -> tuple[list[Path], dict[
     index_path = directory / INDEX_NAME
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            problems.append(f"{INDEX_NAME}: not a valid shard index (needs a 'weight_map' object)")
+            weight_map = Fields(read_json(index_path, CheckpointError), INDEX_NAME, CheckpointError).object("weight_map")
+        except CheckpointError as exc:
+            problems.append(f"{exc.message} (a shard index needs a 'weight_map' object)")
+            return [], None
+        wrong = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if wrong is not None:
+            problems.append(
+                f"{INDEX_NAME}: field 'weight_map.{wrong}' must name a file, not {json.dumps(weight_map[wrong])[:40]}"
+            )
             return [], None
         shards: list[Path] = []
         for relative in sorted(set(weight_map.values())):

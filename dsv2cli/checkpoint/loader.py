@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dsv2cli.checkpoint.files import CheckpointFiles, inspect_checkpoint
 from dsv2cli.checkpoint.fit import check_load
@@ -87,7 +87,11 @@ def read_hf_state_dict(
                         stacked[expert.expert - first, rows[expert.part]] = f.get_tensor(name)
                     if on_tensor is not None:
                         on_tensor(name)
-        except (OSError, RuntimeError) as exc:  # safetensors raises SafetensorError (a RuntimeError subclass) on bad bytes
+        except (
+            OSError,
+            RuntimeError,
+            SafetensorError,
+        ) as exc:  # SafetensorError: a RuntimeError before 0.8, a plain Exception since
             raise CheckpointError(f"could not read {path.name}: {exc}", hint="the file may be corrupt; re-download it") from exc
     return state
 

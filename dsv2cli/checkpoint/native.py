@@ -15,13 +15,12 @@ unless a different dtype or device is asked for.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dsv2cli.checkpoint.files import read_safetensors_header
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX
@@ -29,6 +28,7 @@ from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.quantized import quantize_int8
+from dsv2cli.untrusted import Fields, is_int, read_json
 
 if TYPE_CHECKING:
     from dsv2cli.parallel.plan import ShardPlan
@@ -73,20 +73,33 @@ def is_native(directory: Path) -> bool:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Parse ``manifest.json``; a malformed or newer manifest is a :class:`CheckpointError`."""
+    """Parse ``manifest.json``, every field type-checked; a malformed or newer manifest is a :class:`CheckpointError`."""
     path = directory / MANIFEST_NAME
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("format") != FORMAT_NAME:
-            raise CheckpointError(f"{path} is not a dsv2 manifest (format {raw.get('format')!r})")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} has format version {raw.get('format_version')}; this dsv2 reads version {FORMAT_VERSION}",
-                hint="convert the checkpoint again with this version of dsv2",
-            )
-        manifest = Manifest(raw["dtype"], raw.get("quantization"), dict(raw["tensors"]), dict(raw["files"]))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}", hint="the manifest is damaged; convert again") from exc
+    fields = Fields(read_json(path, CheckpointError), MANIFEST_NAME, CheckpointError)
+    if fields.data.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a dsv2 manifest (format {str(fields.data.get('format'))[:40]!r})")
+    if fields.data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {str(fields.data.get('format_version'))[:20]}; this dsv2 reads version {FORMAT_VERSION}",
+            hint="convert the checkpoint again with this version of dsv2",
+        )
+    manifest = Manifest(
+        fields.str("dtype"),
+        fields.str("quantization", default=None, optional=True),
+        fields.object("tensors"),
+        fields.object("files"),
+    )
+    for name, entry in manifest.tensors.items():
+        tensor = Fields(entry, MANIFEST_NAME, CheckpointError, prefix=f"tensors.{name}.")
+        tensor.str("file")
+        tensor.str("dtype")
+        shape = tensor.list("shape")
+        if not all(is_int(s) and 0 <= s < 1 << 63 for s in shape):
+            raise tensor.fail("shape", "must be a list of non-negative integers")
+    for name, entry in manifest.files.items():
+        record = Fields(entry, MANIFEST_NAME, CheckpointError, prefix=f"files.{name}.")
+        record.int("bytes", low=0)
+        record.str("sha256")
     if manifest.dtype not in DTYPE_BY_NAME:
         raise CheckpointError(f"{path}: unknown dtype {manifest.dtype!r}", hint=f"expected one of {', '.join(DTYPE_BY_NAME)}")
     if manifest.quantization not in (None, *QUANTIZATIONS):
@@ -229,7 +242,11 @@ def read_native_state_dict(
                         if split.dim > 0:
                             tensor = tensor.contiguous()
                     state[name] = _runtime(name, tensor, dtype, activation, manifest.quantization is not None, device)
-        except (OSError, RuntimeError) as exc:  # safetensors raises SafetensorError (a RuntimeError subclass) on bad bytes
+        except (
+            OSError,
+            RuntimeError,
+            SafetensorError,
+        ) as exc:  # SafetensorError: a RuntimeError before 0.8, a plain Exception since
             raise CheckpointError(f"could not read {file}: {exc}", hint="run `dsv2 verify` on the directory") from exc
     return state
 

@@ -6,7 +6,6 @@ BOS/EOS come from ``tokenizer_config.json``, then ``generation_config.json``, th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,23 +14,63 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from dsv2cli.errors import CheckpointError
+from dsv2cli.untrusted import Fields, is_int, read_json
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path.name} is not valid JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
+def _read_json(path: Path) -> Fields:
+    """A checkpoint's JSON file as checked fields (an absent file reads as an empty object)."""
+    data = read_json(path, CheckpointError, max_bytes=16 << 20) if path.is_file() else {}
+    return Fields(data, path.name, CheckpointError)
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(fields: Fields, key: str) -> str | None:
     """Special tokens in tokenizer_config.json are strings or AddedToken dicts."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+    value = fields.data.get(key)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    if value is None or isinstance(value, str):
+        return value
+    raise fields.fail(key, "must be a string or an object with a 'content' string")
+
+
+def _token_ids(fields: Fields, key: str) -> list[int]:
+    value = fields.data.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(is_int(v) and 0 <= v < 1 << 31 for v in values):
+        raise fields.fail(key, "must be a token id (a non-negative integer) or a list of them")
+    return values
+
+
+def _chat_template(fields: Fields) -> str | None:
+    template = fields.data.get("chat_template")
+    if isinstance(template, list):  # several named templates: take the default one
+        if not all(isinstance(t, dict) for t in template):
+            raise fields.fail("chat_template", "must be a string or a list of {name, template} objects")
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise fields.fail("chat_template", "must be a string")
+    return template
+
+
+# generation_config.json fields dsv2 uses as sampling defaults, with what each must be.
+_GENERATION_DEFAULTS = {
+    "temperature": (0.0, None),
+    "top_p": (0.0, 1.0),
+    "top_k": (0, None),
+    "repetition_penalty": (0.0, None),
+}
+
+
+def _generation_defaults(gen: Fields) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for key, (low, high) in _GENERATION_DEFAULTS.items():
+        if gen.data.get(key) is not None:
+            defaults[key] = gen.int(key, low, high) if key == "top_k" else gen.float(key, low, high)
+    if gen.data.get("do_sample") is not None:
+        defaults["do_sample"] = gen.bool("do_sample")
+    if defaults.get("repetition_penalty") == 0 or defaults.get("top_p") == 0:
+        raise gen.fail("repetition_penalty" if defaults.get("repetition_penalty") == 0 else "top_p", "must be positive")
+    return defaults
 
 
 @dataclass(frozen=True)
@@ -47,44 +86,50 @@ class SpecialTokens:
 
 
 def read_special_tokens(directory: Path, tokenizer: Tokenizer | None = None) -> SpecialTokens:
-    """Collect BOS/EOS ids, ``add_bos_token`` and the chat template from a checkpoint directory."""
+    """Collect BOS/EOS ids, ``add_bos_token`` and the chat template from a checkpoint directory.
+
+    Every field used is type-checked; a wrong one is a :class:`CheckpointError` naming the file and field.
+    """
     tok_cfg = _read_json(directory / "tokenizer_config.json")
     gen_cfg = _read_json(directory / "generation_config.json")
     model_cfg = _read_json(directory / "config.json")
-    bos_text, eos_text = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
+    bos_text, eos_text = _token_text(tok_cfg, "bos_token"), _token_text(tok_cfg, "eos_token")
 
     def lookup(text: str | None) -> int | None:
         return tokenizer.token_to_id(text) if (tokenizer is not None and text) else None
 
     bos = lookup(bos_text)
     if bos is None:
-        bos = gen_cfg.get("bos_token_id", model_cfg.get("bos_token_id"))
+        bos = next(iter(_token_ids(gen_cfg, "bos_token_id") or _token_ids(model_cfg, "bos_token_id")), None)
     eos_ids: list[int] = []
     eos_lookup = lookup(eos_text)
     if eos_lookup is not None:
         eos_ids.append(eos_lookup)
-    for source in (gen_cfg.get("eos_token_id"), model_cfg.get("eos_token_id")):
-        for value in source if isinstance(source, list) else [source]:
-            if isinstance(value, int) and value not in eos_ids:
+    for source in (gen_cfg, model_cfg):
+        for value in _token_ids(source, "eos_token_id"):
+            if value not in eos_ids:
                 eos_ids.append(value)
         if eos_ids:
             break
+    pad = next(iter(_token_ids(gen_cfg, "pad_token_id") or _token_ids(model_cfg, "pad_token_id")), None)
     if tokenizer is not None:
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        for name, ids in (("bos_token_id", [bos]), ("eos_token_id", eos_ids), ("pad_token_id", [pad])):
+            if any(i is not None and i >= size for i in ids):
+                raise CheckpointError(
+                    f"{name} {ids} is outside the tokenizer's {size} tokens", hint="check the checkpoint's JSON files"
+                )
         bos_text = bos_text or (tokenizer.id_to_token(bos) if bos is not None else None)
         eos_text = eos_text or (tokenizer.id_to_token(eos_ids[0]) if eos_ids else None)
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    defaults = {k: gen_cfg[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample") if k in gen_cfg}
     return SpecialTokens(
         bos_token_id=bos,
         eos_token_ids=tuple(eos_ids),
-        pad_token_id=gen_cfg.get("pad_token_id", model_cfg.get("pad_token_id")),
+        pad_token_id=pad,
         bos_token=bos_text,
         eos_token=eos_text,
-        add_bos_token=bool(tok_cfg.get("add_bos_token", True)),
-        chat_template=template if isinstance(template, str) else None,
-        generation_defaults=defaults,
+        add_bos_token=tok_cfg.bool("add_bos_token", default=True, optional=True),
+        chat_template=_chat_template(tok_cfg),
+        generation_defaults=_generation_defaults(gen_cfg),
     )
 
 
