@@ -7,7 +7,6 @@ a preset name (configuration only), the bundled demo model (``demo``), or a Hugg
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -88,7 +87,7 @@ def resolve_checkpoint(spec: str | None, download: bool = True) -> tuple[str, Pa
             hint="pass a checkpoint directory, a Hub repo id, or 'demo' for the bundled model",
         )
     if looks_like_repo_id(spec):
-        from dsv2cli.checkpoint.hub import fetch_checkpoint
+        from dsv2cli.checkpoint.hub import fetch_checkpoint, hub_offline
 
-        return spec, fetch_checkpoint(spec, download=download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""))
+        return spec, fetch_checkpoint(spec, download=download and not hub_offline())
     raise InputError(f"model '{spec}' not found: not a directory, 'demo' or a Hugging Face repo id (owner/name)")

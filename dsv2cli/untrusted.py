@@ -131,6 +131,15 @@ class Fields:
             raise self.fail(key, f"must be at most {high}, not {_describe(value)}")
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` if it can be encoded as UTF-8 (no lone surrogates, as JSON's ``\\ud800`` or a mis-decoded stdin give)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: not valid Unicode text (a lone surrogate at character {exc.start})") from None
+    return text
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -475,6 +475,8 @@ def _check_options(
             )
     elif options.redundant:
         raise InputError("--redundant needs --plan-devices")
+    if options.devices is not None and not 1 <= options.devices <= num_experts:
+        raise InputError(f"--devices must be between 1 and the {num_experts} routed experts, got {options.devices}")
     if options.placement_file is not None:
         if options.devices is not None:
             raise InputError("give either --devices or --placement, not both")

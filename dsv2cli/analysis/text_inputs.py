@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.untrusted import check_text, is_int, parse_json
 
 JSONL_SUFFIX = ".jsonl"
 
@@ -145,7 +145,7 @@ def _encode(tokenizer: TextTokenizer | None, text: str, source: str) -> list[int
             f"{source}: this checkpoint has no tokenizer.json, so text cannot be tokenised",
             hint='give token ids as JSON lines: {"prompt_token_ids": [1, 2, 3]}',
         )
-    return tokenizer.encode(text)
+    return tokenizer.encode(check_text(text, source))
 
 
 def _jsonl_records(file: Path, text: str, tokenizer: TextTokenizer | None) -> list[tuple[int, list[int]]]:
@@ -155,10 +155,7 @@ def _jsonl_records(file: Path, text: str, tokenizer: TextTokenizer | None) -> li
         if not line.strip():
             continue
         where = f"{file}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+        record = parse_json(line, where)
         keys = [k for k in ("text", "prompt_token_ids") if isinstance(record, dict) and k in record]
         if len(keys) != 1:
             raise InputError(f"{where}: each line must be an object with exactly one of 'text' or 'prompt_token_ids'")
@@ -168,7 +165,7 @@ def _jsonl_records(file: Path, text: str, tokenizer: TextTokenizer | None) -> li
                 raise InputError(f"{where}: 'text' must be a non-empty string")
             records.append((number, _encode(tokenizer, value, where)))
         else:
-            if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            if not isinstance(value, list) or not value or not all(is_int(i) for i in value):
                 raise InputError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers")
             records.append((number, value))
     return records

@@ -136,9 +136,9 @@ def resolve_source(spec: str) -> Path:
     if spec == DEMO_NAME and demo is not None:
         return demo
     if looks_like_repo_id(spec):
-        from dsv2cli.checkpoint.hub import fetch_checkpoint
+        from dsv2cli.checkpoint.hub import fetch_checkpoint, hub_offline
 
-        return fetch_checkpoint(spec, download=os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""))
+        return fetch_checkpoint(spec, download=not hub_offline())
     raise InputError(
         f"SOURCE '{spec}' is not a checkpoint directory, 'demo' or a Hugging Face repo id (owner/name)",
         hint="pass a directory with config.json and *.safetensors, or owner/name",

@@ -15,10 +15,11 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv2cli.errors import CheckpointError
+from dsv2cli.errors import CheckpointError, InputError
 
 NEEDED_FILES = [
     "*.safetensors",
@@ -65,13 +66,27 @@ class DownloadReport:
 
 
 def _endpoint() -> str | None:
-    return os.environ.get("HF_ENDPOINT") or None
+    """``HF_ENDPOINT`` when set, checked to be an http(s) URL with a host."""
+    value = os.environ.get("HF_ENDPOINT") or None
+    if value is not None:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(
+                f"HF_ENDPOINT={value[:80]!r} is not an http(s) URL",
+                hint="unset it, or set it to a mirror like https://hf-mirror.com",
+            )
+    return value
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for the cache only, read as huggingface_hub reads it (1/ON/YES/TRUE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _offline(offline: bool) -> bool:
     from huggingface_hub import constants
 
-    return offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return offline or constants.HF_HUB_OFFLINE or hub_offline()
 
 
 def _is_a(exc: BaseException, names: tuple[str, ...]) -> bool:
@@ -94,6 +109,12 @@ def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
     if isinstance(exc, errors.RepositoryNotFoundError):
         return CheckpointError(
             f"repository {repo_id} not found on the Hub", hint="check the spelling, or log in if it is private"
+        )
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, errors.HfHubHTTPError) and status is not None and status not in (401, 403):
+        return CheckpointError(
+            f"{_endpoint() or 'https://huggingface.co'} answered HTTP {status} for {repo_id}",
+            hint="check the repository name and HF_ENDPOINT",
         )
     if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or _is_a(exc, _UNREACHABLE):
         where = _endpoint() or "https://huggingface.co"

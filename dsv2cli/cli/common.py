@@ -54,6 +54,10 @@ def handle_errors(func: F) -> F:
             if os.environ.get("DSV2_DEBUG") == "1":
                 raise
             raise fail(exc.message, exc.hint) from None
+        except UnicodeDecodeError as exc:  # text read from stdin or a file that is not UTF-8
+            if os.environ.get("DSV2_DEBUG") == "1":
+                raise
+            raise fail(f"the input is not UTF-8 text (byte {exc.start}: {exc.reason})", "convert it to UTF-8 first") from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None

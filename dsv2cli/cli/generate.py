@@ -125,6 +125,8 @@ def generate(
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if seed is not None and not 0 <= seed < 1 << 63:
+        raise InputError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     if kv_cache_dtype != "auto" and kv_cache_dtype not in DTYPES:
         raise InputError(f"unknown --kv-cache-dtype '{kv_cache_dtype}'", hint=f"choose auto or one of {', '.join(DTYPES)}")
     with distributed_run(device, backend) as group:  # group is None unless launched by torchrun

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from dsv2cli.errors import InputError
 from dsv2cli.inference.chat import DEEPSEEK_V2_TEMPLATE, render_chat, validate_messages
 from dsv2cli.inference.engine import GenerationRequest
 from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.untrusted import check_text, is_int, parse_json
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,7 @@ def parse_token_ids(value: str) -> list[int]:
 
 
 def _json_line(line: str, number: int, path: Path) -> PromptInput:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    record = parse_json(line, f"{path}:{number}")
     if not isinstance(record, dict):
         raise InputError(f"{path}:{number}: each JSON line must be an object")
     keys = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
@@ -49,7 +46,7 @@ def _json_line(line: str, number: int, path: Path) -> PromptInput:
     if keys[0] == "messages":
         return PromptInput(messages=validate_messages(record["messages"]))
     ids = record["prompt_token_ids"]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list) or not ids or not all(is_int(i) and 0 <= i < 1 << 31 for i in ids):
         raise InputError(f"{path}:{number}: 'prompt_token_ids' must be a non-empty list of integers")
     return PromptInput(token_ids=ids)
 
@@ -79,7 +76,11 @@ def to_requests(
 ) -> list[GenerationRequest]:
     """Token ids for every prompt; ``chat`` wraps plain text as a user message (after ``system``)."""
     requests = []
+    if system is not None:
+        check_text(system, "--system")
     for index, item in enumerate(inputs):
+        for text in [item.text or "", *(m["content"] for m in item.messages or [])]:
+            check_text(text, f"prompt {index + 1}")
         if item.token_ids is not None:
             requests.append(GenerationRequest(list(item.token_ids), None, index))
             continue

@@ -5,11 +5,16 @@ Shape legend: B rows, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dsv2cli.errors import InputError
+
+# Outside these, float32 logits overflow (a temperature of 1e-45 divides them into inf) or the setting means nothing.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MIN_PENALTY, MAX_PENALTY = 1e-3, 1e3
 
 
 @dataclass(frozen=True)
@@ -22,16 +27,28 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"--temperature must be >= 0, got {self.temperature}", hint="use 0 for greedy decoding")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise InputError(
+                f"--temperature must be 0 or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {self.temperature}",
+                hint="use 0 for greedy decoding",
+            )
         if not 0 < self.top_p <= 1:
             raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InputError(f"--top-k must be >= 0, got {self.top_k}", hint="0 turns it off")
         if not 0 <= self.min_p < 1:
             raise InputError(f"--min-p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}", hint="1.0 turns it off")
+        if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
+            raise InputError(
+                f"--repetition-penalty must be between {MIN_PENALTY} and {MAX_PENALTY:g}, got {self.repetition_penalty}",
+                hint="1.0 turns it off",
+            )
+        if self.seed is not None and not 0 <= self.seed < 1 << 63:
+            raise InputError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

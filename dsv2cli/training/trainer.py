@@ -227,6 +227,23 @@ def validate(settings: TrainSettings) -> None:
         (b.capacity_factor is None or b.capacity_factor > 0, "--capacity-factor must be positive"),
         (0 <= s.protect_fraction <= 1, "--protect-fraction must be between 0 and 1"),
     ]
+    floats = {"--lr": s.lr, "--min-lr-ratio": s.min_lr_ratio, "--weight-decay": s.weight_decay, "--grad-clip": s.grad_clip}
+    floats |= {"--init-std": s.init_std, "--held-out": s.held_out, "--protect-fraction": s.protect_fraction}
+    floats |= {"beta1": s.beta1, "beta2": s.beta2, "--expert-alpha": b.expert_alpha, "--device-alpha": b.device_alpha}
+    floats |= {"--comm-alpha": b.comm_alpha, "--capacity-factor": b.capacity_factor or 1.0, "--max-time": s.max_time or 1.0}
+    for flag, value in floats.items():
+        if not math.isfinite(value):
+            raise InputError(f"{flag} must be a finite number, got {value}")
+    checks += [
+        (s.weight_decay >= 0, "--weight-decay must not be negative"),
+        (s.init_std > 0, "--init-std must be positive"),
+        (0 <= s.beta1 < 1 and 0 <= s.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+        (0 <= s.seed < 1 << 63, "--seed must be between 0 and 2**63 - 1"),
+        (
+            s.max_steps < 1 << 40 and s.seq_len <= 1 << 20 and s.batch_size <= 1 << 20,
+            "--max-steps, --seq-len or --batch-size is absurdly large",
+        ),
+    ]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
