@@ -363,7 +363,7 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 _LIMITS = {
     "vocab_size": 1 << 22,
     "hidden_size": 1 << 17,
-    "num_hidden_layers": 1024,
+    "num_hidden_layers": 256,
     "num_attention_heads": 1024,
     "num_key_value_heads": 1024,
     "kv_lora_rank": 1 << 16,
@@ -373,7 +373,7 @@ _LIMITS = {
     "v_head_dim": 1 << 12,
     "intermediate_size": 1 << 20,
     "moe_intermediate_size": 1 << 18,
-    "n_routed_experts": 4096,
+    "n_routed_experts": 1024,
     "n_shared_experts": 256,
     "max_position_embeddings": 1 << 24,
     "first_k_dense_replace": 1 << 20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsv2cli.checkpoint.hf_keys import hf_tensor_shapes
+from dsv2cli.checkpoint.hf_keys import attention_shapes
 from dsv2cli.config import ModelConfig
 
 
@@ -24,12 +24,22 @@ class ParamCounts:
 
 
 def count_params(config: ModelConfig) -> ParamCounts:
-    """Total and activated parameters: for DeepSeek-V2, 235,741,434,880 and 21,375,800,320."""
-    shapes = hf_tensor_shapes(config)
-    total = sum(math.prod(s) for s in shapes.values())
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    moe_layers = len(config.moe_layer_indices)
-    routed = moe_layers * (config.n_routed_experts or 0) * per_expert
-    inactive = moe_layers * ((config.n_routed_experts or 0) - config.num_experts_per_tok) * per_expert
-    embedding = config.vocab_size * config.hidden_size
+    """Total and activated parameters: for DeepSeek-V2, 235,741,434,880 and 21,375,800,320.
+
+    Computed per kind of layer (one attention block, one dense MLP, one MoE layer) and multiplied,
+    so it answers at once for any config; it agrees with summing :func:`hf_tensor_shapes`.
+    """
+    d = config.hidden_size
+    attention = sum(math.prod(s) for s in attention_shapes(config, "").values()) + 2 * d  # + both RMSNorms
+    experts = config.n_routed_experts or 0
+    per_expert = 3 * d * config.moe_intermediate_size
+    moe_layers = sum(1 for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+    dense_layers = config.num_hidden_layers - moe_layers
+    moe = experts * d + experts * per_expert + 3 * d * config.shared_intermediate_size  # router, routed, shared
+    embedding = config.vocab_size * d
+    head = 0 if config.tie_word_embeddings else embedding
+    total = embedding + config.num_hidden_layers * attention + dense_layers * 3 * d * config.intermediate_size
+    total += moe_layers * moe + d + head
+    routed = moe_layers * experts * per_expert
+    inactive = moe_layers * (experts - config.num_experts_per_tok) * per_expert
     return ParamCounts(total=total, active=total - inactive, embedding=embedding, routed_experts=routed)

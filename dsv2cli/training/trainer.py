@@ -21,7 +21,9 @@ from tokenizers import Tokenizer
 from torch.nn import functional as F
 
 from dsv2cli.analysis.balance import max_over_mean
+from dsv2cli.analysis.params import count_params
 from dsv2cli.analysis.token_drop import protected_sequences
+from dsv2cli.checkpoint.fit import available_memory, gb
 from dsv2cli.checkpoint.loader import parse_dtype
 from dsv2cli.commit import Output
 from dsv2cli.config import ModelConfig
@@ -252,6 +254,27 @@ def validate(settings: TrainSettings) -> None:
         parse_dtype(s.save_dtype)
 
 
+def _check_memory(config: ModelConfig, settings: TrainSettings) -> None:
+    """Refuse a run whose weights, gradients, AdamW moments and activations exceed the memory that can be allocated."""
+    itemsize = parse_dtype(settings.dtype).itemsize
+    need = count_params(config).total * (2 * itemsize + 8)  # weights + gradients in dtype, two float32 moments
+    # A rough floor for what backward keeps per token: block inputs, norms, attention and MLP activations,
+    # and the float32 logits with their softmax.
+    tokens = settings.batch_size * settings.seq_len
+    mlp = max(
+        config.intermediate_size, config.moe_intermediate_size * (config.num_experts_per_tok + (config.n_shared_experts or 0))
+    )
+    heads = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    per_layer = 8 * config.hidden_size + 3 * mlp + 3 * heads
+    need += tokens * (config.num_hidden_layers * per_layer * itemsize + 3 * 4 * config.vocab_size)
+    available = available_memory()
+    if need > available.bytes:
+        raise InputError(
+            f"training this model needs at least {gb(need)} (weights, gradients, AdamW moments and activations); {available.source} leaves {gb(available.bytes)}",
+            hint="choose smaller sizes (--hidden-size, --layers, --experts, --vocab-size) or a smaller --batch-size / --seq-len",
+        )
+
+
 def train(
     settings: TrainSettings,
     on_event: Callable[[TrainEvent], None] | None = None,
@@ -274,7 +297,7 @@ def train(
             raise CheckpointError(f"{output}: the saved step {resumed_state['step']} is past max_steps {settings.max_steps}")
     validate(settings)
     target = Output.claim(output, kind="dir", replace=resume or overwrite, what="--out", allow_empty=True)
-    build_config(settings, max(settings.vocab_size, 2), 0, 1)  # config errors before any slow work
+    _check_memory(build_config(settings, max(settings.vocab_size, 2), 0, 1), settings)  # before any slow work
 
     corpus = load_corpus(settings.inputs, settings.held_out, settings.seed, settings.include, settings.exclude)
     emit(TrainEvent("info", f"{len(corpus.train)} training files, {len(corpus.held_out)} held out, {corpus.skipped} skipped"))
