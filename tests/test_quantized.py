@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.config import ModelConfig
 from dsv2cli.model import DeepseekV2, quantized
@@ -44,6 +45,18 @@ def test_quantize_rows_on_stacked_experts_matches_each_expert():
         assert torch.equal(q[e], qe) and torch.equal(scale[e], se)
 
 
+@pytest.fixture
+def int8_kernel():
+    if not kernels.load():
+        pytest.skip("dsv2's C++ kernels do not build here")
+
+
+@pytest.fixture
+def no_int8_kernel(monkeypatch):
+    """Run a test as where dsv2's C++ kernels cannot be built (torch's products only)."""
+    monkeypatch.setattr(quantized.kernels, "int8_matmul_supported", lambda weight: False)
+
+
 @pytest.fixture(params=[False, True], ids=["no_avx512_bf16", "avx512_bf16"])
 def bfloat16_cpu(request, monkeypatch):
     """Run a test as on a CPU without and with native bfloat16 products (the prefill path differs)."""
@@ -53,7 +66,7 @@ def bfloat16_cpu(request, monkeypatch):
 
 def test_int8_linear_float32_several_tokens(bfloat16_cpu):
     torch.manual_seed(1)
-    x, w = torch.randn(5, 32), torch.randn(24, 32)
+    x, w = torch.randn(quantized.DECODE_ROWS + 1, 32), torch.randn(24, 32)  # more rows than a decode step
     q, scale = quantize_rows(w)
     expected = F.linear(x, dequantize_rows(q, scale, torch.float32))
     got = int8_linear(x, q, scale)
@@ -67,12 +80,12 @@ def test_int8_linear_float32_several_tokens(bfloat16_cpu):
 
 def test_int8_linear_bfloat16_several_tokens(bfloat16_cpu):
     torch.manual_seed(2)
-    x, w = torch.randn(2, 3, 64, dtype=torch.bfloat16), torch.randn(48, 64)
+    x, w = torch.randn(2, 9, 64, dtype=torch.bfloat16), torch.randn(48, 64)  # 18 rows: more than a decode step
     q, scale = quantize_rows(w)
     got = int8_linear(x, q, scale)
-    assert got.shape == (2, 3, 48) and got.dtype == torch.bfloat16
+    assert got.shape == (2, 9, 48) and got.dtype == torch.bfloat16
     if not bfloat16_cpu:  # torch's int8-weight kernel
-        kernel = torch._weight_int8pack_mm(x.reshape(6, 64), q, scale.to(torch.bfloat16)).reshape(2, 3, 48)
+        kernel = torch._weight_int8pack_mm(x.reshape(18, 64), q, scale.to(torch.bfloat16)).reshape(2, 9, 48)
         assert torch.equal(got, kernel)
     reference = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
     assert (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
@@ -88,7 +101,7 @@ def _random_experts(config: ModelConfig, seed: int) -> tuple[RoutedExperts, Int8
     return experts, Int8RoutedExperts.from_experts(experts)
 
 
-def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights(bfloat16_cpu, vnni):
+def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights(bfloat16_cpu, vnni, no_int8_kernel):
     config = _config()
     experts, int8 = _random_experts(config, seed=3)
     dequantized = RoutedExperts(config)
@@ -132,7 +145,8 @@ def vnni(request, monkeypatch):
     return request.param
 
 
-def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni):
+def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni, no_int8_kernel):
+    """Without dsv2's kernels, one token takes torch's product this CPU streams fastest."""
     torch.manual_seed(7)
     x, w = torch.randn(1, 64) * 3, torch.randn(40, 64)
     q, scale = quantize_rows(w)
@@ -150,6 +164,50 @@ def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni):
     q9, s9 = quantize_rows(torch.randn(40, 72))
     x9 = torch.randn(1, 72)
     assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
+
+
+def test_decode_rows_are_exact_int8_products_each_row_as_if_alone(int8_kernel):
+    """Up to DECODE_ROWS rows: each row quantized on its own, int8 x int8 with exact int32 sums (``_int_mm``'s numbers)."""
+    torch.manual_seed(8)
+    x, w = torch.randn(2, 5, 64) * 3, torch.randn(40, 64)
+    q, scale = quantize_rows(w)
+    got = int8_linear(x, q, scale)
+    assert got.shape == (2, 5, 40)
+    for row in x.reshape(10, 64):
+        alone = int8_linear(row.view(1, 1, 64), q, scale).view(40)
+        assert torch.equal(alone, int8_gemv(quantize_activation(row[None]), q, scale)[0])
+        assert any(torch.equal(alone, other) for other in got.reshape(10, 40))
+    assert torch.equal(got.reshape(10, 40)[3], int8_linear(x.reshape(10, 64)[3:4], q, scale)[0])
+    # An input width that is no multiple of 32 (the kernel's vector width): the same exact sums.
+    q9, s9 = quantize_rows(torch.randn(40, 72))
+    x9 = torch.randn(3, 72)
+    assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
+
+
+def test_int8_experts_of_decode_rows_read_each_expert_by_id(int8_kernel):
+    """A decode batch through its experts: each row as if alone, dropped assignments adding nothing, close to float."""
+    config = _config()
+    experts, int8 = _random_experts(config, seed=9)
+    x = torch.randn(4, config.hidden_size)
+    ids = torch.tensor([[0, 3], [3, -1], [7, 0], [5, 5]])
+    weights = torch.rand(4, 2)
+    got = int8(x, ids, weights)
+    for row in range(4):
+        alone = int8(x[row : row + 1], ids[row : row + 1], weights[row : row + 1])
+        torch.testing.assert_close(got[row : row + 1], alone, rtol=0, atol=0)
+        expected = torch.zeros(1, config.hidden_size)
+        for k in range(2):
+            expert = int(ids[row, k])
+            if expert < 0:
+                continue
+            values, step = quantize_activation(x[row : row + 1])
+            gate, up = int8_gemv((values, step), int8.gate_up_proj[expert], int8.gate_up_proj_scale[expert]).chunk(2, -1)
+            hidden = F.silu(gate) * up
+            down = int8_gemv(quantize_activation(hidden), int8.down_proj[expert], int8.down_proj_scale[expert])
+            expected += weights[row, k] * down
+        torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
+    reference = experts(x, ids, weights)
+    assert (got - reference).abs().max() <= 0.03 * reference.abs().max()
 
 
 def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():

@@ -1,11 +1,13 @@
-"""C++ kernels built on the user's machine: ``torch.ops.dsv2cli.latent_attention``.
+"""C++ kernels built on the user's machine: ``torch.ops.dsv2cli.latent_attention`` and ``int8_matmul``.
 
 ``latent_attention.cpp`` is absorbed MLA attention of one decode step over the latent cache in a
 single pass (flash-decoding on CPU): each cached entry is read once, scored against all heads and
 accumulated with an online softmax, instead of two BLAS calls that each stream (and pack) the
 whole cache. :func:`load` compiles it with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
 ``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
-first time (about 10 s on 2 cores) and loads it from there afterwards; :func:`loaded` says whether
+first time (about 10 s on 2 cores) and loads it from there afterwards.
+``int8_matmul.cpp`` is the int8 x int8 product of a few quantized rows (decode steps) with int8
+weights, each row through its own matrix of a stack (a layer's routed experts) picked by id; :func:`loaded` says whether
 the operator is registered in this process. Model code calls the operator only where the inference
 layer turned it on and it serves the shapes (:func:`latent_attention_supported`); loading is that
 layer's I/O (``CompiledDecoder``, ``use_attention_kernel``).
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("latent_attention.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp")]
 _NAME = "dsv2cli_kernels"
 _state: dict[str, object] = {"loaded": False, "error": None}
 log = logging.getLogger(__name__)
@@ -67,13 +69,35 @@ def latent_attention_supported(query: torch.Tensor, entries: torch.Tensor, rank:
 
 
 def latent_attention(query: torch.Tensor, entries: torch.Tensor, filled: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
-    """query ``[rows, C + R]`` over the first ``filled`` (int64 ``[1]``) of entries ``[T, C + R]`` -> ``[rows, C]`` float32.
+    """query ``[rows, C + R]`` over entries ``[T, C + R]`` -> ``[rows, C]`` float32.
 
-    ``softmax(scale * query @ entries[:filled]^T) @ entries[:filled, :C]`` with float32 sums; with a
+    ``filled`` (int64): ``[end]`` attends to entries ``0..end-1``, ``[first, end]`` to ``first..end-1``:
+    ``softmax(scale * query @ entries[first:end]^T) @ entries[first:end, :C]`` with float32 sums; with a
     bfloat16 cache on AVX512-BF16 CPUs the products round the query and the probabilities to bfloat16
     (as the BLAS path's bfloat16 matmuls do).
     """
     return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
+
+
+def int8_matmul(
+    x: torch.Tensor, step: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantized rows ``x [R, I]`` int8 with steps ``[R, 1]`` against ``weight [E, O, I]`` int8, ``scale [E, O]`` -> ``[R, O]`` float32.
+
+    Row ``r`` goes through matrix ``ids[r]`` (``[R]`` int64; -1: a zero row); without ``ids`` every row
+    through ``weight[0]``. ``step[r] * scale[e, o] * sum_i x[r, i] * weight[e, o, i]`` with exact int32
+    sums (the same numbers as ``torch._int_mm``); each weight is read once for all the rows that use it.
+    """
+    empty = torch.empty(0, dtype=torch.long, device=x.device)
+    return torch.ops.dsv2cli.int8_matmul(x, step.reshape(-1), weight, scale.float(), empty if ids is None else ids)
+
+
+def int8_matmul_supported(weight: torch.Tensor) -> bool:
+    """Whether the kernel takes ``weight [..., O, I]`` (int8 on CPU, rows contiguous); loads the kernels the first
+    time it is asked (built once per machine), so that every process of a run chooses the same products."""
+    if weight.device.type != "cpu" or weight.dtype != torch.int8 or weight.stride(-1) != 1:
+        return False
+    return loaded() or (not torch.compiler.is_compiling() and load())
 
 
 # A build takes seconds; a lock file older than this was left by a build that was killed.
@@ -108,8 +132,14 @@ def _build_and_load() -> None:
         pass
     _clear_stale_lock(Path(cpp_extension._get_build_directory(_NAME, verbose=False)))
     flags = ["-O3", "-march=native", "-fopenmp", *(f"-D{macro}" for macro in isa.build_macro()), *isa.build_arch_flags().split()]
-    cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+    cpp_extension.load(
+        _NAME, [str(source) for source in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False
+    )
 
     @torch.library.register_fake("dsv2cli::latent_attention")
     def _(query, entries, filled, rank, scale):  # shapes for torch.compile
         return query.new_empty(query.shape[0], rank, dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2cli::int8_matmul")
+    def _(x, step, weight, scale, ids):
+        return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)

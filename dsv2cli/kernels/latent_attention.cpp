@@ -356,8 +356,8 @@ Group make_group(const float* query, int64_t rows, int64_t width, bool bfloat16_
 }
 
 // query [rows, C + R] float32, entries [T, C + R] (float32 or bfloat16, rows contiguous), filled: the
-// number of entries attended (an int64 tensor of one element, so that a compiled decode step passes
-// its slot without a graph break) -> [rows, C] float32.
+// entries attended, as an int64 tensor (so that a compiled decode step passes its slot without a graph
+// break) of one element (entries 0..end-1) or two (first, end: a left-padded row) -> [rows, C] float32.
 at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, const at::Tensor& filled, int64_t rank, double scale) {
   TORCH_CHECK(query.dim() == 2 && entries.dim() == 2, "latent_attention: query [rows, C+R] and entries [T, C+R]");
   TORCH_CHECK(query.scalar_type() == at::kFloat, "latent_attention: query must be float32");
@@ -365,9 +365,12 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
   const int64_t width = query.size(1), rows = query.size(0);
   TORCH_CHECK(entries.size(1) == width && entries.stride(1) == 1, "latent_attention: entries [T, C+R] with contiguous rows");
   TORCH_CHECK(width % 2 == 0 && rank % 16 == 0 && rank <= width, "latent_attention: C must be a multiple of 16 and C + R even");
-  TORCH_CHECK(filled.numel() == 1 && filled.scalar_type() == at::kLong, "latent_attention: filled is one int64");
-  const int64_t length = filled.item<int64_t>();
-  TORCH_CHECK(length >= 1 && length <= entries.size(0), "latent_attention: length out of range");
+  TORCH_CHECK((filled.numel() == 1 || filled.numel() == 2) && filled.scalar_type() == at::kLong,
+              "latent_attention: filled is one or two int64");
+  const at::Tensor bounds = filled.contiguous();
+  const int64_t first_entry = filled.numel() == 2 ? bounds.data_ptr<int64_t>()[0] : 0;
+  const int64_t length = bounds.data_ptr<int64_t>()[filled.numel() - 1];
+  TORCH_CHECK(first_entry >= 0 && first_entry < length && length <= entries.size(0), "latent_attention: entries out of range");
   const at::Tensor q = query.contiguous();
   const int64_t groups = (rows + L - 1) / L;
   std::vector<Group> query_groups;
@@ -375,15 +378,16 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
     query_groups.push_back(
         make_group(q.data_ptr<float>() + g * L * width, std::min(L, rows - g * L), width, entries.scalar_type() == at::kBFloat16));
   // Ranges of entries for the threads (flash-decoding), at least a block each.
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (length + kBlock - 1) / kBlock));
-  const int64_t per_range = (length + ranges - 1) / ranges;
+  const int64_t attended = length - first_entry;
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (attended + kBlock - 1) / kBlock));
+  const int64_t per_range = (attended + ranges - 1) / ranges;
   std::vector<Partial> partials(ranges * groups);
   auto run = [&](auto* data) {
     const int64_t stride = entries.stride(0);
     at::parallel_for(0, ranges * groups, 1, [&](int64_t first, int64_t last) {
       for (int64_t task = first; task < last; ++task) {
         const int64_t range = task / groups, g = task % groups;
-        const int64_t begin = range * per_range, end = std::min(length, begin + per_range);
+        const int64_t begin = first_entry + range * per_range, end = std::min(length, begin + per_range);
         attend_range(query_groups[g], std::min(L, rows - g * L), width, data, stride, begin, end, rank, static_cast<float>(scale), partials[task]);
       }
     });

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from dsv2cli import kernels
 from dsv2cli.config import ModelConfig
-from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.cache import LayerKV
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.fusion import FusedLinears
 from dsv2cli.model.norm import RMSNorm
@@ -77,58 +77,53 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: LatentKVCache | None = None,
+        kv: LayerKV | None = None,
         impl: str = "absorbed",
     ) -> torch.Tensor:
-        """x ``[B, S, D]``; cos/sin ``[B, S, R/2]``; mask ``[B, S, T]`` bool or None (causal). Returns ``[B, S, D]``."""
+        """x ``[B, S, D]``; cos/sin ``[B, S, R/2]``; mask ``[B, S, T]`` bool or None (causal); ``kv``: this layer's
+        cache, written and read (None: the new tokens attend to each other only). Returns ``[B, S, D]``."""
         batch, seq, _ = x.shape
         q, compressed = self._project(x)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)  # [B, S, H, R]
         latent, k_pe = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         entries = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_pe, cos, sin)), dim=-1)  # [B, S, C + R]
-        kv = entries if cache is None else cache.write(self.layer_idx, entries)  # [B, T, C + R]
+        bounds = None if kv is None else kv.bounds
+        kv = entries if kv is None else kv.write(entries)  # [B, T, C + R]
         if impl == "absorbed":
-            out = self._absorbed(q_nope, q_pe, kv, mask)
+            out = self._absorbed(q_nope, q_pe, kv, mask, bounds)
         elif impl == "naive":
             out = self._naive(q_nope, q_pe, kv, mask)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, bounds: torch.Tensor | None
+    ) -> torch.Tensor:
         w_uk, w_uv = self._kv_b_weights()
         batch, seq, heads, _ = q_nope.shape
         # Per-head products as one batched matmul over heads (what einsum would do, minus its planning).
         q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
         query = torch.cat((q_latent.transpose(0, 1).unflatten(0, (batch, seq)), q_pe), dim=-1)  # [B, S, H, C + R]
-        out_latent = None
         if self.attention_kernel and seq == 1 and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank):
-            out_latent = self._attend_kernel(query, kv, mask)  # [B, 1, H, C]; None if the mask is not one range per row
-        if out_latent is None:
+            if bounds is None:  # no cache: the one token attends to itself
+                bounds = torch.tensor([[0, kv.shape[1]]]).expand(batch, 2)
+            out_latent = self._attend_kernel(query, kv, bounds)  # [B, 1, H, C]
+        else:
             out_latent = _attend_shared(query, kv, kv[..., : self.kv_lora_rank], mask, self.softmax_scale)  # [B, S, H, C]
         out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 
-    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         """One new token per row: query ``[B, 1, H, C + R]`` over kv ``[B, T, C + R]`` -> ``[B, 1, H, C]``.
 
-        ``dsv2cli/kernels``: one pass over each row's slots (the latent read once for scores and
-        values). A left-padded row attends to its slots from its first unmasked one on; None when
-        the mask ``[B, 1, T]`` is not one such range per row.
+        ``dsv2cli/kernels``: one pass over each row's slots ``bounds[b, 0]..bounds[b, 1]-1`` (``[B, 2]``:
+        after its left padding, up to the token's own), the latent read once for scores and values.
         """
-        total = kv.shape[1]
-        starts = [0] * kv.shape[0]
-        if mask is not None:
-            first = mask[:, 0].to(torch.uint8).argmax(-1)  # [B]
-            if not torch.equal(mask[:, 0].sum(-1), total - first):
-                return None
-            starts = first.tolist()
         rows = [
-            kernels.latent_attention(
-                query[b, 0], kv[b, start:], torch.tensor([total - start]), self.kv_lora_rank, self.softmax_scale
-            )
-            for b, start in enumerate(starts)
+            kernels.latent_attention(query[b, 0], kv[b], bounds[b], self.kv_lora_rank, self.softmax_scale)
+            for b in range(kv.shape[0])
         ]
         return cast(torch.stack(rows)[:, None], query.dtype)
 

@@ -7,13 +7,50 @@ DeepSeek-V2 model. Nothing per head is ever stored.
 Rows of a batch may hold prompts of different lengths: they are left-padded, so
 all rows write the same slot at each step; ``pad[b]`` slots at the start of row ``b``
 are never attended to and positions of row ``b`` start at slot ``pad[b]``.
+
+A forward reads and writes the cache in one of two ways (:meth:`LatentKVCache.layer_views`):
+
+* dynamic shapes (prefills, eager steps): it writes the next slots and attends over the filled ones;
+* static shapes (compiled decode steps): the slot written is a tensor (:attr:`LatentKVCache.next_slot`)
+  and attention reads the whole capacity under a mask, so every step has the same shapes and a compiled
+  graph serves them all.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dsv2cli.config import ModelConfig
+from dsv2cli.model.dtypes import cast
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's part of the cache, as one forward writes and reads it.
+
+    ``entries [B, T, C + R]`` is the layer's whole cache. Dynamic shapes: the forward writes slots
+    ``start..start+S-1`` and attends over slots ``0..start+S-1``. Static shapes: it writes ``slots``
+    (``[S]`` int64) and attends over all T slots under the forward's mask. ``bounds [B, 2]`` (int64):
+    each row's first attended slot (after its padding) and the number of slots filled after the write,
+    for one-token steps through the attention kernel.
+    """
+
+    entries: torch.Tensor
+    start: int
+    bounds: torch.Tensor
+    slots: torch.Tensor | None = None
+
+    def write(self, new: torch.Tensor) -> torch.Tensor:
+        """Store ``new [B, S, C + R]``; return the slots attention reads ``[B, T', C + R]``."""
+        new = cast(new, self.entries.dtype)
+        if self.slots is not None:
+            self.entries.index_copy_(1, self.slots, new)
+            return self.entries
+        end = self.start + new.shape[1]
+        self.entries[:, self.start : end] = new
+        return self.entries[:, :end]
 
 
 class LatentKVCache:
@@ -37,6 +74,7 @@ class LatentKVCache:
         pad_tensor = torch.zeros(batch_size, dtype=torch.long) if pad is None else torch.as_tensor(pad, dtype=torch.long)
         self.pad = pad_tensor.to(device)
         self.length = 0
+        self.next_slot = torch.zeros(1, dtype=torch.long, device=device)  # ``length`` as a tensor, for static shapes
 
     @classmethod
     def for_model(
@@ -68,30 +106,34 @@ class LatentKVCache:
         """Bytes of one token across all layers: ``L * (C + R) * element size``."""
         return self.entries.shape[0] * self.entries.shape[3] * self.entries.element_size()
 
-    def positions(self, new_tokens: int) -> torch.Tensor:
+    def _new_slots(self, new_tokens: int, static: bool) -> torch.Tensor:
+        """The slots ``[S]`` of the next ``new_tokens`` tokens: from :attr:`next_slot` with static shapes."""
+        offsets = torch.arange(new_tokens, device=self.pad.device)
+        return self.next_slot + offsets if static else offsets + self.length
+
+    def positions(self, new_tokens: int, static: bool = False) -> torch.Tensor:
         """Rope positions ``[B, S]`` of the next ``new_tokens`` slots (pad slots get 0)."""
-        slots = torch.arange(self.length, self.length + new_tokens, device=self.pad.device)
-        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        return (self._new_slots(new_tokens, static)[None, :] - self.pad[:, None]).clamp(min=0)
 
-    def attention_mask(self, new_tokens: int) -> torch.Tensor:
-        """Boolean ``[B, S, T]`` (True = attend) for the next ``new_tokens`` queries over ``T = length + S`` slots.
+    def attention_mask(self, new_tokens: int, static: bool = False) -> torch.Tensor:
+        """Boolean ``[B, S, T]`` (True = attend) for the next ``new_tokens`` queries.
 
-        A query sees the non-pad slots up to its own; a pad slot sees only itself, so its
-        softmax stays finite.
+        ``T = length + S`` slots; with static shapes, the whole capacity. A query sees the non-pad
+        slots up to its own; a pad slot sees only itself, so its softmax stays finite.
         """
-        total = self.length + new_tokens
-        query = torch.arange(self.length, total, device=self.pad.device)[:, None]
-        key = torch.arange(total, device=self.pad.device)[None, :]
+        query = self._new_slots(new_tokens, static)[:, None]
+        key = torch.arange(self.capacity if static else self.length + new_tokens, device=self.pad.device)[None, :]
         causal = key <= query
         not_pad = key[None] >= self.pad[:, None, None]
         return (causal[None] & not_pad) | (key == query)[None]
 
-    def write(self, layer_idx: int, entries: torch.Tensor) -> torch.Tensor:
-        """Store ``entries [B, S, C + R]`` at the next slots; return all filled slots ``[B, length + S, C + R]``."""
-        self.check_room(entries.shape[1])
-        end = self.length + entries.shape[1]
-        self.entries[layer_idx, :, self.length : end] = entries
-        return self.entries[layer_idx, :, :end]
+    def layer_views(self, new_tokens: int, static: bool = False) -> list[LayerKV]:
+        """Each layer's :class:`LayerKV` for a forward of ``new_tokens`` tokens (checks that they fit)."""
+        self.check_room(new_tokens)
+        end = self.next_slot + new_tokens if static else torch.full_like(self.next_slot, self.length + new_tokens)
+        bounds = torch.stack((self.pad, end.expand_as(self.pad)), dim=-1)  # [B, 2]
+        slots = self._new_slots(new_tokens, static) if static else None
+        return [LayerKV(self.entries[i], self.length, bounds, slots) for i in range(self.entries.shape[0])]
 
     def check_room(self, new_tokens: int) -> None:
         """Raise unless ``new_tokens`` more slots fit in the capacity."""
@@ -101,9 +143,11 @@ class LatentKVCache:
     def advance(self, new_tokens: int) -> None:
         """Mark ``new_tokens`` slots as filled (called once per forward, after every layer wrote)."""
         self.length += new_tokens
+        self.next_slot.fill_(self.length)
 
     def reset(self, pad: torch.Tensor | list[int] | None = None) -> None:
         self.length = 0
+        self.next_slot.zero_()
         if pad is not None:
             self.pad = torch.as_tensor(pad, dtype=torch.long, device=self.pad.device)
         else:

@@ -31,11 +31,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dsv2cli import kernels
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts, weighted_experts_of_one_token
 
 # Linear layers that stay in floating point (see the module docstring for why).
 FLOAT_LINEARS = ("kv_b_proj",)
+
+# Up to this many rows (decode steps of a batch, short prompts), CPU products quantize each row to int8 and run
+# int8 x int8 (``dsv2cli/kernels/int8_matmul.cpp``): they read the weight at memory speed. More rows are
+# compute-bound and take floating-point products of the int8 weights.
+DECODE_ROWS = 16
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +73,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
     token's largest ``|x|`` over a longer row than ``x`` (see :func:`quantize_activation`); only the
     int8 x int8 path quantizes ``x``.
     """
+    if decode_rows(x) and kernels.int8_matmul_supported(q):
+        rows = x.reshape(-1, x.shape[-1])
+        out = kernels.int8_matmul(*quantize_activation(rows, amax), q[None], scale[None])
+        return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
     if is_one_cpu_token(x):
         row = x.reshape(1, -1)
         out = int8_row(row, q, scale, lambda: quantize_activation(row, amax))
@@ -90,6 +100,11 @@ def fast_cpu_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16); elsewhere bfloat16 GEMMs are slower than float32."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(probe and probe())
+
+
+def decode_rows(x: torch.Tensor) -> bool:
+    """Whether ``x [..., I]`` is at most :data:`DECODE_ROWS` rows of float activations on CPU (int8 x int8 products)."""
+    return x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def is_one_cpu_token(x: torch.Tensor) -> bool:
@@ -222,9 +237,29 @@ class Int8RoutedExperts(nn.Module):
         One token on CPU: quantized once for all K gate_up matmuls, and the K hidden rows quantized
         together (one step per row) for the down matmuls.
         """
+        if decode_rows(x) and kernels.int8_matmul_supported(self.gate_up_proj):
+            return self.decode_rows(x, expert_ids, weights)
         if not is_one_cpu_token(x):
             return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
         return experts_on_one_token(x, expert_ids, weights, self.one_token)
+
+    def decode_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A few rows ``x [N, D]`` through their K experts each, every product int8 x int8 -> ``[N, D]`` float32.
+
+        The experts are read where they lie, picked by id inside the kernel (no Python integers: a compiled
+        step runs the same graph whichever experts the rows choose), each read once for all the rows that
+        chose it. A dropped assignment (id -1) adds nothing.
+        """
+        rows, top_k = expert_ids.shape
+        ids = expert_ids.reshape(-1)  # [N*K]: row n's k-th expert at n*K + k
+        values, step = quantize_activation(x)  # [N, D], [N, 1]
+        gate_up = kernels.int8_matmul(
+            values.repeat_interleave(top_k, 0), step.repeat_interleave(top_k, 0), self.gate_up_proj, self.gate_up_proj_scale, ids
+        )  # [N*K, 2M]
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up  # [N*K, M] float32
+        down = kernels.int8_matmul(*quantize_activation(hidden), self.down_proj, self.down_proj_scale, ids)  # [N*K, D]
+        return (down.view(rows, top_k, -1) * cast(weights, torch.float32)[..., None]).sum(1)
 
     def one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
         """x ``[1, D]`` on CPU through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32.

@@ -12,7 +12,7 @@ from torch import nn
 
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.attention import MultiHeadLatentAttention
-from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.model.cache import LatentKVCache, LayerKV
 from dsv2cli.model.moe import MLP, MoE, RoutingHook
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.rope import RotaryEmbedding
@@ -38,11 +38,11 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: LatentKVCache | None,
+        kv: LayerKV | None,
         attention: str,
         routing_hook: RoutingHook | None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, attention)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, attention)
         normed = self.post_attention_layernorm(h)
         ffn = self.mlp(normed, routing_hook) if isinstance(self.mlp, MoE) else self.mlp(normed)
         return h + ffn
@@ -81,25 +81,32 @@ class DeepseekV2(nn.Module):
         routing_hook: RoutingHook | None = None,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
+        static_shapes: bool = False,
     ) -> torch.Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``).
 
         With a cache, the new tokens go after the cached ones and positions come from the
         cache (per row, after its left padding); without one, the tokens form whole causal
         sequences at positions ``0..S-1`` unless ``positions`` says otherwise.
+        ``static_shapes``: the cache is read and written at tensor slots over its whole capacity
+        (``dsv2cli/model/cache.py``), so that every decode step has the same shapes; this is how
+        compiled decode steps run (``dsv2cli/inference/compiled.py``).
         """
         seq = tokens.shape[1]
+        views: list[LayerKV | None] = [None] * len(self.layers)
         if cache is not None:
-            positions = cache.positions(seq)
-            mask = cache.attention_mask(seq) if cache.has_padding else None  # None: causal (attention builds it)
+            views = list(cache.layer_views(seq, static_shapes))
+            positions = cache.positions(seq, static_shapes)
+            # None: causal (attention builds it)
+            mask = cache.attention_mask(seq, static_shapes) if static_shapes or cache.has_padding else None
         else:
             if positions is None:
                 positions = torch.arange(seq, device=tokens.device)[None].expand(tokens.shape[0], -1)
             mask = None
         cos, sin = self.rotary.cos_sin(positions)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, attention, routing_hook)
+        for layer, kv in zip(self.layers, views, strict=True):
+            x = layer(x, cos, sin, mask, kv, attention, routing_hook)
         if cache is not None:
             cache.advance(seq)
         if last_only:

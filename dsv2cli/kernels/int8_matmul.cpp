@@ -1,0 +1,174 @@
+// int8 x int8 products of a few rows (decode steps) against int8 weights with a scale per output row.
+//
+//     out[r, o] = step[r] * scale[e_r, o] * sum_i x[r, i] * weight[e_r, o, i]          (e_r = ids[r])
+//
+// x holds rows quantized per row (int8 values and a float32 step each), weight is a stack of E
+// matrices [O, I] (E = 1 for a plain linear; the routed experts of a layer otherwise) and ids picks
+// each row's matrix, so a decode step reads its K experts where they lie, without gathering them.
+// The sums are int32 and exact (|x|, |w| <= 127: a pair of products fits int16, I * 127^2 fits int32),
+// so a row's result does not depend on the other rows, on threads or on the instruction set.
+//
+// Rows that share a matrix are processed together: each block of output rows of the matrix is read
+// from memory once and reused from L1 for every row, so a decode batch reads each weight once. Work
+// is split across threads by blocks of output rows of every matrix used. With AVX2, 32 products per
+// instruction pair (`maddubs` on |x| and sign-adjusted w, then `madd` to int32, as llama.cpp's Q8_0
+// dot products); elsewhere a plain loop the compiler vectorizes.
+//
+// Built at run time with latent_attention.cpp by dsv2cli/kernels/__init__.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowsPerBlock = 8;     // output rows whose sums are accumulated together
+constexpr int64_t kBlocksPerTask = 4;    // 32 output rows per thread task
+
+#if defined(__AVX2__)
+inline int32_t horizontal_sum(__m256i v) {
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(sum);
+}
+
+// Products of 32 int8 pairs, summed in pairs of pairs into 8 int32 lanes.
+inline __m256i dot32(__m256i x_abs, __m256i x, __m256i w, __m256i ones) {
+  const __m256i products = _mm256_maddubs_epi16(x_abs, _mm256_sign_epi8(w, x));  // |x| * (w * sign x): 16 int16
+  return _mm256_madd_epi16(products, ones);
+}
+#endif
+
+// Sums of `count` (<= kRowsPerBlock) weight rows against one x row, each of `width` values.
+inline void dot_rows(const int8_t* x, const int8_t* weight, int64_t stride, int64_t count, int64_t width, int32_t* sums) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kRowsPerBlock];
+  for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = _mm256_setzero_si256();
+  const int64_t vector_end = width - width % 32;
+  if (count == kRowsPerBlock) {
+    for (; i < vector_end; i += 32) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const __m256i x_abs = _mm256_sign_epi8(xv, xv);
+      for (int64_t k = 0; k < kRowsPerBlock; ++k) {
+        if (i % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(weight + (k + kRowsPerBlock) * stride + i), _MM_HINT_T0);
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + k * stride + i));
+        acc[k] = _mm256_add_epi32(acc[k], dot32(x_abs, xv, w, ones));
+      }
+    }
+  } else {
+    for (; i < vector_end; i += 32) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const __m256i x_abs = _mm256_sign_epi8(xv, xv);
+      for (int64_t k = 0; k < count; ++k) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + k * stride + i));
+        acc[k] = _mm256_add_epi32(acc[k], dot32(x_abs, xv, w, ones));
+      }
+    }
+  }
+  for (int64_t k = 0; k < count; ++k) sums[k] = horizontal_sum(acc[k]);
+#else
+  for (int64_t k = 0; k < count; ++k) sums[k] = 0;
+#endif
+  for (int64_t k = 0; k < count; ++k) {
+    int32_t tail = 0;
+    for (int64_t j = i; j < width; ++j) tail += static_cast<int32_t>(x[j]) * static_cast<int32_t>(weight[k * stride + j]);
+    sums[k] += tail;
+  }
+}
+
+struct Task {
+  int64_t matrix;  // which of the E matrices
+  int64_t first;   // first output row
+  int64_t begin;   // this matrix's rows of x: order[begin, end)
+  int64_t end;
+};
+
+}  // namespace
+
+// x [R, I] int8, step [R] float32, weight [E, O, I] int8 (rows contiguous), scale [E, O] float32,
+// ids [R] int64 (the matrix of each row; -1: none, its output is 0) or an empty tensor (all rows use
+// matrix 0) -> [R, O] float32.
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& step, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& ids) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "int8_matmul: x must be int8 [R, I]");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kChar, "int8_matmul: weight must be int8 [E, O, I]");
+  TORCH_CHECK(weight.size(2) == x.size(1) && weight.stride(2) == 1, "int8_matmul: weight [E, O, I] with contiguous rows matching x");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1) && scale.scalar_type() == at::kFloat,
+              "int8_matmul: scale must be float32 [E, O]");
+  TORCH_CHECK(step.numel() == x.size(0) && step.scalar_type() == at::kFloat, "int8_matmul: step must be float32 [R]");
+  const int64_t rows = x.size(0), width = x.size(1), experts = weight.size(0), outputs = weight.size(1);
+  const bool routed = ids.numel() > 0;
+  TORCH_CHECK(!routed || (ids.numel() == rows && ids.scalar_type() == at::kLong), "int8_matmul: ids must be int64 [R] or empty");
+
+  const at::Tensor xs = x.contiguous(), steps = step.contiguous().view({-1}), scales = scale.contiguous();
+  at::Tensor out = at::zeros({rows, outputs}, x.options().dtype(at::kFloat));
+  if (rows == 0 || outputs == 0) return out;
+
+  // Rows grouped by matrix (a counting sort), then one task per block of output rows of each matrix used.
+  std::vector<int64_t> matrix_of(rows, 0);
+  if (routed) {
+    const at::Tensor id_values = ids.contiguous();
+    const int64_t* id = id_values.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(id[r] >= -1 && id[r] < experts, "int8_matmul: id out of range");
+      matrix_of[r] = id[r];
+    }
+  }
+  std::vector<int64_t> order, starts(experts + 1, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (matrix_of[r] >= 0) starts[matrix_of[r] + 1] += 1;
+  for (int64_t e = 0; e < experts; ++e) starts[e + 1] += starts[e];
+  order.resize(starts[experts]);
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  for (int64_t r = 0; r < rows; ++r)
+    if (matrix_of[r] >= 0) order[fill[matrix_of[r]]++] = r;
+  std::vector<Task> tasks;
+  const int64_t per_task = kRowsPerBlock * kBlocksPerTask;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (starts[e] == starts[e + 1]) continue;
+    for (int64_t first = 0; first < outputs; first += per_task) tasks.push_back({e, first, starts[e], starts[e + 1]});
+  }
+
+  const int8_t* x_data = xs.data_ptr<int8_t>();
+  const int8_t* w_data = weight.data_ptr<int8_t>();
+  const float* step_data = steps.data_ptr<float>();
+  const float* scale_data = scales.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t w_matrix = weight.stride(0), w_row = weight.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first_task, int64_t last_task) {
+    int32_t sums[kRowsPerBlock];
+    for (int64_t t = first_task; t < last_task; ++t) {
+      const Task& task = tasks[t];
+      const int64_t last = std::min(outputs, task.first + per_task);
+      for (int64_t o = task.first; o < last; o += kRowsPerBlock) {
+        const int64_t count = std::min(kRowsPerBlock, last - o);
+        const int8_t* w = w_data + task.matrix * w_matrix + o * w_row;
+        const float* s = scale_data + task.matrix * outputs + o;
+        for (int64_t j = task.begin; j < task.end; ++j) {
+          const int64_t r = order[j];
+          dot_rows(x_data + r * width, w, w_row, count, width, sums);
+          for (int64_t k = 0; k < count; ++k) out_data[r * outputs + o + k] = static_cast<float>(sums[k]) * s[k] * step_data[r];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(dsv2cli, m) {
+  m.def("int8_matmul(Tensor x, Tensor step, Tensor weight, Tensor scale, Tensor ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv2cli, CPU, m) {
+  m.impl("int8_matmul", &int8_matmul);
+}
