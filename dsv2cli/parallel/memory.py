@@ -208,9 +208,13 @@ def fit_table(config: ModelConfig, machine_gib: tuple[int, ...] = MACHINE_GIB) -
         weights = native_weights(config, "int8") if precision == "int8" else native_weights(config, None, dtype)
         working = default_working(config, dtype)
 
-        def need(world_size: int, weights=weights, dtype=dtype, working=working) -> int:
-            plan = ShardPlan(config, 0, world_size) if world_size > 1 else None
-            return load_need(weights, dtype, "cpu", plan).total + working
+        needs: dict[int, int] = {}
+
+        def need(world_size: int, weights=weights, dtype=dtype, working=working, needs=needs) -> int:
+            if world_size not in needs:  # each machine size asks again for the same world sizes
+                plan = ShardPlan(config, 0, world_size) if world_size > 1 else None
+                needs[world_size] = load_need(weights, dtype, "cpu", plan).total + working
+            return needs[world_size]
 
         machines = {gib: next((n for n in world_sizes if need(n) <= USABLE_SHARE * gib * 2**30), None) for gib in machine_gib}
         rows.append(FitRow(precision, need(1) - working, need(1), machines))
