@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv2cli import kernels  # noqa: E402
-from dsv2cli.model.decode import _attend  # noqa: E402
+from dsv2cli.model.attention import _attend_shared  # noqa: E402
 
 HEADS, RANK, ROPE, LAYERS = 16, 512, 64, 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -115,7 +115,7 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
     step_bytes = LAYERS * capacity * (RANK + ROPE) * dtype.itemsize
     caches = [torch.randn(LAYERS, capacity, RANK + ROPE).to(dtype) for _ in range(-(-POOL_BYTES // step_bytes))]
     query = torch.randn(HEADS, RANK + ROPE)
-    mask = torch.arange(capacity) <= context
+    mask = (torch.arange(capacity) <= context)[None, None]  # [1, 1, T]: the static-shape step's mask
     filled = torch.tensor([context + 1])
     scale = (128 + ROPE) ** -0.5
     turn = itertools.count()  # which copy the next step reads
@@ -123,7 +123,8 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
     def blas():
         cache = caches[next(turn) % len(caches)]
         for layer in range(LAYERS):
-            _attend(query, cache[layer], RANK, mask, scale)
+            entries = cache[layer][None]  # [1, T, C + R]
+            _attend_shared(query[None, None], entries, entries[..., :RANK], mask, scale)
 
     def kernel():
         cache = caches[next(turn) % len(caches)]
@@ -135,10 +136,18 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
 
 
 def attention_alone(contexts: list[int], rounds: int, peaks: dict[str, float] | None) -> None:
-    print(f"attention of one decode step, {LAYERS} layers x {HEADS} heads, latent {RANK} + rope {ROPE}, cache read from memory (ms)")
+    print(
+        f"attention of one decode step, {LAYERS} layers x {HEADS} heads, latent {RANK} + rope {ROPE}, cache read from memory (ms)"
+    )
     if peaks:
-        print("peak multiply-adds/s, " + ", ".join(f"{name} products: {rate / 1e9:.0f} G" if rate else f"{name}: n/a" for name, rate in peaks.items()))
-    print(f"{'cache':>9} {'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9} {'kernel G mul-add/s':>19}" + (f" {'of peak':>8}" if peaks else ""))
+        print(
+            "peak multiply-adds/s, "
+            + ", ".join(f"{name} products: {rate / 1e9:.0f} G" if rate else f"{name}: n/a" for name, rate in peaks.items())
+        )
+    print(
+        f"{'cache':>9} {'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9} {'kernel G mul-add/s':>19}"
+        + (f" {'of peak':>8}" if peaks else "")
+    )
     for name, dtype in DTYPES.items():
         for context in contexts:
             blas, kernel = time_attention(dtype, context, rounds)
@@ -173,7 +182,7 @@ def compiled_steps(checkpoint: str, contexts: list[int], rounds: int, cache_dtyp
                     for _ in range(10):
                         decoder.step(token, cache)
                     times[name] = min(times[name], (time.perf_counter() - start) / 10 * 1000)
-                    cache.length = length  # rewind: both decode at the same context
+                    cache.truncate(length)  # rewind: both decode at the same context
             print(f"{context:>8} {times['BLAS']:>8.2f} {times['kernel']:>8.2f} {times['BLAS'] / times['kernel']:>8.2f}x")
 
 

@@ -1,15 +1,18 @@
 """dsv2 against llama.cpp on CPU: same random model, same precision, same threads, one run.
 
 Builds llama.cpp from the PyPI sdist of llama-cpp-python (its ``vendor/llama.cpp``: CMake files,
-``llama-bench``, ``convert_hf_to_gguf.py``) once into a cache directory, writes a random
-DeepSeek-V2-shaped checkpoint (the ``bench-300m`` preset: hidden 1024, 4 layers, 16 heads,
-q_lora_rank 384, kv_lora_rank 512, 64 routed experts top-6 + 2 shared, vocab 32000), converts it to
-GGUF at F32 and Q8_0 and to a dsv2 int8 checkpoint, then measures in the same run:
+``llama-bench``, ``convert_hf_to_gguf.py``) once into a cache directory, takes ``--checkpoint`` (the
+figures to publish: the full-size DeepSeek-V2-Lite-shaped checkpoint of ``benchmarks/full_size.py``)
+or writes a small random one (the ``bench-300m`` preset, whose weights fit this CPU's cache), converts
+it to GGUF and to a dsv2 int8 checkpoint, then measures in the same run:
 
-* decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 1024 tokens,
-  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8,
-  eager and with compiled decode steps (``dsv2 generate --compile``: ``-compiled`` modes), and compiled
-  with a bfloat16 latent cache (``--kv-cache-dtype bfloat16``: ``-bf16cache`` modes);
+* decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 512 tokens,
+  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8, with
+  the default flags of ``dsv2 generate`` (compiled decode steps), eagerly (``--no-compile``: ``-eager``
+  modes) and with a bfloat16 latent cache (``--kv-cache-dtype bfloat16``: ``-bf16cache`` modes);
+* ``--batch`` sequences (8) decoding together, against one;
+* every engine from the same page-cache state: the page cache emptied (as root), then that engine's
+  weight files read, before each of its runs;
 * the memory-bandwidth floor of each precision: the bytes of weights one decoded token reads,
   divided by the bandwidth of a large copy, measured after every round; the fastest copy sets the
   floor (neighbours on a shared host slow copies down as they slow decoding down);
@@ -21,6 +24,7 @@ Ratios are dsv2 / llama.cpp in tokens/s (above 1 = dsv2 is faster). Every engine
 times, interleaved, and keeps its best: shared machines only ever slow a run down.
 
     python benchmarks/bench_vs_llamacpp.py                      # ~12 minutes after the first build
+    python benchmarks/bench_vs_llamacpp.py --checkpoint /data/lite-bf16 --precisions int8 int8-eager --skip-quality
     python benchmarks/bench_vs_llamacpp.py --contexts 128 --steps 8 --skip-llamacpp
     python benchmarks/bench_vs_llamacpp.py --cache-dir /tmp/llamacpp --threads 4
 
@@ -60,17 +64,17 @@ DEMO = ROOT / "dsv2cli" / "assets" / "demo"
 # The converter refuses tokenizers it does not know; the benchmark's copy treats them as the default one.
 PRE_TOKENIZER_CHECK = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
 PRE_TOKENIZER_BYPASS = 'res = "default"  # dsv2 benchmark: random tokenizer'
-# precision[-compiled][-bf16cache]: weights, compiled decode steps (dsv2 generate --compile), a bfloat16 latent
-# cache (--kv-cache-dtype bfloat16; llama.cpp's own default cache is F16)
+# precision[-eager][-bf16cache]: weights; decode steps compiled as `dsv2 generate` runs them by default, or eager
+# (--no-compile); a bfloat16 latent cache (--kv-cache-dtype bfloat16; llama.cpp's own default cache is F16)
 DSV2_MODES = (
     "float32",
     "bfloat16",
     "int8",
-    "float32-compiled",
-    "bfloat16-compiled",
-    "int8-compiled",
-    "float32-compiled-bf16cache",
-    "int8-compiled-bf16cache",
+    "float32-eager",
+    "bfloat16-eager",
+    "int8-eager",
+    "float32-bf16cache",
+    "int8-bf16cache",
 )
 LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0"}  # dsv2 precision -> GGUF type compared with it
 
@@ -80,9 +84,26 @@ def log(message: str) -> None:
 
 
 def parse_mode(mode: str) -> tuple[str, bool, torch.dtype | None]:
-    """``precision[-compiled][-bf16cache]`` -> (precision, compiled, latent cache dtype or None for the model's)."""
+    """``precision[-eager][-bf16cache]`` -> (precision, compiled, latent cache dtype or None for the model's)."""
     precision = mode.split("-")[0]
-    return precision, "-compiled" in mode, torch.bfloat16 if mode.endswith("-bf16cache") else None
+    return precision, "-eager" not in mode, torch.bfloat16 if mode.endswith("-bf16cache") else None
+
+
+def same_page_cache_state(files: list[Path]) -> None:
+    """Every engine starts from the same state: the page cache emptied (as root), then this engine's files read.
+
+    On a 24 GB machine the two engines' 16 GB copies cannot both stay cached; without this the one that ran
+    last would find its files in memory and the other would read some from disk.
+    """
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        log("cannot drop the page cache (not root): engines may start from different page-cache states")
+    for file in files:
+        with open(file, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
 
 
 # ---- llama.cpp: build once, convert, bench -------------------------------------------------------------------
@@ -209,12 +230,13 @@ def run_llama_bench(
 # ---- dsv2 ------------------------------------------------------------------------------------------------------
 
 
-def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], steps: int, prefill: int) -> dict:
+def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], steps: int, prefill: int, batch: int = 1) -> dict:
     """Prefill and decode through the same calls ``dsv2 generate`` makes (runs in its own process).
 
-    ``mode`` is a precision, optionally ``-compiled``: decode steps then run through
-    :class:`CompiledDecoder` on a cache whose capacity is rounded like the engine's, compiled before
-    timing (the compile time is reported apart); ``-bf16cache``: the latent cache holds bfloat16.
+    ``mode`` is a precision: decode steps run through :class:`CompiledDecoder` (the default of ``dsv2
+    generate``) on a cache whose capacity is rounded like the engine's, compiled before timing (the compile
+    time is reported apart), or eagerly with ``-eager``; ``-bf16cache``: the latent cache holds bfloat16.
+    ``batch`` > 1: also ``batch`` sequences decoding together at the first context.
     """
     from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
     from dsv2cli.inference.engine import prefill_attention
@@ -230,7 +252,7 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
     decoder = None
 
     def prefill_into(tokens: torch.Tensor, capacity: int):
-        cache = model.new_cache(1, round_capacity(capacity) if compiled else capacity, dtype=cache_dtype)
+        cache = model.new_cache(tokens.shape[0], round_capacity(capacity) if compiled else capacity, dtype=cache_dtype)
         logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
         return cache, logits
 
@@ -243,8 +265,9 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
         prefill_into(tokens, prefill + 1)
         result["prefill_tokens_per_s"] = prefill / (time.perf_counter() - start)  # eager in every mode
         decoder = CompiledDecoder(model) if compiled else None
-        for context in contexts:
-            cache, logits = prefill_into(torch.randint(0, vocab, (1, context)), context + steps + 3)
+        runs = [(context, 1) for context in contexts] + ([(contexts[0], batch)] if batch > 1 else [])
+        for context, rows in runs:
+            cache, logits = prefill_into(torch.randint(0, vocab, (rows, context)), context + steps + 3)
             if decoder is not None:
                 result["compile_s"] += decoder.prepare(cache)
                 step = decoder.step
@@ -259,9 +282,21 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
                 token = logits[:, -1:].argmax(-1)
                 if index >= 2:  # the first two steps warm this context's buffers
                     times.append(time.perf_counter() - start)
+            if rows > 1:
+                result["batch_decode_tokens_per_s"] = {"rows": rows, "context": context, "value": rows / statistics.median(times)}
+                continue
             result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(times)
             result["paired_bandwidth_gbs"][str(context)] = max(before, memory_bandwidth_gbs(threads))
     return result
+
+
+def engine_files(job: list[str] | Path, checkpoint: Path) -> list[Path]:
+    """The weight files an engine reads: its GGUF file, or the dsv2 checkpoint its mode loads."""
+    if isinstance(job, Path):
+        return [job]
+    precision = parse_mode(job[job.index("--worker") + 1])[0]
+    directory = int8_directory(checkpoint) if precision == "int8" else checkpoint
+    return sorted(directory.glob("*.safetensors"))
 
 
 def int8_directory(checkpoint: Path) -> Path:
@@ -290,13 +325,11 @@ def write_checkpoint(checkpoint: Path) -> None:
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
-def active_bytes(config: ModelConfig, precision: str, compiled: bool = False) -> float:
+def active_bytes(config: ModelConfig, precision: str) -> float:
     """Weight bytes one decoded token reads (the embedding row is left out).
 
     int8: one byte per value of every quantized matrix (their float32 row scales, well under 1 MB,
-    are left out); the router stays float32, and so does ``kv_b_proj`` in eager decoding (see
-    ``dsv2cli/model/quantized.py``), while compiled steps read it as int8 W_UK / W_UV
-    (``dsv2cli/model/decode.py``).
+    are left out); the router and ``kv_b_proj`` stay float32 (see ``dsv2cli/model/quantized.py``).
     """
     params = count_params(config).active_without_embedding
     if precision == "float32":
@@ -306,16 +339,16 @@ def active_bytes(config: ModelConfig, precision: str, compiled: bool = False) ->
     layers, moe_layers = config.num_hidden_layers, sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     kv_b = layers * config.kv_lora_rank * config.num_attention_heads * (config.qk_nope_head_dim + config.v_head_dim)
     router = moe_layers * (config.n_routed_experts or 0) * config.hidden_size
-    float_values = router if compiled else kv_b + router
+    float_values = kv_b + router
     return (params - float_values) * 1 + float_values * 4
 
 
 def bytes_per_token(config: ModelConfig, mode: str, context: int, with_cache: bool) -> float:
     """Bytes one decode step of ``mode`` reads: its weights, plus the latent cache over ``context`` tokens when ``with_cache``."""
-    precision, compiled, cache_dtype = parse_mode(mode)
+    precision, _, cache_dtype = parse_mode(mode)
     entry_bytes = 2 if (cache_dtype or precision == "bfloat16") else 4  # int8 models cache float32 by default
     entry_values = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)  # per cached token
-    return active_bytes(config, precision, compiled) + with_cache * context * entry_values * entry_bytes
+    return active_bytes(config, precision) + with_cache * context * entry_values * entry_bytes
 
 
 def print_report(
@@ -328,23 +361,23 @@ def print_report(
     columns = [
         ("llama.cpp F32", "llama:f32"),
         ("dsv2 float32", "dsv2:float32"),
-        ("dsv2 float32 compiled", "dsv2:float32-compiled"),
-        ("dsv2 float32 compiled, bf16 cache", "dsv2:float32-compiled-bf16cache"),
+        ("dsv2 float32 eager", "dsv2:float32-eager"),
+        ("dsv2 float32, bf16 cache", "dsv2:float32-bf16cache"),
         ("dsv2 bfloat16", "dsv2:bfloat16"),
-        ("dsv2 bfloat16 compiled", "dsv2:bfloat16-compiled"),
+        ("dsv2 bfloat16 eager", "dsv2:bfloat16-eager"),
         ("llama.cpp Q8_0", "llama:q8_0"),
         ("dsv2 int8", "dsv2:int8"),
-        ("dsv2 int8 compiled", "dsv2:int8-compiled"),
-        ("dsv2 int8 compiled, bf16 cache", "dsv2:int8-compiled-bf16cache"),
+        ("dsv2 int8 eager", "dsv2:int8-eager"),
+        ("dsv2 int8, bf16 cache", "dsv2:int8-bf16cache"),
     ]
     columns = [(label, key) for label, key in columns if key in results]
     ratios = [
         ("float32 ratio", "dsv2:float32", "llama:f32"),
-        ("float32 compiled ratio", "dsv2:float32-compiled", "llama:f32"),
-        ("float32 compiled bf16 cache ratio", "dsv2:float32-compiled-bf16cache", "llama:f32"),
+        ("float32 eager ratio", "dsv2:float32-eager", "llama:f32"),
+        ("float32 bf16 cache ratio", "dsv2:float32-bf16cache", "llama:f32"),
         ("int8 ratio", "dsv2:int8", "llama:q8_0"),
-        ("int8 compiled ratio", "dsv2:int8-compiled", "llama:q8_0"),
-        ("int8 compiled bf16 cache ratio", "dsv2:int8-compiled-bf16cache", "llama:q8_0"),
+        ("int8 eager ratio", "dsv2:int8-eager", "llama:q8_0"),
+        ("int8 bf16 cache ratio", "dsv2:int8-bf16cache", "llama:q8_0"),
     ]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     lines = [
@@ -371,7 +404,17 @@ def print_report(
     compiled = {key: r["compile_s"] for key, r in results.items() if r.get("compile_s")}
     if compiled:
         print("\ncompile time (first round, all contexts): " + ", ".join(f"{k} {v:.0f} s" for k, v in compiled.items()))
-    print("\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision (targets: decode >= 0.8, prefill >= 1.0)\n")
+    for key, r in results.items():
+        if r.get("batch_decode_tokens_per_s"):
+            b = r["batch_decode_tokens_per_s"]
+            one = r["decode_tokens_per_s"][str(b["context"])]
+            print(
+                f"{key}: {b['rows']} sequences decoding together @{b['context']}: {b['value']:.1f} tokens/s ({b['value'] / one:.2f}x one sequence)"
+            )
+    print(
+        "\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision, dsv2 with default flags unless the column "
+        "says eager (targets: int8 decode >= 1.5, prefill >= 3.5, 8 sequences >= 4x one)\n"
+    )
     for title, with_cache in (("weights", False), ("weights + latent cache", True)):
         print(
             f"| dsv2 mode | weight MB/token | floor, {title} (ms/token) @{contexts[0]} | "
@@ -427,6 +470,9 @@ def best_of(runs: list[dict]) -> dict:
         "compile_s": runs[0].get("compile_s", 0.0),
         "rounds": runs,  # each round's own readings, for the paired floors
     }
+    batches = [r["batch_decode_tokens_per_s"] for r in runs if r.get("batch_decode_tokens_per_s")]
+    if batches:
+        best["batch_decode_tokens_per_s"] = max(batches, key=lambda b: b["value"])
     for context in runs[0]["decode_tokens_per_s"]:
         best["decode_tokens_per_s"][context] = max(r["decode_tokens_per_s"][context] for r in runs)
     return best
@@ -456,7 +502,8 @@ def decode_quality(directory: Path, tokens: torch.Tensor, mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
-    parser.add_argument("--prefill", type=int, default=1024)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="dsv2 also decodes this many sequences together (1: not)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed at each context")
     parser.add_argument("--repetitions", type=int, default=2, help="llama-bench repetitions per round")
     parser.add_argument(
@@ -483,7 +530,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        result = run_dsv2(args.checkpoint, args.worker, args.threads, args.contexts, args.steps, args.prefill)
+        result = run_dsv2(args.checkpoint, args.worker, args.threads, args.contexts, args.steps, args.prefill, args.batch)
         print(json.dumps(result))
         return
 
@@ -517,6 +564,8 @@ def main() -> None:
                 str(args.steps),
                 "--prefill",
                 str(args.prefill),
+                "--batch",
+                str(args.batch),
             ]
             jobs.append((f"dsv2:{precision}", command))
         runs: dict[str, list[dict]] = {key: [] for key, _ in jobs}
@@ -524,6 +573,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             for key, job in jobs:
                 log(f"round {round_index + 1}/{args.rounds}: {key} ...")
+                same_page_cache_state(engine_files(job, checkpoint))
                 if isinstance(job, Path):
                     runs[key].append(
                         run_llama_bench(binary, job, args.threads, args.contexts, args.steps, args.prefill, args.repetitions)

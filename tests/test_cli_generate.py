@@ -31,7 +31,7 @@ def test_json_contract(model_dir):
     for r in doc["results"]:
         assert set(r) >= {"prompt", "prompt_token_ids", "text", "token_ids", "logprobs", "finish_reason", "timings"}
         assert set(r["timings"]) == {"compile_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
-        assert r["timings"]["compile_s"] == 0.0  # eager unless --compile
+        assert r["timings"]["compile_s"] >= 0.0  # compiled by default where it can be (0 when eager or already compiled)
         assert len(r["token_ids"]) == len(r["logprobs"]) == 5
         assert all(lp <= 0 for lp in r["logprobs"])
         assert r["finish_reason"] == "length"
@@ -60,10 +60,11 @@ def test_attention_kernel(model_dir, monkeypatch):
     original = kernels.latent_attention
     monkeypatch.setattr(kernels, "latent_attention", lambda *a: calls.append(a[1].shape) or original(*a))
     # Two prompts of different lengths: one left-padded batch (each row attends from its first slot on).
-    args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "-f", "json"]
-    plain = _json(runner.invoke(app, args))
-    assert calls == []  # eager steps use BLAS unless asked
-    fast = _json(runner.invoke(app, [*args, "--attention-kernel"]))
+    # Eager steps (--no-compile): the Python wrapper is called at each step (compiled graphs call the operator).
+    args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "-f", "json", "--no-compile"]
+    plain = _json(runner.invoke(app, [*args, "--no-attention-kernel"]))
+    assert calls == []  # BLAS, as asked
+    fast = _json(runner.invoke(app, args))  # the kernel by default
     assert len(calls) == 2 * 5 * 3  # two prompts, 5 steps after the prefill's token, 3 layers
     for a, b in zip(plain["results"], fast["results"], strict=True):
         assert a["token_ids"] == b["token_ids"]

@@ -13,7 +13,7 @@ from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
 from dsv2cli.cli.common import LoadStatus, err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
-from dsv2cli.inference.compiled import CompiledDecoder
+from dsv2cli.inference.compiled import CompiledDecoder, cannot_compile
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
 from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.sampling import SamplingParams
@@ -31,9 +31,8 @@ EPILOG = (
     "  dsv2 generate --input-file prompts.jsonl --format json > results.json\n\n"
     "  echo 'class Stack:' | dsv2 generate -\n\n"
     "  dsv2 generate --interactive --model ./lite-int8\n\n"
-    "  dsv2 generate --compile -n 256 'class Queue:'   # compiled decode steps (needs a C++ compiler)\n\n"
-    "  dsv2 generate --compile --kv-cache-dtype bfloat16 -n 2000 'import'   # half the cache, faster long contexts\n\n"
-    "  dsv2 generate --attention-kernel -n 2000 'import'   # eager steps with the one-pass C++ attention\n\n"
+    "  dsv2 generate --kv-cache-dtype bfloat16 -n 2000 'import'   # half the cache, faster long contexts\n\n"
+    "  dsv2 generate --no-compile 'import'   # eager decode steps (no compiling; slower steps)\n\n"
     "  torchrun --nproc-per-node 2 -m dsv2cli generate -m ./lite-int8 'def quicksort(xs):'\n\n"
     "--model takes a checkpoint directory (HF or dsv2 native layout), a Hugging Face repo id, or 'demo' "
     "(the bundled model, the default). A model that does not fit in memory is refused before loading, with "
@@ -103,16 +102,18 @@ def generate(
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
     compile: bool = typer.Option(
-        False,
-        "--compile",
-        help="Decode one prompt at a time through torch.compile (CPU; needs a C++ compiler; compiling takes "
-        "10-90 s once, then each token is faster). Batches decode eagerly.",
+        None,
+        "--compile/--no-compile",
+        help="Decode steps (one prompt or a batch) through the model's forward compiled by torch.compile. Default: "
+        "on on CPU where a C++ compiler and dsv2's kernels are available (a one-line note says why not otherwise); "
+        "compiling takes 15-60 s the first time per batch shape, seconds from the on-disk cache later.",
+        show_default=False,
     ),
     attention_kernel: bool = typer.Option(
         None,
         "--attention-kernel/--no-attention-kernel",
-        help="Decode steps attend through dsv2's one-pass C++ kernel (CPU; built once per machine, about 10 s; "
-        "needs a C++ compiler). Default: on with --compile, off without.",
+        help="Decode steps attend through dsv2's one-pass C++ kernel (CPU; built once per machine, about 30 s; "
+        "needs a C++ compiler). Default: on where it builds.",
         show_default=False,
     ),
     backend: str = typer.Option(
@@ -134,8 +135,8 @@ def generate(
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
         loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
-        kernel = _attention_kernel(loaded, attention_kernel, compile)
-        decoder = CompiledDecoder(loaded.model, attention_kernel=kernel) if compile else None
+        kernel = _attention_kernel(loaded, attention_kernel)
+        decoder = _decoder(loaded, compile if group is None else False, kernel)
         if shards is not None:
             for line in shards.lines():
                 err.print(f"[dim]{line}[/]", soft_wrap=True)
@@ -162,16 +163,29 @@ def generate(
             _interactive(loaded, options, system, group, decoder)
             return
         requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
-        if decoder is not None and batch_size > 1 and len(requests) > 1:
-            batch_size = 1  # the compiled step serves one row; one prompt at a time is faster than an eager batch
         _run_batches(loaded, requests, options, format, batch_size, decoder)
 
 
-def _attention_kernel(loaded: LoadedModel, asked: bool | None, compile: bool) -> bool:
-    """Whether decode steps attend through the C++ kernel (turned on here for eager steps): as asked, else
-    with ``--compile``. An explicit ``--attention-kernel`` that cannot be honoured is an error, the default
-    falls back to BLAS."""
-    if not (compile if asked is None else asked):
+def _decoder(loaded: LoadedModel, asked: bool | None, attention_kernel: bool) -> CompiledDecoder | None:
+    """Compiled decode steps: as asked, else wherever they can run (a one-line note says why not)."""
+    if asked is False:
+        return None
+    if asked is None:
+        reason = cannot_compile(loaded.model)
+        if reason is not None:
+            err.print(f"[dim]note: decoding eagerly: {reason}[/]", soft_wrap=True)
+            return None
+
+    def compiling():
+        return err.status("compiling the decode step for this batch (the first time 15-60 s; cached on disk after) ...")
+
+    return CompiledDecoder(loaded.model, attention_kernel=attention_kernel, compiling=compiling)
+
+
+def _attention_kernel(loaded: LoadedModel, asked: bool | None) -> bool:
+    """Whether decode steps attend through the C++ kernel: as asked, else wherever it builds. An explicit
+    ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
+    if asked is False:
         return False
     with err.status("attention kernel: loading (the first time on this machine it is built, about 10 s) ..."):
         enabled = use_attention_kernel(loaded.model)

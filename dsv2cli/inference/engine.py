@@ -141,7 +141,7 @@ class _RowText:
 class Generation:
     """A batch being generated: iterate for :class:`TokenEvent` s, then read ``results``.
 
-    With a :class:`CompiledDecoder`, a single prompt decodes through it (batches decode eagerly).
+    With a :class:`CompiledDecoder`, decode steps (of one prompt or of a batch) run through it.
     """
 
     def __init__(
@@ -213,7 +213,7 @@ class Generation:
         for row, r in enumerate(self.requests):
             tokens[row, pad[row] :] = torch.tensor(r.prompt_token_ids)
         capacity = longest + max(self.limits)
-        if self.decoder is not None and rows == 1:
+        if self.decoder is not None:
             capacity = round_capacity(capacity)  # similar lengths share one compiled graph
         cache = model.new_cache(rows, capacity, pad=pad, dtype=options.cache_dtype)
         self.cache_bytes = cache.nbytes()

@@ -128,12 +128,19 @@ class LatentKVCache:
         return (causal[None] & not_pad) | (key == query)[None]
 
     def layer_views(self, new_tokens: int, static: bool = False) -> list[LayerKV]:
-        """Each layer's :class:`LayerKV` for a forward of ``new_tokens`` tokens (checks that they fit)."""
-        self.check_room(new_tokens)
-        end = self.next_slot + new_tokens if static else torch.full_like(self.next_slot, self.length + new_tokens)
+        """Each layer's :class:`LayerKV` for a forward of ``new_tokens`` tokens.
+
+        Dynamic shapes check that the tokens fit; static shapes read no Python state that changes from step
+        to step (the caller checks the room and advances the cache), so one compiled graph serves every step.
+        """
+        if static:
+            end, start = self.next_slot + new_tokens, 0
+        else:
+            self.check_room(new_tokens)
+            end, start = torch.full_like(self.next_slot, self.length + new_tokens), self.length
         bounds = torch.stack((self.pad, end.expand_as(self.pad)), dim=-1)  # [B, 2]
         slots = self._new_slots(new_tokens, static) if static else None
-        return [LayerKV(self.entries[i], self.length, bounds, slots) for i in range(self.entries.shape[0])]
+        return [LayerKV(self.entries[i], start, bounds, slots) for i in range(self.entries.shape[0])]
 
     def check_room(self, new_tokens: int) -> None:
         """Raise unless ``new_tokens`` more slots fit in the capacity."""
@@ -144,6 +151,13 @@ class LatentKVCache:
         """Mark ``new_tokens`` slots as filled (called once per forward, after every layer wrote)."""
         self.length += new_tokens
         self.next_slot.fill_(self.length)
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on (they are written again by the next forward)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+        self.next_slot.fill_(length)
 
     def reset(self, pad: torch.Tensor | list[int] | None = None) -> None:
         self.length = 0

@@ -131,9 +131,25 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32)."""
+        if torch.compiler.is_compiling():
+            return self.gathered(x, expert_ids, weights)
         if x.shape[0] == 1:
             return experts_on_one_token(x, expert_ids, weights, self.one_token)
         return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
+
+    def gathered(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each row's K experts gathered by id (``[N*K, 2I, D]``): no Python integers, so a compiled step has one graph.
+
+        Used while compiling, where the gathers fuse into the products; eagerly it would copy K experts per row.
+        """
+        rows, top_k = expert_ids.shape
+        kept = expert_ids >= 0
+        ids = expert_ids.clamp(min=0).reshape(-1)  # a dropped assignment reads expert 0 with weight 0
+        inputs = x.repeat_interleave(top_k, 0)[:, :, None]  # [N*K, D, 1]
+        gate, up = torch.bmm(self.gate_up_proj[ids], inputs)[..., 0].chunk(2, dim=-1)  # [N*K, I]
+        down = torch.bmm(self.down_proj[ids], (F.silu(gate) * up)[:, :, None])[..., 0]  # [N*K, D]
+        scale = torch.where(kept, cast(weights, torch.float32), 0.0)
+        return (cast(down, torch.float32).view(rows, top_k, -1) * scale[..., None]).sum(1)
 
     def one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
         """x ``[1, D]`` through experts ``ids`` (none dropped), weights ``[1, K]`` -> ``[1, D]`` float32."""

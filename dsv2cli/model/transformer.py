@@ -7,6 +7,8 @@ experts, which are stacked per layer (see ``dsv2cli/checkpoint/hf_keys.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -82,6 +84,7 @@ class DeepseekV2(nn.Module):
         positions: torch.Tensor | None = None,
         last_only: bool = False,
         static_shapes: bool = False,
+        blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``).
 
@@ -89,8 +92,9 @@ class DeepseekV2(nn.Module):
         cache (per row, after its left padding); without one, the tokens form whole causal
         sequences at positions ``0..S-1`` unless ``positions`` says otherwise.
         ``static_shapes``: the cache is read and written at tensor slots over its whole capacity
-        (``dsv2cli/model/cache.py``), so that every decode step has the same shapes; this is how
-        compiled decode steps run (``dsv2cli/inference/compiled.py``).
+        (``dsv2cli/model/cache.py``), so that every decode step has the same shapes; the caller checks the
+        cache's room and advances it. ``blocks``: callables with :meth:`Block.forward`'s arguments run in
+        place of ``self.layers`` (their compiled versions: ``dsv2cli/inference/compiled.py``).
         """
         seq = tokens.shape[1]
         views: list[LayerKV | None] = [None] * len(self.layers)
@@ -105,9 +109,9 @@ class DeepseekV2(nn.Module):
             mask = None
         cos, sin = self.rotary.cos_sin(positions)
         x = self.embed_tokens(tokens)
-        for layer, kv in zip(self.layers, views, strict=True):
-            x = layer(x, cos, sin, mask, kv, attention, routing_hook)
-        if cache is not None:
+        for block, kv in zip(self.layers if blocks is None else blocks, views, strict=True):
+            x = block(x, cos, sin, mask, kv, attention, routing_hook)
+        if cache is not None and not static_shapes:
             cache.advance(seq)
         if last_only:
             x = x[:, -1:]
