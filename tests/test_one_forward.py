@@ -14,7 +14,7 @@ from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.inference.compiled import CompiledDecoder, compiler_available, round_capacity
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
-from dsv2cli.model.quantized import quantize_int8
+from dsv2cli.model.quantized import absorb_int8, quantize_int8
 from tests.helpers import reference_model, save_reference
 
 STEPS = 5
@@ -58,7 +58,7 @@ def _model(checkpoint, weights: str):
     if weights == "bfloat16":
         return fuse_projections(load_hf_checkpoint(checkpoint, dtype=torch.bfloat16))
     model = load_hf_checkpoint(checkpoint)
-    return fuse_projections(quantize_int8(model) if weights == "int8" else model)
+    return absorb_int8(fuse_projections(quantize_int8(model))) if weights == "int8" else fuse_projections(model)
 
 
 def _decode(model, row_tokens: list[torch.Tensor], decoder: CompiledDecoder | None) -> list[torch.Tensor]:

@@ -148,7 +148,9 @@ def test_each_rank_checks_its_own_share_against_memory(checkpoints, monkeypatch)
 def test_generate_under_torchrun_reads_an_int8_checkpoint(checkpoints, tmp_path):
     """The CLI path (each rank as torchrun starts it); native checkpoints used to be refused here."""
     args = ["generate", "-m", str(checkpoints["int8"]), "def add(a, b):", "class", "-n", "8", "--temperature", "0", "-f", "json"]
-    single = CliRunner().invoke(app, args)
+    # Ranks decode eagerly; a single process compiles by default, and compiled kernels may round an activation
+    # to the other side of an int8 step (tests/test_one_forward.py holds both to the reference).
+    single = CliRunner().invoke(app, [*args, "--no-compile"])
     assert single.exit_code == 0, single.output
     ranks = run_cli(2, args, tmp_path)
     assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2]

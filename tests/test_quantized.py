@@ -64,7 +64,7 @@ def bfloat16_cpu(request, monkeypatch):
     return request.param
 
 
-def test_int8_linear_float32_several_tokens(bfloat16_cpu):
+def test_int8_linear_float32_several_tokens(bfloat16_cpu, no_int8_kernel):
     torch.manual_seed(1)
     x, w = torch.randn(quantized.DECODE_ROWS + 1, 32), torch.randn(24, 32)  # more rows than a decode step
     q, scale = quantize_rows(w)
@@ -78,7 +78,7 @@ def test_int8_linear_float32_several_tokens(bfloat16_cpu):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_linear_bfloat16_several_tokens(bfloat16_cpu):
+def test_int8_linear_bfloat16_several_tokens(bfloat16_cpu, no_int8_kernel):
     torch.manual_seed(2)
     x, w = torch.randn(2, 9, 64, dtype=torch.bfloat16), torch.randn(48, 64)  # 18 rows: more than a decode step
     q, scale = quantize_rows(w)
@@ -166,6 +166,18 @@ def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni, no_int8_kernel):
     assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
 
 
+def test_many_rows_without_native_bfloat16_run_int8_too(int8_kernel, bfloat16_cpu):
+    """A prefill: int8 x int8 where bfloat16 products are not native (twice float32's rate on AVX2), else bfloat16 GEMMs."""
+    torch.manual_seed(11)
+    x, w = torch.randn(quantized.DECODE_ROWS + 5, 64), torch.randn(24, 64)
+    q, scale = quantize_rows(w)
+    got = int8_linear(x, q, scale)
+    if bfloat16_cpu:
+        assert torch.equal(got, F.linear(x.bfloat16(), q.bfloat16()).float() * scale)
+    else:
+        assert torch.equal(got, int8_gemv(quantize_activation(x), q, scale))
+
+
 def test_decode_rows_are_exact_int8_products_each_row_as_if_alone(int8_kernel):
     """Up to DECODE_ROWS rows: each row quantized on its own, int8 x int8 with exact int32 sums (``_int_mm``'s numbers)."""
     torch.manual_seed(8)
@@ -208,6 +220,30 @@ def test_int8_experts_of_decode_rows_read_each_expert_by_id(int8_kernel):
         torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6)
     reference = experts(x, ids, weights)
     assert (got - reference).abs().max() <= 0.03 * reference.abs().max()
+
+
+def test_int8_absorbed_products_are_each_heads_int8_product(int8_kernel):
+    """W_UK^T / W_UV of an int8 model's decode rows: each head's rows through its own int8 matrix, close to float."""
+    torch.manual_seed(10)
+    heads, nope, v_dim, rank = 4, 16, 16, 32
+    weight = torch.randn(heads * (nope + v_dim), rank)  # kv_b_proj [H * (N + V), C]
+    absorbed = quantized.Int8Absorbed(weight, heads, nope, v_dim)
+    w = weight.view(heads, nope + v_dim, rank)
+    q_nope, latent = torch.randn(2, 1, heads, nope), torch.randn(2, 1, heads, rank)
+    keys, values = absorbed.absorb_key(q_nope), absorbed.apply_value(latent)
+    assert keys.shape == (2, 1, heads, rank) and values.shape == (2, 1, heads, v_dim)
+    for b in range(2):
+        for h in range(heads):
+            row = q_nope[b, 0, h][None]
+            assert torch.equal(keys[b, 0, h], int8_gemv(quantize_activation(row), absorbed.key[h], absorbed.key_scale[h])[0])
+    for got, expected in (
+        (keys, torch.einsum("bshn,hnc->bshc", q_nope, w[:, :nope])),
+        (values, torch.einsum("bshc,hvc->bshv", latent, w[:, nope:])),
+    ):
+        assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    # A prefill takes them where int8_rows does: on CPUs without native bfloat16 products.
+    prefill = torch.randn(1, quantized.DECODE_ROWS + 1, heads, nope)
+    assert absorbed.serves(q_nope) and absorbed.serves(prefill) == (not quantized.fast_cpu_bfloat16())
 
 
 def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():

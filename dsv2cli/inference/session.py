@@ -18,6 +18,7 @@ from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.resolve import resolve_checkpoint
 
 # Weight files are read ahead only when this much memory (or 5 % of what is available, if more) stays free beside them.
@@ -158,5 +159,5 @@ def load_for_generation(
     fit = check_load(weights, torch_dtype, torch_device, working=working)
     if read_weights and torch_device.type == "cpu":  # the page cache is host memory; a GPU load reads each file once anyway
         read_weights_ahead(weights, fit, progress)
-    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
+    model = absorb_int8(fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True)))
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)

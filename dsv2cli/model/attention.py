@@ -54,6 +54,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.fused_input: FusedLinears | None = None  # set by fuse_projections(): query + kv_a in one matmul
         # Set by use_attention_kernel() once the C++ kernel is loaded: one-token steps attend through it.
         self.attention_kernel = False
+        # Set by quantized.absorb_int8() on int8 models: decode rows' W_UK / W_UV products in int8.
+        self.int8_absorbed = None
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, S, D]`` -> q ``[B, S, H, N + R]`` and the compressed kv ``[B, S, C + R]`` (before norm and rope)."""
@@ -103,15 +105,22 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         w_uk, w_uv = self._kv_b_weights()
         batch, seq, heads, _ = q_nope.shape
-        # Per-head products as one batched matmul over heads (what einsum would do, minus its planning).
-        q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk)  # [H, B*S, C]
-        query = torch.cat((q_latent.transpose(0, 1).unflatten(0, (batch, seq)), q_pe), dim=-1)  # [B, S, H, C + R]
+        int8 = self.int8_absorbed if self.int8_absorbed is not None and self.int8_absorbed.serves(q_nope) else None
+        if int8 is not None:
+            q_latent = int8.absorb_key(q_nope)  # [B, S, H, C]
+        else:  # per-head products as one batched matmul over heads (what einsum would do, minus its planning)
+            q_latent = (
+                torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk).transpose(0, 1).unflatten(0, (batch, seq))
+            )
+        query = torch.cat((q_latent, q_pe), dim=-1)  # [B, S, H, C + R]
         if self.attention_kernel and seq == 1 and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank):
             if bounds is None:  # no cache: the one token attends to itself
                 bounds = torch.tensor([[0, kv.shape[1]]]).expand(batch, 2)
             out_latent = self._attend_kernel(query, kv, bounds)  # [B, 1, H, C]
         else:
             out_latent = _attend_shared(query, kv, kv[..., : self.kv_lora_rank], mask, self.softmax_scale)  # [B, S, H, C]
+        if int8 is not None:
+            return int8.apply_value(out_latent)  # [B, S, H, V]
         out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 

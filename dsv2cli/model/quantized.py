@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli import kernels
+from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts, weighted_experts_of_one_token
 
@@ -39,8 +40,9 @@ from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts, 
 FLOAT_LINEARS = ("kv_b_proj",)
 
 # Up to this many rows (decode steps of a batch, short prompts), CPU products quantize each row to int8 and run
-# int8 x int8 (``dsv2cli/kernels/int8_matmul.cpp``): they read the weight at memory speed. More rows are
-# compute-bound and take floating-point products of the int8 weights.
+# int8 x int8 (``dsv2cli/kernels/int8_matmul.cpp``): they read the weight at memory speed. More rows (a prefill)
+# are compute-bound: they run int8 x int8 too, twice the float32 rate on AVX2, except on CPUs with native
+# bfloat16 products (AVX512-BF16, AMX), whose bfloat16 GEMMs on the int8 values are faster still.
 DECODE_ROWS = 16
 
 
@@ -64,16 +66,18 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
-    One token on CPU (a decode step) takes :func:`int8_row` (int8 x int8 on CPUs with VNNI). Several tokens on a
-    CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after. Otherwise,
-    with bfloat16 activations, torch's int8-weight kernel; with other dtypes the weight is dequantized.
+    On CPU, rows that :func:`int8_rows` picks (decode rows; every row where bfloat16 products are not native) are
+    quantized per row and run int8 x int8 through dsv2's kernel. Otherwise (more rows on a CPU with
+    AVX512-BF16, or where the kernels cannot be built): one token takes :func:`int8_row`; several tokens on
+    a CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after; with
+    bfloat16 activations torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
     DeepSeek-V2 dimension is a multiple of 16, and the native writer aligns int8 weights. ``amax``: the
     token's largest ``|x|`` over a longer row than ``x`` (see :func:`quantize_activation`); only the
-    int8 x int8 path quantizes ``x``.
+    int8 x int8 paths quantize ``x``.
     """
-    if decode_rows(x) and kernels.int8_matmul_supported(q):
+    if int8_rows(x) and kernels.int8_matmul_supported(q):
         rows = x.reshape(-1, x.shape[-1])
         out = kernels.int8_matmul(*quantize_activation(rows, amax), q[None], scale[None])
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
@@ -102,9 +106,12 @@ def fast_cpu_bfloat16() -> bool:
     return bool(probe and probe())
 
 
-def decode_rows(x: torch.Tensor) -> bool:
-    """Whether ``x [..., I]`` is at most :data:`DECODE_ROWS` rows of float activations on CPU (int8 x int8 products)."""
-    return x.device.type == "cpu" and x.numel() <= DECODE_ROWS * x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
+def int8_rows(x: torch.Tensor) -> bool:
+    """Whether the rows of ``x [..., I]`` (float activations on CPU) run int8 x int8: up to :data:`DECODE_ROWS` of
+    them, or any number on CPUs without native bfloat16 products."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return x.numel() <= DECODE_ROWS * x.shape[-1] or not fast_cpu_bfloat16()
 
 
 def is_one_cpu_token(x: torch.Tensor) -> bool:
@@ -237,14 +244,14 @@ class Int8RoutedExperts(nn.Module):
         One token on CPU: quantized once for all K gate_up matmuls, and the K hidden rows quantized
         together (one step per row) for the down matmuls.
         """
-        if decode_rows(x) and kernels.int8_matmul_supported(self.gate_up_proj):
-            return self.decode_rows(x, expert_ids, weights)
+        if int8_rows(x) and kernels.int8_matmul_supported(self.gate_up_proj):
+            return self.int8_rows(x, expert_ids, weights)
         if not is_one_cpu_token(x):
             return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
         return experts_on_one_token(x, expert_ids, weights, self.one_token)
 
-    def decode_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """A few rows ``x [N, D]`` through their K experts each, every product int8 x int8 -> ``[N, D]`` float32.
+    def int8_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Rows ``x [N, D]`` through their K experts each, every product int8 x int8 -> ``[N, D]`` float32.
 
         The experts are read where they lie, picked by id inside the kernel (no Python integers: a compiled
         step runs the same graph whichever experts the rows choose), each read once for all the rows that
@@ -283,6 +290,53 @@ class Int8RoutedExperts(nn.Module):
         return weighted_experts_of_one_token(
             x, ids, weights, lambda i: int8_row(x, self.gate_up_proj[i], self.gate_up_proj_scale[i], token), down
         )
+
+
+class Int8Absorbed:
+    """One MLA layer's absorbed products in int8 for decode rows: W_UK^T ``[H, C, N]`` and W_UV ``[H, V, C]``.
+
+    ``kv_b_proj`` stays float in int8 checkpoints (attention reads its halves per head), yet a decode step
+    reads all of it: 16 x 256 x 512 values per layer of DeepSeek-V2-Lite, as much as its ``o_proj``. These
+    int8 copies with a scale per row (made from the loaded weight, never stored) read a quarter of the float32
+    bytes: each head's rows of ``q_nope`` (and of the attention's latent output) go through their head's
+    matrix, picked by id in dsv2's int8 kernel.
+    """
+
+    def __init__(self, kv_b_weight: torch.Tensor, heads: int, nope_dim: int, v_dim: int) -> None:
+        w = kv_b_weight.detach().view(heads, nope_dim + v_dim, -1)  # [H, N + V, C]
+        self.key, self.key_scale = quantize_rows(w[:, :nope_dim].transpose(1, 2).contiguous())  # [H, C, N], [H, C]
+        self.value, self.value_scale = quantize_rows(w[:, nope_dim:].contiguous())  # [H, V, C], [H, V]
+        self.heads = heads
+
+    def serves(self, x: torch.Tensor) -> bool:
+        """Whether the tokens of ``x [B, S, H, *]`` run int8 x int8 (:func:`int8_rows`)."""
+        return int8_rows(x.flatten(2))
+
+    def _per_head(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [B*S*H, I]: row r is head r % H
+        ids = torch.arange(self.heads, device=x.device).repeat(rows.shape[0] // self.heads)
+        out = kernels.int8_matmul(*quantize_activation(rows), weight, scale, ids)
+        return cast(out, x.dtype).view(*x.shape[:-1], -1)
+
+    def absorb_key(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``q_nope [B, S, H, N]`` -> ``W_UK^T q_nope`` ``[B, S, H, C]``."""
+        return self._per_head(q_nope, self.key, self.key_scale)
+
+    def apply_value(self, latent: torch.Tensor) -> torch.Tensor:
+        """Attention's latent output ``[B, S, H, C]`` -> ``W_UV`` applied per head ``[B, S, H, V]``."""
+        return self._per_head(latent, self.value, self.value_scale)
+
+
+def absorb_int8(model: nn.Module) -> nn.Module:
+    """Give every MLA layer of an int8 ``model`` on CPU its :class:`Int8Absorbed` products (where dsv2's kernel loads); returns it."""
+    for module in model.modules():
+        if (
+            isinstance(module, MultiHeadLatentAttention)
+            and isinstance(module.kv_a_proj_with_mqa, Int8Linear)  # (o_proj is split under tensor parallelism)
+            and kernels.int8_matmul_supported(module.kv_a_proj_with_mqa.weight)
+        ):
+            module.int8_absorbed = Int8Absorbed(module.kv_b_proj.weight, module.num_heads, module.nope_dim, module.v_dim)
+    return model
 
 
 def quantize_int8(model: nn.Module, quantize_head: bool = True) -> nn.Module:

@@ -39,7 +39,7 @@ from dsv2cli.errors import UnsupportedError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.moe import MLP, MoE, RoutedExperts
-from dsv2cli.model.quantized import Int8Linear, Int8RoutedExperts, decode_rows, int8_linear, row_amax
+from dsv2cli.model.quantized import Int8Linear, Int8RoutedExperts, int8_linear, int8_rows, row_amax
 from dsv2cli.parallel.group import ParallelGroup, all_gather_last_dim, all_reduce_sum
 from dsv2cli.parallel.plan import ShardPlan, Split
 
@@ -104,7 +104,7 @@ class RowParallelLinear(nn.Module):
     """A linear layer holding some input columns: ``y = all_reduce(x_local @ W_local^T)``.
 
     Float, or int8 with the whole per-output-row scale (a row's scale multiplies every rank's partial sum
-    alike). Rows that are quantized (decode rows on CPU, :func:`decode_rows`) take the step of the whole row, its
+    alike). Rows that are quantized (on CPU, :func:`int8_rows`) take the step of the whole row, its
     largest ``|x|`` gathered from every rank (one ``[N, W]`` all-gather), so each rank's int8 values are those one process computes
     and the result differs from one process only in the order of the sums. ``reduce=False`` leaves the sum
     to the caller (the shared experts: the MoE's one all-reduce).
@@ -123,7 +123,7 @@ class RowParallelLinear(nn.Module):
             out = F.linear(x, self.weight)
         else:
             amax = None
-            if decode_rows(x):
+            if int8_rows(x):
                 shares = all_gather_last_dim(row_amax(x.reshape(-1, x.shape[-1])), self.group, self.world_size)  # [N, W]
                 amax = shares.amax(dim=-1, keepdim=True)
             out = int8_linear(x, self.weight, self.scale, amax)

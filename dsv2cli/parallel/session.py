@@ -7,6 +7,7 @@ import os
 from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree, from_main_rank
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
@@ -39,7 +40,7 @@ def load_model(
     def load_shard() -> LoadedModel:
         configure_cpu(threads)
         name, directory = resolve_checkpoint(spec)
-        model = fuse_projections(load_sharded(directory, group, torch_dtype))
+        model = absorb_int8(fuse_projections(load_sharded(directory, group, torch_dtype)))
         if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
             raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
         return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype)
