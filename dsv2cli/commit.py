@@ -177,7 +177,7 @@ class Output:
             output.only_if_empty = True
         elif current is not None:
             if not replace:
-                full = " and is not empty" if stat.S_ISDIR(current.mode) else ""
+                full = " and is not empty" if allow_empty and stat.S_ISDIR(current.mode) else ""
                 raise InputError(
                     f"{what} {path} already exists{full}",
                     hint=hint or f"choose another {what}, or pass --overwrite to replace it",

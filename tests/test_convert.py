@@ -440,3 +440,17 @@ def test_demo_converts_to_int8_and_generates(tmp_path):
     assert generated.exit_code == 0, generated.stderr
     record = json.loads(generated.stdout)["results"][0]
     assert len(record["token_ids"]) == 8 and record["text"]
+
+
+def test_an_empty_output_directory_is_used_and_a_full_one_refused(tmp_path):
+    """A directory made for the result (empty) takes it; one holding anything is refused without --overwrite."""
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.mkdir()
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    runner = CliRunner()
+    assert runner.invoke(app, ["convert", "demo", str(empty)]).exit_code == 0
+    assert (empty / "manifest.json").is_file()
+    refused = runner.invoke(app, ["convert", "demo", str(full)])
+    assert refused.exit_code == 1 and "already exists and is not empty" in refused.output
+    assert [p.name for p in full.iterdir()] == ["notes.txt"]

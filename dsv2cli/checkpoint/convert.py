@@ -175,7 +175,7 @@ def convert_checkpoint(
         raise UnsupportedError("int8 weights have no HF layout", hint="use --to native with --quantize int8")
     source_dir = resolve_source(source)
     _check_overlap(output, source_dir)
-    target = Output.claim(output, kind="dir", replace=overwrite)
+    target = Output.claim(output, kind="dir", replace=overwrite, allow_empty=True)
     src = open_source(source_dir)
     if src.quantization:
         raise UnsupportedError(
