@@ -140,7 +140,8 @@ class RoutedExperts(nn.Module):
     def gathered(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each row's K experts gathered by id (``[N*K, 2I, D]``): no Python integers, so a compiled step has one graph.
 
-        Used while compiling, where the gathers fuse into the products; eagerly it would copy K experts per row.
+        Used while compiling (a graph cannot branch on which experts were chosen). The gather copies each row's K
+        experts before the products read them; int8 experts read theirs in place (dsv2's int8 kernel).
         """
         rows, top_k = expert_ids.shape
         kept = expert_ids >= 0
