@@ -187,7 +187,7 @@ def _attention_kernel(loaded: LoadedModel, asked: bool | None) -> bool:
     ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
     if asked is False:
         return False
-    with err.status("attention kernel: loading (the first time on this machine it is built, about 10 s) ..."):
+    with err.status("dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."):
         enabled = use_attention_kernel(loaded.model)
     if enabled:
         return True

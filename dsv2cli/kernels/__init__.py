@@ -5,12 +5,15 @@ single pass (flash-decoding on CPU): each cached entry is read once, scored agai
 accumulated with an online softmax, instead of two BLAS calls that each stream (and pack) the
 whole cache. :func:`load` compiles it with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
 ``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
-first time (about 10 s on 2 cores) and loads it from there afterwards.
-``int8_matmul.cpp`` is the int8 x int8 product of a few quantized rows (decode steps) with int8
-weights, each row through its own matrix of a stack (a layer's routed experts) picked by id; :func:`loaded` says whether
-the operator is registered in this process. Model code calls the operator only where the inference
-layer turned it on and it serves the shapes (:func:`latent_attention_supported`); loading is that
-layer's I/O (``CompiledDecoder``, ``use_attention_kernel``).
+first time (about 10 s on 2 cores) and loads it from there afterwards; :func:`loaded` says whether
+the operators are registered in this process. Model code calls the attention operator only where the
+inference layer turned it on and it serves the shapes (:func:`latent_attention_supported`; loading is
+that layer's I/O: ``CompiledDecoder``, ``use_attention_kernel``).
+
+``int8_matmul.cpp`` is the int8 x int8 product of quantized rows with int8 weights, each row through
+its own matrix of a stack (a layer's routed experts, an MLA layer's heads) picked by id. int8 modules
+call it wherever it serves (:func:`int8_matmul_supported`), which builds or loads the kernels the first
+time it is asked, so that every process of a run chooses the same products.
 """
 
 from __future__ import annotations

@@ -8,18 +8,19 @@ and ``scale = max|W[o, :]| / 127``. Activations stay in floating point.
 
 Like gpt-fast's ``quantize.py`` this is a transform applied to a built model (``quantize_int8``);
 the model files do not know about it. Embeddings, norms and the router stay in floating point,
-and so does ``kv_b_proj``: absorbed attention reads its weight directly as W_UK / W_UV
-(``attention.py``; the compiled decode step, ``decode.py``, reads an int8 copy made at load time). ``lm_head`` is int8 too (it is the largest matrix a decode step reads) unless it
-is tied to the embedding; int8 checkpoints written before it was quantized keep a float head
-(``quantize_head=False``).
+and so does ``kv_b_proj``: absorbed attention reads its weight directly as W_UK / W_UV, except in
+int8 x int8 rows, which read int8 copies made at load time (:func:`absorb_int8`). ``lm_head`` is int8
+too (it is the largest matrix a decode step reads) unless it is tied to the embedding; int8
+checkpoints written before it was quantized keep a float head (``quantize_head=False``).
 
-Decode steps on CPU (one token) quantize the token to int8 and use int8 x int8 dot products
-(:func:`int8_gemv`) on CPUs with VNNI, and torch's int8-weight kernel on the bfloat16 token elsewhere
-(:func:`int8_row`: ten times faster on AVX2); compiled decode steps (``decode.py``) convert the int8 weights inside their own
-reductions instead. Several tokens (a prefill) on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
-int8 values; elsewhere bfloat16 activations use ``torch._weight_int8pack_mm`` and other activation
-dtypes dequantize the weight on the fly, one matrix (or one expert) at a time
-(``benchmarks/bench_convert.py`` and ``benchmarks/bench_vs_llamacpp.py`` measure them).
+On CPU, the rows :func:`int8_rows` picks (decode rows, eager or compiled; every row on CPUs without
+native bfloat16 products) are quantized per row and run int8 x int8 through dsv2's kernel
+(``dsv2cli/kernels/int8_matmul.cpp``). More rows on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
+int8 values. Where the kernels cannot be built, one token takes :func:`int8_row` (int8 x int8 with
+VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere), bfloat16 activations
+``torch._weight_int8pack_mm`` and other activation dtypes dequantize the weight on the fly, one
+matrix (or one expert) at a time (``benchmarks/bench_int8_kernel.py`` and
+``benchmarks/bench_vs_llamacpp.py`` measure them).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
     token's largest ``|x|`` over a longer row than ``x`` (see :func:`quantize_activation`); only the
     int8 x int8 paths quantize ``x``.
     """
-    if int8_rows(x) and kernels.int8_matmul_supported(q):
+    if through_int8_kernel(x, q):
         rows = x.reshape(-1, x.shape[-1])
         out = kernels.int8_matmul(*quantize_activation(rows, amax), q[None], scale[None])
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
@@ -106,17 +107,24 @@ def fast_cpu_bfloat16() -> bool:
     return bool(probe and probe())
 
 
+def _float_on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
 def int8_rows(x: torch.Tensor) -> bool:
     """Whether the rows of ``x [..., I]`` (float activations on CPU) run int8 x int8: up to :data:`DECODE_ROWS` of
     them, or any number on CPUs without native bfloat16 products."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return x.numel() <= DECODE_ROWS * x.shape[-1] or not fast_cpu_bfloat16()
+    return _float_on_cpu(x) and (x.numel() <= DECODE_ROWS * x.shape[-1] or not fast_cpu_bfloat16())
+
+
+def through_int8_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x``'s rows against the int8 ``weight`` run through dsv2's kernel (:func:`int8_rows`, and it takes ``weight``)."""
+    return int8_rows(x) and kernels.int8_matmul_supported(weight)
 
 
 def is_one_cpu_token(x: torch.Tensor) -> bool:
-    """Whether ``x [..., I]`` is a single row of float activations on CPU (the int8 x int8 case)."""
-    return x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
+    """Whether ``x [..., I]`` is a single row of float activations on CPU (the one-token paths without the kernel)."""
+    return _float_on_cpu(x) and x.numel() == x.shape[-1]
 
 
 # 127 as a tensor: arithmetic with a Python float costs an extra cast kernel per call on CPU.
@@ -174,8 +182,8 @@ def int8_row(
     With VNNI, int8 x int8 dot products on the quantized row (:func:`int8_gemv`; ``token()`` quantizes it,
     so a caller can share one quantization between matrices). Without VNNI (AVX2 CPUs), oneDNN's int8
     products read the weight at ~2.6 GB/s on a Zen 2 while torch's int8-weight kernel on the bfloat16 row
-    reads it at ~27 GB/s, the speed of a copy (``benchmarks/notes/2026-12-05-real-scale.md``): that one
-    (bfloat16 activations and outputs, float32 scale rounded to bfloat16: the error of the int8 token).
+    reads it at ~12 GB/s from memory (``benchmarks/notes/2026-12-05-one-forward.md``): that one (bfloat16
+    activations and outputs, float32 scale rounded to bfloat16: the error of the int8 token).
     """
     if int8_dot_products() or not int8pack_ok(q):
         return int8_gemv(token(), q, scale)
@@ -241,10 +249,10 @@ class Int8RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``).
 
-        One token on CPU: quantized once for all K gate_up matmuls, and the K hidden rows quantized
-        together (one step per row) for the down matmuls.
+        Rows that run through dsv2's int8 kernel: :meth:`int8_rows`. Otherwise one token on CPU takes
+        :meth:`one_token` and several tokens run each chosen expert over its tokens.
         """
-        if int8_rows(x) and kernels.int8_matmul_supported(self.gate_up_proj):
+        if through_int8_kernel(x, self.gate_up_proj):
             return self.int8_rows(x, expert_ids, weights)
         if not is_one_cpu_token(x):
             return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
