@@ -16,9 +16,8 @@ from pathlib import Path
 
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.untrusted import check_text, is_int, parse_json
-
-JSONL_SUFFIX = ".jsonl"
+from dsv2cli.text_files import JSONL_SUFFIX, find_files, json_lines, read_text
+from dsv2cli.untrusted import check_text, is_int
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def read_sequences(
     seq_len: int,
     max_tokens: int | None = None,
 ) -> SequenceSet:
-    """Tokenise ``inputs`` (files or directories) into sequences of at most ``seq_len`` tokens."""
+    """Tokenise ``inputs`` (files, directories or globs) into sequences of at most ``seq_len`` tokens."""
     if seq_len < 1:
         raise InputError(f"--seq-len must be at least 1, got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
@@ -61,24 +60,23 @@ def read_sequences(
         raise InputError("no input given", hint="pass text files, directories or .jsonl files")
     collector = _Collector(seq_len, max_tokens)
     skipped = 0
-    for path in inputs:
-        for file, named in _files(path):
-            if collector.full:
-                collector.truncated = True
-                break
-            text = _read_text(file, named)
-            if text is None:
-                skipped += 1
-                continue
-            if not text.strip():
-                if named:
-                    raise InputError(f"input file {file} is empty", hint="pass a file with text in it")
-                continue
-            if file.suffix == JSONL_SUFFIX:
-                for number, ids in _jsonl_records(file, text, tokenizer):
-                    collector.add(ids, f"{file}:{number}", file, vocab_size)
-            else:
-                collector.add(_encode(tokenizer, text, str(file)), str(file), file, vocab_size)
+    for file in find_files(inputs):
+        if collector.full:
+            collector.truncated = True
+            break
+        text = read_text(file)
+        if text is None:
+            skipped += 1
+            continue
+        if not text.strip():
+            if file.named:
+                raise InputError(f"input file {file.path} is empty", hint="pass a file with text in it")
+            continue
+        if file.path.suffix == JSONL_SUFFIX:
+            for number, ids in _jsonl_records(file.path, text, tokenizer):
+                collector.add(ids, f"{file.path}:{number}", file.path, vocab_size)
+        else:
+            collector.add(_encode(tokenizer, text, str(file.path)), str(file.path), file.path, vocab_size)
     if not collector.sequences:
         raise InputError(f"no text found in {', '.join(map(str, inputs))}", hint="pass UTF-8 text files or .jsonl files")
     return SequenceSet(collector.sequences, len(collector.files), skipped, collector.truncated)
@@ -112,33 +110,6 @@ class _Collector:
             self.files.add(file)
 
 
-def _files(path: Path) -> list[tuple[Path, bool]]:
-    """``(file, named)`` pairs: a named file, or the non-hidden files under a directory in sorted order."""
-    if path.is_file():
-        return [(path, True)]
-    if path.is_dir():
-        found = sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        return [(p, False) for p in found]
-    raise InputError(f"input {path} not found")
-
-
-def _read_text(file: Path, named: bool) -> str | None:
-    """UTF-8 text of ``file``; binary files under a directory are skipped (None), a named one is an error."""
-    try:
-        data = file.read_bytes()
-        if b"\x00" in data:
-            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if named:
-            raise InputError(f"input file {file} is not UTF-8 text") from None
-        return None
-    except OSError as exc:
-        raise InputError(f"cannot read {file}: {exc.strerror}") from None
-
-
 def _encode(tokenizer: TextTokenizer | None, text: str, source: str) -> list[int]:
     if tokenizer is None:
         raise InputError(
@@ -151,14 +122,12 @@ def _encode(tokenizer: TextTokenizer | None, text: str, source: str) -> list[int
 def _jsonl_records(file: Path, text: str, tokenizer: TextTokenizer | None) -> list[tuple[int, list[int]]]:
     """``(line number, token ids)`` of every non-blank line holding ``text`` or ``prompt_token_ids``."""
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    expected = "an object with exactly one of 'text' or 'prompt_token_ids'"
+    for number, record in json_lines(text, file, expected):
         where = f"{file}:{number}"
-        record = parse_json(line, where)
-        keys = [k for k in ("text", "prompt_token_ids") if isinstance(record, dict) and k in record]
+        keys = [k for k in ("text", "prompt_token_ids") if k in record]
         if len(keys) != 1:
-            raise InputError(f"{where}: each line must be an object with exactly one of 'text' or 'prompt_token_ids'")
+            raise InputError(f"{where}: each line must be {expected}")
         value = record[keys[0]]
         if keys[0] == "text":
             if not isinstance(value, str) or not value.strip():

@@ -9,7 +9,8 @@ from dsv2cli.errors import InputError
 from dsv2cli.inference.chat import DEEPSEEK_V2_TEMPLATE, render_chat, validate_messages
 from dsv2cli.inference.engine import GenerationRequest
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.untrusted import check_text, is_int, parse_json
+from dsv2cli.text_files import JSONL_SUFFIX, FoundFile, json_lines, read_text
+from dsv2cli.untrusted import check_text, is_int
 
 
 @dataclass(frozen=True)
@@ -32,22 +33,19 @@ def parse_token_ids(value: str) -> list[int]:
     return ids
 
 
-def _json_line(line: str, number: int, path: Path) -> PromptInput:
-    record = parse_json(line, f"{path}:{number}")
-    if not isinstance(record, dict):
-        raise InputError(f"{path}:{number}: each JSON line must be an object")
+def _prompt_of(record: dict, where: str) -> PromptInput:
     keys = [k for k in ("prompt", "messages", "prompt_token_ids") if k in record]
     if len(keys) != 1:
-        raise InputError(f"{path}:{number}: needs exactly one of 'prompt', 'messages' or 'prompt_token_ids'")
+        raise InputError(f"{where}: needs exactly one of 'prompt', 'messages' or 'prompt_token_ids'")
     if keys[0] == "prompt":
         if not isinstance(record["prompt"], str):
-            raise InputError(f"{path}:{number}: 'prompt' must be a string")
+            raise InputError(f"{where}: 'prompt' must be a string")
         return PromptInput(text=record["prompt"])
     if keys[0] == "messages":
         return PromptInput(messages=validate_messages(record["messages"]))
     ids = record["prompt_token_ids"]
     if not isinstance(ids, list) or not ids or not all(is_int(i) and 0 <= i < 1 << 31 for i in ids):
-        raise InputError(f"{path}:{number}: 'prompt_token_ids' must be a non-empty list of integers")
+        raise InputError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers")
     return PromptInput(token_ids=ids)
 
 
@@ -55,16 +53,12 @@ def read_input_file(path: Path) -> list[PromptInput]:
     """One prompt per line, or JSON lines (``.jsonl`` files, or files whose lines all start with ``{``)."""
     if not path.is_file():
         raise InputError(f"input file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"input file {path} is not UTF-8 text") from exc
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    text = read_text(FoundFile(path, named=True)) or ""
+    numbered = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not numbered:
         raise InputError(f"input file {path} has no prompts", hint="write one prompt per line, or JSON lines")
-    as_json = path.suffix == ".jsonl" or all(line.lstrip().startswith("{") for _, line in numbered)
-    if as_json:
-        return [_json_line(line, n, path) for n, line in numbered]
+    if path.suffix == JSONL_SUFFIX or all(line.lstrip().startswith("{") for _, line in numbered):
+        return [_prompt_of(record, f"{path}:{n}") for n, record in json_lines(text, path)]
     return [PromptInput(text=line) for _, line in numbered]
 
 
@@ -77,7 +71,7 @@ def to_requests(
     """Token ids for every prompt; ``chat`` wraps plain text as a user message (after ``system``)."""
     requests = []
     if system is not None:
-        check_text(system, "--system")
+        check_text(system, "`system`")
     for index, item in enumerate(inputs):
         for text in [item.text or "", *(m["content"] for m in item.messages or [])]:
             check_text(text, f"prompt {index + 1}")
@@ -87,7 +81,7 @@ def to_requests(
         if tokenizer is None:
             raise InputError(
                 "this checkpoint has no tokenizer.json, so prompts must be token ids",
-                hint='use --token-ids "1,2,3" or JSON lines with "prompt_token_ids"',
+                hint='use `token_ids="1,2,3"` or JSON lines with "prompt_token_ids"',
             )
         messages = item.messages
         if messages is None and chat:

@@ -6,8 +6,6 @@ run sees exactly the batches the uninterrupted run would have seen without stori
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import hashlib
 import random
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dsv2cli.errors import InputError
+from dsv2cli.text_files import find_files, read_text
 
 
 @dataclass(frozen=True)
@@ -41,50 +40,18 @@ class CorpusSplit:
         return digest.hexdigest()[:16]
 
 
-def find_text_files(inputs: list[str], include: list[str] | None = None, exclude: list[str] | None = None) -> list[Path]:
-    """Files named by ``inputs`` (files, directories walked recursively, or globs), filtered by fnmatch patterns.
-
-    ``include`` patterns apply to files found inside directories or globs (a file named directly is
-    always taken); ``exclude`` patterns apply to every path.
-    """
-    found: dict[Path, None] = {}
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_file():
-            candidates, named = [path], True
-        elif path.is_dir():
-            candidates, named = sorted(p for p in path.rglob("*") if p.is_file()), False
-        else:
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                raise InputError(f"no such file, directory or glob match: {item}")
-            candidates, named = [], False
-            for m in map(Path, matches):
-                candidates.extend([m] if m.is_file() else sorted(p for p in m.rglob("*") if p.is_file()))
-        for p in candidates:
-            posix = p.as_posix()
-            if not named and include and not any(fnmatch.fnmatch(posix, pat) or fnmatch.fnmatch(p.name, pat) for pat in include):
-                continue
-            if exclude and any(fnmatch.fnmatch(posix, pat) for pat in exclude):
-                continue
-            found[p] = None
-    return list(found)
-
-
-def read_text_files(paths: list[Path]) -> tuple[list[TextFile], int]:
-    """UTF-8 text of each file; binary or undecodable files are skipped and counted."""
+def read_text_files(
+    inputs: list[str], include: list[str] | None = None, exclude: list[str] | None = None
+) -> tuple[list[TextFile], int]:
+    """The non-empty UTF-8 files ``inputs`` name (see :func:`dsv2cli.text_files.find_files`); binary files are
+    skipped and counted."""
     files, skipped = [], 0
-    for p in paths:
-        try:
-            data = p.read_bytes()
-            if b"\x00" in data:
-                raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-            text = data.decode("utf-8")
-        except (UnicodeDecodeError, OSError):
+    for found in find_files(inputs, include, exclude):
+        text = read_text(found)
+        if text is None:
             skipped += 1
-            continue
-        if text.strip():
-            files.append(TextFile(p, text))
+        elif text.strip():
+            files.append(TextFile(found.path, text))
     return files, skipped
 
 
@@ -94,8 +61,7 @@ def load_corpus(
     """Read the text files and hold out ``held_out_fraction`` of them (at least one) for evaluation."""
     if not 0.0 < held_out_fraction < 1.0:
         raise InputError(f"--held-out must be between 0 and 1 (exclusive), got {held_out_fraction}")
-    paths = find_text_files(inputs, include, exclude)
-    files, skipped = read_text_files(paths)
+    files, skipped = read_text_files(inputs, include, exclude)
     if len(files) < 2:
         raise InputError(
             f"found {len(files)} usable text file(s) in {', '.join(inputs)} (need at least 2: one to train on, one held out)",
