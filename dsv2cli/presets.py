@@ -148,6 +148,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Baselines for cache comparisons (``cache-report --baseline``): models with plain (grouped-query) attention,
+# as the Llama-style ``config.json`` fields a cache size depends on; not DeepSeek-V2 models, so not in PRESETS.
+# DeepSeek 67B: DeepSeek LLM report and its HF config (spec §10).
+BASELINE_PRESETS: dict[str, dict[str, int]] = {
+    "deepseek-67b": {"num_hidden_layers": 95, "hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 

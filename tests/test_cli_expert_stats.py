@@ -168,7 +168,7 @@ def test_bundled_sample_is_the_default_input(model_dir, tmp_path, monkeypatch):
         (demo / item.name).write_bytes(item.read_bytes())
     (demo / "sample.txt").write_text(TEXT)
     monkeypatch.setattr(expert_stats_cli, "bundled_model_dir", lambda: demo)
-    monkeypatch.setattr("dsv2cli.resolve.bundled_model_dir", lambda: demo)
+    monkeypatch.setattr("dsv2cli.checkpoint.resolve.bundled_model_dir", lambda: demo)
     doc = _json(runner.invoke(app, ["expert-stats", "-f", "json", "--threads", "1"]))
     assert doc["model"] == "demo" and doc["tokens"] == len(TextTokenizer.from_directory(demo).encode(TEXT))
 

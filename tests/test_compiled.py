@@ -167,7 +167,7 @@ def test_compiled_int8_decode_keeps_the_stated_log_likelihood_change(demo_int8):
     from dsv2cli.checkpoint.loader import load_checkpoint
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.resolve import bundled_model_dir
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])
@@ -189,7 +189,7 @@ def test_a_bfloat16_cache_keeps_the_stated_log_likelihood_change():
     """
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.resolve import bundled_model_dir
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])

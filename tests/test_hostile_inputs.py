@@ -327,11 +327,11 @@ def test_chat_templates_are_bounded(template, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"temperature": float("nan")}, "--temperature"),
-        ({"temperature": 1e-45}, "--temperature"),
-        ({"repetition_penalty": float("nan")}, "--repetition-penalty"),
-        ({"top_p": float("inf")}, "--top-p"),
-        ({"seed": 10**24}, "--seed"),
+        ({"temperature": float("nan")}, "`temperature`"),
+        ({"temperature": 1e-45}, "`temperature`"),
+        ({"repetition_penalty": float("nan")}, "`repetition_penalty`"),
+        ({"top_p": float("inf")}, "`top_p`"),
+        ({"seed": 10**24}, "`seed`"),
     ],
 )
 def test_sampling_options_are_checked(options, message):

@@ -13,7 +13,7 @@ from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.checkpoint.verify import verify_checkpoint
 from dsv2cli.cli.main import app
 from dsv2cli.errors import CheckpointError
-from dsv2cli.resolve import resolve_config
+from dsv2cli.checkpoint.resolve import resolve_config
 from tests.helpers import reference_model, save_reference
 from tests.hub_server import FakeHub, Repo
 

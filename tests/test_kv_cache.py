@@ -5,17 +5,8 @@ import math
 
 import pytest
 
-from dsv2cli.analysis.kv_cache import (
-    AttentionShape,
-    Scheme,
-    build_cache_report,
-    cache_row,
-    parse_memory,
-    parse_schemes,
-    parse_tokens,
-    precision,
-    resolve_baseline,
-)
+from dsv2cli.analysis.kv_cache import AttentionShape, Scheme, cache_row, parse_memory, parse_schemes, parse_tokens, precision
+from dsv2cli.analysis.kv_report import build_cache_report, resolve_baseline
 from dsv2cli.analysis.params import count_params
 from dsv2cli.errors import ConfigError, InputError
 from dsv2cli.presets import preset_config

@@ -315,7 +315,7 @@ def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_cha
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
     from dsv2cli.model.fusion import fuse_projections
-    from dsv2cli.resolve import bundled_model_dir
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     assert demo is not None
@@ -333,7 +333,7 @@ def test_int8_prefill_on_the_demo_stays_within_the_stated_log_likelihood_change(
     """docs/performance.md states the int8 prefill's cost on the demo: -0.0004 nats, 99.4 % top-1 with bfloat16 GEMMs."""
     from dsv2cli.inference.tokenizer import TextTokenizer
     from dsv2cli.model.fusion import fuse_projections
-    from dsv2cli.resolve import bundled_model_dir
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:256]])

@@ -449,37 +449,37 @@ def _check_options(
 ) -> tuple[Placement, int]:
     """Validate everything before the model runs; returns the placement and M."""
     if options.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {options.batch_size}")
+        raise InputError(f"`batch_size` must be at least 1, got {options.batch_size}")
     if options.batch_tokens is not None and options.batch_tokens < 1:
-        raise InputError(f"--batch-tokens must be at least 1, got {options.batch_tokens}")
+        raise InputError(f"`batch_tokens` must be at least 1, got {options.batch_tokens}")
     if not options.capacity_factors:
-        raise InputError("give at least one --capacity-factor")
+        raise InputError("give at least one `capacity_factors`")
     for factor in (*options.capacity_factors, *([] if options.apply_drop is None else [options.apply_drop])):
         if not (factor > 0 and math.isfinite(factor)):
             raise InputError(
                 f"capacity factor {factor} must be a positive number", hint="1.0 = the average load per expert or device"
             )
     if options.drop_order not in DROP_ORDERS:
-        raise InputError(f"unknown --drop-order {options.drop_order!r}", hint=f"choose {' or '.join(DROP_ORDERS)}")
+        raise InputError(f"unknown `drop_order` {options.drop_order!r}", hint=f"choose {' or '.join(DROP_ORDERS)}")
     if options.apply_policy not in DROP_POLICIES:
         raise InputError(f"unknown drop policy {options.apply_policy!r}", hint=f"choose {' or '.join(DROP_POLICIES)}")
     if options.top_tokens < 0:
-        raise InputError(f"--top-tokens must be 0 or more, got {options.top_tokens}")
+        raise InputError(f"`top_tokens` must be 0 or more, got {options.top_tokens}")
     if options.plan_devices is not None:
         if options.plan_devices < 1 or options.redundant < 0:
-            raise InputError("--plan-devices must be at least 1 and --redundant 0 or more")
+            raise InputError("`plan_devices` must be at least 1 and `redundant` 0 or more")
         if (num_experts + options.redundant) % options.plan_devices:
             raise InputError(
                 f"{num_experts} experts + {options.redundant} replicas cannot be spread evenly over {options.plan_devices} devices",
-                hint="experts + --redundant must be a multiple of --plan-devices",
+                hint="experts + `redundant` must be a multiple of `plan_devices`",
             )
     elif options.redundant:
-        raise InputError("--redundant needs --plan-devices")
+        raise InputError("`redundant` needs `plan_devices`")
     if options.devices is not None and not 1 <= options.devices <= num_experts:
-        raise InputError(f"--devices must be between 1 and the {num_experts} routed experts, got {options.devices}")
+        raise InputError(f"`devices` must be between 1 and the {num_experts} routed experts, got {options.devices}")
     if options.placement_file is not None:
         if options.devices is not None:
-            raise InputError("give either --devices or --placement, not both")
+            raise InputError("give either `devices` or `placement_file`, not both")
         placement = read_placement(options.placement_file, num_experts, moe_layers)
     else:
         placement = contiguous_placement(num_experts, options.devices or default_devices(n_group, num_experts))
@@ -487,7 +487,7 @@ def _check_options(
     if options.max_devices is not None:
         max_devices = options.max_devices
         if not 1 <= max_devices <= devices:
-            raise InputError(f"--max-devices must be between 1 and the {devices} devices, got {max_devices}")
+            raise InputError(f"`max_devices` must be between 1 and the {devices} devices, got {max_devices}")
     elif topk_method == "group_limited_greedy" and n_group == devices and placement.source == "contiguous":
         max_devices = topk_group  # device-limited routing: each token reaches at most topk_group groups
     else:
@@ -566,7 +566,7 @@ def _apply_drop(
     assert dropped is not None
     base_loss, predicted = base
     if predicted == 0:
-        raise InputError("--apply-drop needs sequences of at least 2 tokens to measure a next-token loss")
+        raise InputError("`apply_drop` needs sequences of at least 2 tokens to measure a next-token loss")
     return ApplyDropResult(
         policy=options.apply_policy,
         capacity_factor=options.apply_drop,

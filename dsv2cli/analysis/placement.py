@@ -96,7 +96,7 @@ def _check_layout(devices: Any, num_experts: int, where: str) -> Layout:
     if sorted(flat) != list(range(num_experts)):
         raise InputError(
             f"{where}: every expert must be on exactly one device ({len(flat)} entries for {num_experts} experts)",
-            hint="replicated experts can be planned with --plan-devices --redundant but not used as --placement",
+            hint="replicated experts can be planned with `plan_devices` and `redundant` but not used as `placement_file`",
         )
     if len({len(g) for g in devices}) != 1:
         raise InputError(f"{where}: every device must hold the same number of experts ({num_experts} / {len(devices)})")
@@ -136,7 +136,7 @@ def plan_layout(counts: torch.Tensor, num_devices: int, redundant: int = 0) -> L
     if num_devices < 1 or redundant < 0 or physical % num_devices:
         raise InputError(
             f"{num_experts} experts + {redundant} replicas cannot fill {num_devices} devices equally",
-            hint="choose --plan-devices and --redundant so that experts + replicas is a multiple of the devices",
+            hint="choose `plan_devices` and `redundant` so that experts + replicas is a multiple of the devices",
         )
     load = counts.double()
     replicas = torch.ones(num_experts, dtype=torch.float64)

@@ -39,6 +39,7 @@ from dsv2cli.checkpoint.native import (
 )
 from dsv2cli.checkpoint.plan import Begin, End, OutputFile, Read, Step, WriteScales, plan_hf, plan_native, steps
 from dsv2cli.checkpoint.probe import ProbeReport, probe_quality, require_probe_memory
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.checkpoint.writer import (
     FileWriterThread,
@@ -125,26 +126,6 @@ def _return_large_blocks_to_the_os() -> None:
         pass
 
 
-def resolve_source(spec: str) -> Path:
-    """SOURCE as typed: a directory, ``demo`` (the bundled model), or a Hub repo id fetched through the HF cache."""
-    from dsv2cli.resolve import DEMO_NAME, bundled_model_dir, looks_like_repo_id
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    demo = bundled_model_dir()
-    if spec == DEMO_NAME and demo is not None:
-        return demo
-    if looks_like_repo_id(spec):
-        from dsv2cli.checkpoint.hub import fetch_checkpoint, hub_offline
-
-        return fetch_checkpoint(spec, download=not hub_offline())
-    raise InputError(
-        f"SOURCE '{spec}' is not a checkpoint directory, 'demo' or a Hugging Face repo id (owner/name)",
-        hint="pass a directory with config.json and *.safetensors, or owner/name",
-    )
-
-
 def _check_overlap(output: Path, source: Path) -> None:
     out, src = output.resolve(), source.resolve()
     if out == src or src in out.parents or out in src.parents:
@@ -173,7 +154,7 @@ def convert_checkpoint(
         raise InputError(f"unknown quantization '{quantize}'", hint=f"choose one of {', '.join(QUANTIZATIONS)}")
     if quantize and to == "hf":
         raise UnsupportedError("int8 weights have no HF layout", hint="use --to native with --quantize int8")
-    source_dir = resolve_source(source)
+    source_dir = resolve_checkpoint(source, what="source")[1]
     _check_overlap(output, source_dir)
     target = Output.claim(output, kind="dir", replace=overwrite, allow_empty=True)
     src = open_source(source_dir)

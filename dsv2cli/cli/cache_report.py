@@ -13,24 +13,15 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from dsv2cli.analysis.kv_cache import (
-    BASELINE_PRESETS,
-    DEFAULT_CONTEXTS,
-    CacheReport,
-    CacheRow,
-    build_cache_report,
-    parse_memory,
-    parse_schemes,
-    parse_tokens,
-    precision,
-    resolve_baseline,
-)
+from dsv2cli.analysis.kv_cache import DEFAULT_CONTEXTS, CacheRow, parse_memory, parse_schemes, parse_tokens, precision
+from dsv2cli.analysis.kv_report import CacheReport, build_cache_report, resolve_baseline
+from dsv2cli.checkpoint.resolve import ResolvedConfig, resolve_config
 from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out, pyplot_for
 from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
 from dsv2cli.parallel import ParallelGroup, distributed_run, load_sharded, parallelize
 from dsv2cli.parallel.group import gather_objects
-from dsv2cli.resolve import ResolvedConfig, resolve_config
+from dsv2cli.presets import BASELINE_PRESETS
 
 EPILOG = (
     "Examples:\n\n"

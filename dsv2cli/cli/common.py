@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from dsv2cli.errors import DSV2Error, InputError, UnsupportedError
+from dsv2cli.errors import FIELD, DSV2Error, InputError, UnsupportedError
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -33,6 +34,38 @@ def emit_json(document: Any) -> None:
     """Exactly one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
     sys.stdout.flush()
+
+
+# Fields whose flag is not ``--`` plus the field's name with dashes.
+FIELD_FLAGS = {
+    "cache_dtype": "--kv-cache-dtype",
+    "capacity_factors": "--capacity-factor",
+    "placement_file": "--placement",
+}
+
+
+def flag_for(field: str) -> str:
+    """The command-line flag of a core parameter: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return FIELD_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def flag_text(text: str) -> str:
+    """A core error's text as a command-line user reads it: each `field` becomes its flag.
+
+    "`top_p` must be in (0, 1]" -> "--top-p must be in (0, 1]"; "`compile=False`" -> "--no-compile";
+    "`device=cpu`" -> "--device cpu" (see :mod:`dsv2cli.errors`).
+    """
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        option = flag_for(name)
+        if value is None or value == "True":
+            return option
+        if value == "False":
+            return "--no-" + option.removeprefix("--")
+        return f"{option} {value}"
+
+    return FIELD.sub(flag, text)
 
 
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
@@ -53,7 +86,7 @@ def handle_errors(func: F) -> F:
         except DSV2Error as exc:
             if os.environ.get("DSV2_DEBUG") == "1":
                 raise
-            raise fail(exc.message, exc.hint) from None
+            raise fail(flag_text(exc.message), flag_text(exc.hint) if exc.hint else None) from None
         except UnicodeDecodeError as exc:  # text read from stdin or a file that is not UTF-8
             if os.environ.get("DSV2_DEBUG") == "1":
                 raise

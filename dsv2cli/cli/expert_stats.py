@@ -31,7 +31,7 @@ from dsv2cli.errors import InputError
 from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
 from dsv2cli.parallel.session import load_model
-from dsv2cli.resolve import DEMO_NAME, bundled_model_dir
+from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
 
 EPILOG = (
     "Examples:\n\n"

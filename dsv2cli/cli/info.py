@@ -8,7 +8,7 @@ from rich.table import Table
 from dsv2cli.analysis.model_info import ModelInfo, describe_model
 from dsv2cli.cli.common import TextOrJson, emit_json, handle_errors, human_bytes, human_count, out
 from dsv2cli.parallel.memory import USABLE_SHARE, FitRow, fit_table
-from dsv2cli.resolve import resolve_config
+from dsv2cli.checkpoint.resolve import resolve_config
 
 EPILOG = (
     "Examples:\n\n"

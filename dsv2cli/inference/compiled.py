@@ -77,7 +77,7 @@ class CompiledDecoder:
         """``compiling``: a context entered while a cache shape compiles (the CLI shows a status line in it)."""
         reason = cannot_compile(model)
         if reason is not None:
-            raise InputError(f"cannot compile decode steps: {reason}", hint="decode eagerly (--no-compile)")
+            raise InputError(f"cannot compile decode steps: {reason}", hint="decode eagerly (`compile=False`)")
         self.model = model
         self.attention_kernel = attention_kernel
         self.compiling = compiling

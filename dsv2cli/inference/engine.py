@@ -169,10 +169,10 @@ class Generation:
                     f"prompt {r.index + 1} has token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {bad[:5]}"
                 )
         if options.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
+            raise InputError(f"`max_new_tokens` must be at least 1, got {options.max_new_tokens}")
         if tokenizer is None and options.stop:
             raise InputError(
-                "stop strings need a tokenizer, and this checkpoint has none", hint="use token-id prompts without --stop"
+                "stop strings need a tokenizer, and this checkpoint has none", hint="use token-id prompts without `stop`"
             )
         self.model = model
         self.requests = requests

@@ -30,25 +30,25 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+                raise InputError(f"`{name}` must be a finite number, got {value}")
         if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
             raise InputError(
-                f"--temperature must be 0 or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {self.temperature}",
+                f"`temperature` must be 0 or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {self.temperature}",
                 hint="use 0 for greedy decoding",
             )
         if not 0 < self.top_p <= 1:
-            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"`top_p` must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise InputError(f"--top-k must be >= 0, got {self.top_k}", hint="0 turns it off")
+            raise InputError(f"`top_k` must be >= 0, got {self.top_k}", hint="0 turns it off")
         if not 0 <= self.min_p < 1:
-            raise InputError(f"--min-p must be in [0, 1), got {self.min_p}")
+            raise InputError(f"`min_p` must be in [0, 1), got {self.min_p}")
         if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:
             raise InputError(
-                f"--repetition-penalty must be between {MIN_PENALTY} and {MAX_PENALTY:g}, got {self.repetition_penalty}",
+                f"`repetition_penalty` must be between {MIN_PENALTY} and {MAX_PENALTY:g}, got {self.repetition_penalty}",
                 hint="1.0 turns it off",
             )
         if self.seed is not None and not 0 <= self.seed < 1 << 63:
-            raise InputError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+            raise InputError(f"`seed` must be between 0 and 2**63 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -19,7 +19,7 @@ from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.model.quantized import absorb_int8
-from dsv2cli.resolve import resolve_checkpoint
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
 
 # Weight files are read ahead only when this much memory (or 5 % of what is available, if more) stays free beside them.
 READ_AHEAD_SPARE = 10**9
@@ -47,7 +47,7 @@ def choose_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise InputError(f"unknown device '{name}'", hint="choose cpu, cuda or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
+        raise InputError("`device=cuda` was asked for but no CUDA device is available", hint="use `device=cpu`")
     return torch.device(name)
 
 
@@ -81,7 +81,7 @@ def configure_cpu(threads: int | None) -> None:
     """
     if threads is not None:
         if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
+            raise InputError(f"`threads` must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
 

@@ -95,7 +95,7 @@ def choose_device(name: str, local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         if name == "auto":
             return torch.device("cpu")
-        raise InputError(f"--device {name} was asked for but no CUDA device is available", hint="use --device cpu")
+        raise InputError(f"`device={name}` was asked for but no CUDA device is available", hint="use `device=cpu`")
     if name.startswith("cuda:"):
         return torch.device(name)
     if local_rank >= torch.cuda.device_count():  # one rank's problem, so not an InputError (see launch.py)
@@ -115,7 +115,7 @@ def choose_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         requested = "nccl" if device.type == "cuda" else "gloo"
     if requested == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
-        raise InputError("the nccl backend needs CUDA devices and a CUDA build of torch", hint="use --backend gloo on CPU")
+        raise InputError("the nccl backend needs CUDA devices and a CUDA build of torch", hint="use `backend=gloo` on CPU")
     return requested
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -40,13 +40,13 @@ from dsv2cli.parallel.group import (
 )
 
 
-def _say(stream: TextIO, message: str, hint: str | None = None) -> None:
-    lines = f"Error: {message}\n" + (f"Hint: {hint}\n" if hint else "")
+def _say(stream: TextIO, message: str, hint: str | None, render: Callable[[str], str]) -> None:
+    lines = f"Error: {render(message)}\n" + (f"Hint: {render(hint)}\n" if hint else "")
     stream.write(lines)
     stream.flush()
 
 
-def _report(exc: BaseException, rank: int, stream: TextIO) -> int:
+def _report(exc: BaseException, rank: int, stream: TextIO, render: Callable[[str], str]) -> int:
     """Print what this rank should say about ``exc``; returns the exit status."""
     if isinstance(exc, KeyboardInterrupt):
         if rank == 0:
@@ -54,19 +54,24 @@ def _report(exc: BaseException, rank: int, stream: TextIO) -> int:
         return 130
     if isinstance(exc, CollectiveFailure | LostContact | InputError):
         if rank == 0:
-            _say(stream, exc.message, exc.hint)
+            _say(stream, exc.message, exc.hint, render)
         return 1
     if isinstance(exc, DSV2Error):
-        _say(stream, f"rank {rank}: {exc.message}", exc.hint)
+        _say(stream, f"rank {rank}: {exc.message}", exc.hint, render)
         return 1
-    _say(stream, f"rank {rank}: unexpected {type(exc).__name__}: {exc}", "this is a bug; the traceback follows")
+    _say(stream, f"rank {rank}: unexpected {type(exc).__name__}: {exc}", "this is a bug; the traceback follows", str)
     traceback.print_exception(exc, file=stream)
     return 1
 
 
 @contextmanager
-def distributed_run(device: str = "auto", backend: str = "auto") -> Iterator[ParallelGroup | None]:
-    """This rank's group under torchrun (None otherwise); failures leave as ``SystemExit`` after being reported."""
+def distributed_run(
+    device: str = "auto", backend: str = "auto", render: Callable[[str], str] = str
+) -> Iterator[ParallelGroup | None]:
+    """This rank's group under torchrun (None otherwise); failures leave as ``SystemExit`` after being reported.
+
+    ``render`` turns an error's text into what the user reads (the CLI shows each `field` as its flag).
+    """
     if not launched_by_torchrun():
         yield None
         return
@@ -81,7 +86,7 @@ def distributed_run(device: str = "auto", backend: str = "auto") -> Iterator[Par
     except BaseException as exc:
         if hasattr(exc, "exit_code") or isinstance(exc, SystemExit):  # click/typer exits pass through
             raise
-        status = _report(exc, rank, real_stderr)
+        status = _report(exc, rank, real_stderr, render)
         if isinstance(exc, CollectiveFailure):
             _barrier()
         if os.environ.get("DSV2_DEBUG") == "1":

@@ -11,7 +11,7 @@ from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree, from_main_rank
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
-from dsv2cli.resolve import resolve_checkpoint
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
 
 # Makes the named rank fail after loading its shard: a way to check that a launch reports failures and stops.
 FAIL_RANK_ENV = "DSV2_FAIL_RANK"
