@@ -1,6 +1,7 @@
 """`dsv2 download` (and Hub repo ids elsewhere) against a loopback Hub (``tests/hub_server.py``)."""
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -8,12 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dsv2cli.checkpoint import hub as hub_module
 from dsv2cli.checkpoint.hub import download_checkpoint
 from dsv2cli.checkpoint.loader import load_checkpoint
+from dsv2cli.checkpoint.resolve import resolve_config
 from dsv2cli.checkpoint.verify import verify_checkpoint
 from dsv2cli.cli.main import app
 from dsv2cli.errors import CheckpointError
-from dsv2cli.checkpoint.resolve import resolve_config
 from tests.helpers import reference_model, save_reference
 from tests.hub_server import FakeHub, Repo
 
@@ -42,7 +44,7 @@ def hub(source, tmp_path, monkeypatch):
         }
     )
     monkeypatch.setenv("HF_ENDPOINT", server.start())
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
@@ -70,6 +72,23 @@ def test_download_fetches_only_what_dsv2_needs_and_loads(hub, source):
         assert torch.equal(load_checkpoint(directory)(tokens), load_checkpoint(source)(tokens))
     verified = verify_checkpoint(directory)  # the cache's blob names are the Hub's sha256s
     assert verified.ok and verified.files_hashed == len(_shards(source))
+
+
+@pytest.mark.parametrize(
+    ("hf_hub_offline", "transformers_offline"),
+    [("1", None), ("true", None), ("On", None), ("YES", None), (" 1", None), ("false", None), ("0", None), ("", None)]
+    + [(None, "1"), (None, "yes"), ("", "1"), ("0", "1"), (None, None)],
+)
+def test_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, hf_hub_offline, transformers_offline):
+    from huggingface_hub import constants
+
+    for name, value in (("HF_HUB_OFFLINE", hf_hub_offline), ("TRANSFORMERS_OFFLINE", transformers_offline)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    expected = constants._is_true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+    assert hub_module.hub_offline() is expected
 
 
 def test_complete_files_are_not_fetched_again_and_offline_uses_the_cache(hub, monkeypatch):

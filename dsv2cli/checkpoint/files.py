@@ -20,6 +20,18 @@ from dsv2cli.errors import CheckpointError
 from dsv2cli.untrusted import Fields, parse_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
+# Files besides the weights that dsv2 reads from a checkpoint directory: config, generation defaults, tokenizer,
+# chat template. `dsv2 download` fetches these beside the safetensors; `dsv2 convert` copies them (and a few more).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F32", "F16", "BF16")

@@ -19,25 +19,16 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsv2cli.checkpoint.files import INDEX_NAME, MODEL_FILES
 from dsv2cli.errors import CheckpointError, InputError
 
-NEEDED_FILES = [
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-]
+NEEDED_FILES = ["*.safetensors", INDEX_NAME, *MODEL_FILES]
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 
 # Exception class names of httpx / httpx2 / requests, matched by name so no HTTP client is imported here.
 _UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError")
 _CUT_OFF = ("RemoteProtocolError", "ReadError", "WriteError", "ReadTimeout", "NetworkError", "TimeoutException")
+_TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
 
 
 @dataclass
@@ -79,12 +70,17 @@ def _endpoint() -> str | None:
 
 
 def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` asks for the cache only, read as huggingface_hub reads it (1/ON/YES/TRUE)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    """Whether the environment asks for the cache only, parsed as huggingface_hub parses it.
+
+    ``HF_HUB_OFFLINE`` (else ``TRANSFORMERS_OFFLINE``) is one of 1/ON/YES/TRUE in any case, as in
+    ``huggingface_hub.constants``; read when called, where huggingface_hub reads it once, at import.
+    """
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in _TRUE_VALUES
 
 
 def _offline(offline: bool) -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # on use: huggingface_hub takes 0.1-0.2 s to import; most commands never need it
 
     return offline or constants.HF_HUB_OFFLINE or hub_offline()
 
@@ -98,7 +94,7 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
-    from huggingface_hub import errors
+    from huggingface_hub import errors  # on use, as in _offline
 
     if isinstance(exc, errors.GatedRepoError):
         return CheckpointError(
@@ -141,7 +137,7 @@ def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
 
 def _hub_call(repo_id: str, call):
     """Run a huggingface_hub call, turning every expected failure into one CheckpointError."""
-    from huggingface_hub import errors
+    from huggingface_hub import errors  # on use, as in _offline
 
     try:
         return call()
@@ -177,7 +173,7 @@ def download_checkpoint(
     offline: bool = False,
 ) -> DownloadReport:
     """Fetch the files dsv2 needs from ``repo_id`` into the HF cache (or ``local_dir``)."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download  # on use, as in _offline
 
     offline = _offline(offline)
     start = time.perf_counter()
@@ -212,7 +208,7 @@ def download_checkpoint(
 
 def fetch_config(repo_id: str, revision: str | None = None) -> Path:
     """Local path of the repo's ``config.json`` (cache first, download when allowed)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # on use, as in _offline
 
     return Path(
         _hub_call(

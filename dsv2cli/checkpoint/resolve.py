@@ -100,7 +100,7 @@ def resolve_checkpoint(spec: str | None, download: bool = True, what: str = "mod
     if looks_like_repo_id(spec):
         return spec, hub.fetch_checkpoint(spec, download=download and not hub.hub_offline())
     raise InputError(
-        f"{what} '{spec}' not found: not a directory, 'demo' or a Hugging Face repo id (owner/name)",
+        f"{what} '{spec}' not found: not a checkpoint directory, 'demo' or a Hugging Face repo id (owner/name)",
         hint="pass a directory with config.json and *.safetensors, or owner/name",
     )
 

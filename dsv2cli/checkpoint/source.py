@@ -11,29 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dsv2cli.checkpoint.files import INDEX_NAME, TensorInfo, find_problems, outside_link, problems_error, read_safetensors_header
+from dsv2cli.checkpoint.files import (
+    INDEX_NAME,
+    MODEL_FILES,
+    TensorInfo,
+    find_problems,
+    outside_link,
+    problems_error,
+    read_safetensors_header,
+)
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, expert_slice, hf_tensor_shapes, native_name
 from dsv2cli.checkpoint.native import MANIFEST_NAME, header_problems, is_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError
 
-# Files besides the weights that a checkpoint directory carries along (config, tokenizer, chat template, code).
-AUX_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "*.py",
-    "LICENSE*",
-    "README.md",
-)
+# Files besides the weights that a checkpoint directory carries along: the ones dsv2 reads, and the tokenizer's
+# other forms, code, license and model card, which a conversion keeps.
+AUX_PATTERNS = (*MODEL_FILES, "added_tokens.json", "vocab.json", "merges.txt", "*.py", "LICENSE*", "README.md")
 
 
 @dataclass
