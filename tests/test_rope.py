@@ -156,6 +156,10 @@ def test_rope_keeps_the_dtype_and_reads_strided_slices():
     x = wide[..., 1:]  # odd storage offset: the pairs cannot be viewed as complex numbers in place
     cos, sin = _angles([0.3, -1.2, 2.0, 4.0])
     torch.testing.assert_close(apply_rope(x, cos, sin), apply_rope(x.contiguous(), cos, sin), rtol=0, atol=0)
+    # One token of one row sliced at an odd offset is "contiguous" to torch but still cannot be viewed as complex.
+    single = torch.randn(1, 1, 7)[..., 3:]  # k_pe of a cache row with an odd kv_lora_rank (3)
+    cos1, sin1 = _angles([0.3, -1.2])
+    torch.testing.assert_close(apply_rope(single, cos1, sin1), apply_rope(single.clone(), cos1, sin1), rtol=0, atol=0)
     narrow = apply_rope(x.bfloat16(), cos, sin)
     assert narrow.dtype == torch.bfloat16
     torch.testing.assert_close(narrow, apply_rope(x.bfloat16().float(), cos, sin).bfloat16(), rtol=0, atol=0)

@@ -80,6 +80,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         rotated_pairs = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
         return cast(rotated_pairs.flatten(-2), x.dtype)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
+        pairs = pairs.clone(memory_format=torch.contiguous_format)  # contiguous() keeps the odd offset of a [1, 1, ...] slice
     rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
     return cast(torch.view_as_real(rotated).flatten(-2), x.dtype)
