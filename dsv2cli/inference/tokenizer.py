@@ -1,7 +1,9 @@
-"""The checkpoint's tokenizer (``tokenizer.json`` through the ``tokenizers`` library) and its special tokens.
+"""The one tokenizer layer: a ``tokenizer.json`` through the ``tokenizers`` library and its special tokens.
 
 BOS/EOS come from ``tokenizer_config.json``, then ``generation_config.json``, then ``config.json``;
-``add_bos_token`` and ``chat_template`` from ``tokenizer_config.json``.
+``add_bos_token`` and ``chat_template`` from ``tokenizer_config.json``. A tokenizer without those files (one
+``dsv2 train`` just trained, or a bare ``tokenizer.json`` given to it) finds BOS/EOS by their common spellings.
+Training a tokenizer from text is ``dsv2cli.training.tokenizer``'s job; reading one is this module's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from dsv2cli.errors import CheckpointError
+from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.untrusted import Fields, is_int, read_json
+
+# BOS / EOS spellings looked for in a tokenizer that no JSON file describes: DeepSeek's first.
+BOS_SPELLINGS = ("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>", "<|endoftext|>")
+EOS_SPELLINGS = ("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoftext|>")
 
 
 def _read_json(path: Path) -> Fields:
@@ -133,6 +139,13 @@ def read_special_tokens(directory: Path, tokenizer: Tokenizer | None = None) -> 
     )
 
 
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        raise CheckpointError(f"could not read {path}: {exc}", hint="the file may be corrupt") from exc
+
+
 class TextTokenizer:
     """Encode / decode text with the checkpoint's tokenizer; incremental decoding for streaming."""
 
@@ -146,11 +159,46 @@ class TextTokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             return None
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-            raise CheckpointError(f"could not read {path}: {exc}", hint="the file may be corrupt") from exc
+        tokenizer = _read_tokenizer(path)
         return cls(tokenizer, read_special_tokens(directory, tokenizer))
+
+    @classmethod
+    def from_path(cls, path: Path) -> TextTokenizer:
+        """The tokenizer of a directory holding ``tokenizer.json``, or of that file itself (missing: an error)."""
+        directory, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
+        if not file.is_file():
+            raise InputError(f"no tokenizer.json at {file}", hint="pass the directory of a trained model or a tokenizer.json")
+        found = cls.from_directory(directory) if file.name == "tokenizer.json" else None
+        if found is None:
+            found = cls.bare(_read_tokenizer(file))
+        if found.special.bos_token_id is None and not found.special.eos_token_ids:
+            found = cls.bare(found.tokenizer)
+        return found
+
+    @classmethod
+    def bare(cls, tokenizer: Tokenizer) -> TextTokenizer:
+        """A tokenizer no JSON file describes: BOS and EOS by their common spellings, BOS added."""
+
+        def find(spellings: tuple[str, ...]) -> int | None:
+            return next((i for i in map(tokenizer.token_to_id, spellings) if i is not None), None)
+
+        bos, eos = find(BOS_SPELLINGS), find(EOS_SPELLINGS)
+        special = SpecialTokens(
+            bos_token_id=bos,
+            eos_token_ids=() if eos is None else (eos,),
+            bos_token=None if bos is None else tokenizer.id_to_token(bos),
+            eos_token=None if eos is None else tokenizer.id_to_token(eos),
+        )
+        return cls(tokenizer, special)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.special.bos_token_id
+
+    @property
+    def eos_id(self) -> int | None:
+        """The first end-of-sequence id (the one training appends)."""
+        return self.special.eos_token_ids[0] if self.special.eos_token_ids else None
 
     @property
     def vocab_size(self) -> int:

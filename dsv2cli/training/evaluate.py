@@ -15,8 +15,8 @@ from torch.nn import functional as F
 
 from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.errors import InputError
+from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.training.data import pack
-from dsv2cli.training.tokenizer import load_tokenizer, special_ids
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,8 @@ class TextEvaluation:
 @torch.no_grad()
 def evaluate_text(directory: Path, text: str, seq_len: int, batch_size: int = 8) -> TextEvaluation:
     """Pack ``BOS text EOS`` into rows of ``seq_len + 1`` like training does and score every row (float32)."""
-    tokenizer = load_tokenizer(directory)
-    bos_id, eos_id = special_ids(tokenizer)
-    rows = pack([tokenizer.encode(text, add_special_tokens=False).ids], seq_len, bos_id, eos_id)  # [R, S+1]
+    tokenizer = TextTokenizer.from_path(directory)
+    rows = pack([tokenizer.encode(text, add_bos=False)], seq_len, tokenizer.bos_id, tokenizer.eos_id)  # [R, S+1]
     if len(rows) == 0:
         raise InputError(f"the text is shorter than one sequence of {seq_len} tokens")
     model = load_checkpoint(directory)

@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer for training from scratch, saved in the Hugging Face layout.
+"""Training a byte-level BPE tokenizer from scratch, saved in the Hugging Face layout (reading one back is
+``dsv2cli.inference.tokenizer``'s job).
 
 Special tokens use DeepSeek-V2's spellings (spec §7) at ids 0 and 1; ``tokenizer.json`` prepends BOS
 through its post-processor like the released tokenizers, and ``tokenizer_config.json`` carries the
@@ -71,27 +72,3 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, model_max_length: int)
         "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def load_tokenizer(directory: Path) -> Tokenizer:
-    """An existing ``tokenizer.json`` (a directory holding one, or the file)."""
-    path = directory / "tokenizer.json" if directory.is_dir() else directory
-    if not path.is_file():
-        raise InputError(f"no tokenizer.json at {path}", hint="pass the directory of a trained model or a tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise InputError(f"could not read {path}: {exc}") from exc
-
-
-def special_ids(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
-    """``(bos_id, eos_id)`` of a tokenizer, looking for DeepSeek's spellings first, then common ones."""
-
-    def find(*names: str) -> int | None:
-        for name in names:
-            token_id = tokenizer.token_to_id(name)
-            if token_id is not None:
-                return token_id
-        return None
-
-    return find(BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>"), find(EOS, "</s>", "<|end_of_text|>", "<|endoftext|>")

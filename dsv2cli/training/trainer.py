@@ -28,12 +28,13 @@ from dsv2cli.checkpoint.loader import parse_dtype
 from dsv2cli.commit import Output
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import CheckpointError, InputError
+from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
 from dsv2cli.presets import preset_hf_config
 from dsv2cli.training import checkpointing
 from dsv2cli.training.data import CorpusSplit, TextFile, batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
 from dsv2cli.training.routing import BalanceSettings, TrainingRoutingHook
-from dsv2cli.training.tokenizer import load_tokenizer, save_tokenizer, special_ids, train_bpe
+from dsv2cli.training.tokenizer import save_tokenizer, train_bpe
 from dsv2cli.untrusted import is_int, is_number
 
 
@@ -304,13 +305,13 @@ def train(
     if resumed_state is not None and resumed_state["data_fingerprint"] != corpus.fingerprint():
         raise InputError("the training files changed since the checkpoint was written", hint="resume needs the same text")
     if resumed_state is not None:
-        tokenizer = load_tokenizer(output)
+        text_tokenizer = TextTokenizer.from_path(output)
     elif settings.tokenizer:
-        tokenizer = load_tokenizer(Path(settings.tokenizer))
+        text_tokenizer = TextTokenizer.from_path(Path(settings.tokenizer))
     else:
         emit(TrainEvent("info", f"training a byte-level BPE tokenizer ({settings.vocab_size} entries)"))
-        tokenizer = train_bpe([f.text for f in corpus.train], settings.vocab_size)
-    bos_id, eos_id = special_ids(tokenizer)
+        text_tokenizer = TextTokenizer.bare(train_bpe([f.text for f in corpus.train], settings.vocab_size))
+    tokenizer, bos_id, eos_id = text_tokenizer.tokenizer, text_tokenizer.bos_id, text_tokenizer.eos_id
 
     def encode(files: list[TextFile]) -> torch.Tensor:
         docs = [e.ids for e in tokenizer.encode_batch([f.text for f in files], add_special_tokens=False)]
