@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -149,3 +150,26 @@ def one_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# CI sets DSV2_REQUIRE_KERNELS=1 (.ci/run): there a C++ compiler is expected, so a test that needs dsv2's kernels
+# or the compiled steps fails instead of skipping, and the suite cannot lose those tests without anyone noticing.
+REQUIRE_KERNELS = "DSV2_REQUIRE_KERNELS"
+
+
+def kernels_required() -> bool:
+    """Whether ``DSV2_REQUIRE_KERNELS`` is on (1, true, yes or on)."""
+    return os.environ.get(REQUIRE_KERNELS, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def skip_without_kernels(reason: str) -> NoReturn:
+    """Skip a test that needs a C++ compiler or dsv2's kernels; fail instead under ``DSV2_REQUIRE_KERNELS=1``."""
+    if kernels_required():
+        pytest.fail(f"{reason} ({REQUIRE_KERNELS}=1: they are expected here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_kernels(available: bool, reason: str) -> pytest.MarkDecorator:
+    """The mark for ``pytest.mark.skipif(not available, reason=...)`` that goes through :func:`skip_without_kernels`
+    (tests/conftest.py applies it when each test is set up)."""
+    return pytest.mark.needs_kernels(available=available, reason=reason)
