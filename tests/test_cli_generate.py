@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from dsv2cli import kernels
 from dsv2cli.cli.main import app
-from tests.helpers import one_error_line, reference_model, save_reference, save_tokenizer
+from tests.helpers import one_error_line, reference_model, save_reference, save_tokenizer, skip_without_kernels
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_bfloat16_latent_cache(model_dir):
 
 def test_attention_kernel(model_dir, monkeypatch):
     if not kernels.load():
-        pytest.skip("the C++ kernels do not build here")
+        skip_without_kernels("the C++ kernels do not build here")
     calls = []
     original = kernels.latent_attention
     monkeypatch.setattr(kernels, "latent_attention", lambda *a: calls.append(a[1].shape) or original(*a))
