@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from dsv2cli.checkpoint.convert import DEFAULT_SHARD_BYTES, ConvertReport, convert_checkpoint
-from dsv2cli.cli.common import TextOrJson, byte_bar, emit_json, err, handle_errors, human_bytes, out
+from dsv2cli.cli.common import byte_bar, emit_json, err, handle_errors, human_bytes, out
+from dsv2cli.cli.options import Format, TextOrJson
 from dsv2cli.errors import InputError
 
 EPILOG = (
@@ -85,7 +86,7 @@ def convert(
         help="Also measure the quality cost: a probe text through SOURCE and OUTPUT, layer by layer. Off by default: "
         "it reads both checkpoints again, about as long as the conversion itself.",
     ),
-    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+    format: TextOrJson = Format.text,
 ) -> None:
     """Convert a checkpoint: HF <-> native layout, another dtype, or int8; streamed, memory-bounded and atomic."""
     with byte_progress("converting") as (on_start, on_bytes):
@@ -101,7 +102,7 @@ def convert(
             on_start=on_start,
             on_progress=on_bytes,
         )
-    if format == TextOrJson.json:
+    if format == Format.json:
         emit_json(report.to_json())
     else:
         _render(report)

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from dsv2cli.checkpoint.hub import DownloadReport, download_checkpoint
-from dsv2cli.cli.common import TextOrJson, emit_json, handle_errors, human_bytes, out
+from dsv2cli.cli.common import emit_json, handle_errors, human_bytes, out
+from dsv2cli.cli.options import Format, TextOrJson
 
 EPILOG = (
     "Examples:\n\n"
@@ -27,11 +28,11 @@ def download(
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
     local_dir: Path | None = typer.Option(None, "--local-dir", help="Put the files here instead of the HF cache."),
     offline: bool = typer.Option(False, "--offline", help="Use the local cache only (as HF_HUB_OFFLINE=1)."),
-    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+    format: TextOrJson = Format.text,
 ) -> None:
     """Download a model's safetensors weights, config and tokenizer files from the Hugging Face Hub."""
     report = download_checkpoint(repo_id, revision=revision, local_dir=local_dir, offline=offline)
-    if format == TextOrJson.json:
+    if format == Format.json:
         emit_json(report.to_json())
     else:
         _render(report)

@@ -6,9 +6,10 @@ import typer
 from rich.table import Table
 
 from dsv2cli.analysis.model_info import ModelInfo, describe_model
-from dsv2cli.cli.common import TextOrJson, emit_json, handle_errors, human_bytes, human_count, out
-from dsv2cli.parallel.memory import USABLE_SHARE, FitRow, fit_table
 from dsv2cli.checkpoint.resolve import resolve_config
+from dsv2cli.cli.common import emit_json, handle_errors, human_bytes, human_count, out
+from dsv2cli.cli.options import Format, TextOrJson
+from dsv2cli.parallel.memory import USABLE_SHARE, FitRow, fit_table
 
 EPILOG = (
     "Examples:\n\n"
@@ -22,13 +23,13 @@ EPILOG = (
 @handle_errors
 def info(
     model: str = typer.Argument(..., help="Preset name, checkpoint directory or config.json."),
-    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+    format: TextOrJson = Format.text,
 ) -> None:
     """Show a model's architecture, total and activated parameters, KV-cache bytes per token, and what fits where."""
     resolved = resolve_config(model)
     report = describe_model(resolved.config, name=resolved.name, source=resolved.source)
     fits = fit_table(resolved.config)
-    if format == TextOrJson.json:
+    if format == Format.json:
         emit_json({**report.to_json(), "fits": [row.to_json() for row in fits]})
     else:
         _render(report)

@@ -8,8 +8,9 @@ import typer
 from rich.table import Table
 
 from dsv2cli.checkpoint.verify import VerifyReport, hashable_bytes, verify_checkpoint
-from dsv2cli.cli.common import TextOrJson, emit_json, err, handle_errors, human_bytes, out
+from dsv2cli.cli.common import emit_json, err, handle_errors, human_bytes, out
 from dsv2cli.cli.convert import byte_progress
+from dsv2cli.cli.options import Format, TextOrJson
 
 EPILOG = (
     "Examples:\n\n"
@@ -23,13 +24,13 @@ EPILOG = (
 @handle_errors
 def verify(
     directory: Path = typer.Argument(..., help="Checkpoint directory (native or HF layout)."),
-    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+    format: TextOrJson = Format.text,
 ) -> None:
     """Check a checkpoint: sha256s, tensors against the config, index against shards. Exit 1 on any problem."""
     with byte_progress("hashing") as (on_start, on_bytes):
         on_start(hashable_bytes(directory))
         report = verify_checkpoint(directory, on_bytes=on_bytes)
-    if format == TextOrJson.json:
+    if format == Format.json:
         emit_json(report.to_json())
     else:
         _render(report)
