@@ -10,7 +10,7 @@ Side by side in one process, interleaved, best of ``--rounds``:
   (``--peak`` adds the machine's peak rate of the same instructions, measured in the same run);
 * **compiled decode steps** (with ``--checkpoint``, a bench-300m checkpoint or its int8 conversion,
   e.g. the ones ``bench_vs_llamacpp.py --checkpoint`` writes): ``CompiledDecoder(model)`` against
-  ``CompiledDecoder(model, attention_kernel=False)`` on the same prefilled cache, rewound after each
+  ``CompiledDecoder(model, ForwardOptions(kernels.load(), attention_kernel=False))`` on the same prefilled cache, rewound after each
   round so both decode at the same context.
 
     python benchmarks/bench_attention_kernel.py
@@ -129,7 +129,7 @@ def time_attention(dtype: torch.dtype, context: int, rounds: int) -> tuple[float
     def kernel():
         cache = caches[next(turn) % len(caches)]
         for layer in range(LAYERS):
-            kernels.latent_attention(query, cache[layer], filled, RANK, scale)
+            kernels.load().latent_attention(query, cache[layer], filled, RANK, scale)
 
     times = [(best_ms(blas, 10, 1), best_ms(kernel, 10, 1)) for _ in range(rounds)]
     return min(t[0] for t in times), min(t[1] for t in times)
@@ -160,9 +160,11 @@ def compiled_steps(checkpoint: str, contexts: list[int], rounds: int, cache_dtyp
     from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
     from dsv2cli.inference.engine import prefill_attention
     from dsv2cli.inference.session import load_for_generation
+    from dsv2cli.model import ForwardOptions
 
     model = load_for_generation(checkpoint, "cpu", "float32", torch.get_num_threads()).model
-    decoders = {"BLAS": CompiledDecoder(model, attention_kernel=False), "kernel": CompiledDecoder(model)}
+    blas = ForwardOptions(kernels.load(), attention_kernel=False)
+    decoders = {"BLAS": CompiledDecoder(model, blas), "kernel": CompiledDecoder(model)}
     dtype = DTYPES[cache_dtype] if cache_dtype else None
     print(f"\ncompiled decode steps of {checkpoint} ({cache_dtype or 'float32'} cache; ms per step, best of {rounds} x 10 steps)")
     print(f"{'context':>8} {'BLAS':>8} {'kernel':>8} {'speed-up':>9}")
@@ -170,7 +172,7 @@ def compiled_steps(checkpoint: str, contexts: list[int], rounds: int, cache_dtyp
         for context in contexts:
             cache = model.new_cache(1, round_capacity(context + 12), dtype=dtype)
             prompt = torch.randint(0, model.config.vocab_size, (1, context))
-            model(prompt, cache=cache, attention=prefill_attention("absorbed", context), last_only=True)
+            model(prompt, cache=cache, attention=prefill_attention("absorbed", context), last_only=True, options=blas)
             for decoder in decoders.values():
                 decoder.prepare(cache)
             token = torch.zeros(1, 1, dtype=torch.long)
@@ -196,7 +198,7 @@ def main() -> None:
     parser.add_argument("--peak", action="store_true", help="also measure the peak rate of the kernel's products (AVX-512 CPUs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not kernels.load():
+    if not kernels.load().available:
         sys.exit("the kernels do not build on this machine (see the warning above)")
     attention_alone(args.contexts, args.rounds, peak_rates(args.threads) if args.peak else None)
     if args.checkpoint:

@@ -91,11 +91,12 @@ def run_engine(engine: str, checkpoint: Path, contexts: list[int], steps: int, p
         from dsv2cli.checkpoint.loader import load_checkpoint
         from dsv2cli.inference.compiled import CompiledDecoder, cannot_compile, round_capacity
         from dsv2cli.inference.engine import prefill_attention
-        from dsv2cli.inference.session import use_attention_kernel
-        from dsv2cli.model.fusion import fuse_projections
+        from dsv2cli.inference.session import with_attention_kernel
+        from dsv2cli.model import ForwardOptions
+        from dsv2cli.model.transformer import fuse_projections
 
         model = fuse_projections(load_checkpoint(checkpoint, torch_dtype, device))  # as `dsv2 generate` loads it
-        use_attention_kernel(model)
+        forward = with_attention_kernel(ForwardOptions(), model.embed_tokens.weight.device)
         # `dsv2 generate`'s default: compiled decode steps where they can run (their compile time is not timed)
         decoder = CompiledDecoder(model) if cannot_compile(model) is None else None
     else:
@@ -110,7 +111,8 @@ def run_engine(engine: str, checkpoint: Path, contexts: list[int], steps: int, p
     def prefill(tokens: torch.Tensor, capacity: int):
         if engine == "dsv2":
             cache = model.new_cache(1, round_capacity(capacity) if decoder is not None else capacity)
-            logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
+            attention = prefill_attention("absorbed", tokens.shape[1])
+            logits = model(tokens, cache=cache, attention=attention, last_only=True, options=forward)
             if decoder is not None:
                 result["compile_s"] = result.get("compile_s", 0.0) + decoder.prepare(cache)
             return cache, logits
@@ -119,7 +121,7 @@ def run_engine(engine: str, checkpoint: Path, contexts: list[int], steps: int, p
 
     def decode(state, token: torch.Tensor):
         if engine == "dsv2":
-            return state, model(token, cache=state) if decoder is None else decoder.step(token, state)
+            return state, model(token, cache=state, options=forward) if decoder is None else decoder.step(token, state)
         out = model(token, past_key_values=state, use_cache=True)
         return out.past_key_values, out.logits
 

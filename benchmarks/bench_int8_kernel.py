@@ -42,8 +42,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="layers' worth of products per timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not kernels.load():
-        sys.exit(f"dsv2's kernels do not build here: {kernels.unavailable_reason()}")
+    handle = kernels.load()
+    if not handle.available:
+        sys.exit(f"dsv2's kernels do not build here: {handle.error}")
     torch.manual_seed(0)
     gate_up = [torch.randint(-127, 128, (EXPERTS, 2 * INTERMEDIATE, HIDDEN), dtype=torch.int8) for _ in range(args.layers)]
     down = [torch.randint(-127, 128, (EXPERTS, HIDDEN, INTERMEDIATE), dtype=torch.int8) for _ in range(args.layers)]
@@ -58,13 +59,13 @@ def main() -> None:
     def dsv2(i: int) -> None:
         layer, ids = i % args.layers, choices[i]
         values, step = quantize_activation(token)
-        kernels.int8_matmul(values.expand(TOP_K, -1), step.expand(TOP_K, -1), gate_up[layer], gate_up_scale[layer], ids)
-        kernels.int8_matmul(*quantize_activation(hidden), down[layer], down_scale[layer], ids)
+        handle.int8_matmul(values.expand(TOP_K, -1), step.expand(TOP_K, -1), gate_up[layer], gate_up_scale[layer], ids)
+        handle.int8_matmul(*quantize_activation(hidden), down[layer], down_scale[layer], ids)
 
     def dsv2_batch(i: int) -> None:
         layer, ids = i % args.layers, batch_choices[i]
         values, step = quantize_activation(rows)
-        kernels.int8_matmul(
+        handle.int8_matmul(
             values.repeat_interleave(TOP_K, 0), step.repeat_interleave(TOP_K, 0), gate_up[layer], gate_up_scale[layer], ids
         )
 

@@ -240,26 +240,29 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
     """
     from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
     from dsv2cli.inference.engine import prefill_attention
-    from dsv2cli.inference.session import load_for_generation
+    from dsv2cli.inference.session import load_for_generation, with_attention_kernel
 
     precision, compiled, cache_dtype = parse_mode(mode)
     torch.manual_seed(0)
     if precision == "int8":
-        model = load_for_generation(str(int8_directory(checkpoint)), "cpu", "float32", threads).model
+        loaded = load_for_generation(str(int8_directory(checkpoint)), "cpu", "float32", threads)
     else:
-        model = load_for_generation(str(checkpoint), "cpu", precision, threads).model
+        loaded = load_for_generation(str(checkpoint), "cpu", precision, threads)
+    model = loaded.model
+    forward = with_attention_kernel(loaded.options, loaded.device, enabled=False)  # eager steps: BLAS attention
     vocab = model.config.vocab_size
     decoder = None
 
     def prefill_into(tokens: torch.Tensor, capacity: int):
         cache = model.new_cache(tokens.shape[0], round_capacity(capacity) if compiled else capacity, dtype=cache_dtype)
-        logits = model(tokens, cache=cache, attention=prefill_attention("absorbed", tokens.shape[1]), last_only=True)
+        attention = prefill_attention("absorbed", tokens.shape[1])
+        logits = model(tokens, cache=cache, attention=attention, last_only=True, options=forward)
         return cache, logits
 
     result: dict = {"decode_tokens_per_s": {}, "paired_bandwidth_gbs": {}, "compile_s": 0.0}
     with torch.inference_mode():
         cache, logits = prefill_into(torch.randint(0, vocab, (1, 32)), 40)
-        model(logits[:, -1:].argmax(-1), cache=cache)
+        model(logits[:, -1:].argmax(-1), cache=cache, options=forward)
         tokens = torch.randint(0, vocab, (1, prefill))
         start = time.perf_counter()
         prefill_into(tokens, prefill + 1)
@@ -272,7 +275,7 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
                 result["compile_s"] += decoder.prepare(cache)
                 step = decoder.step
             else:
-                step = lambda token, cache: model(token, cache=cache)  # noqa: E731
+                step = lambda token, cache: model(token, cache=cache, options=forward)  # noqa: E731
             token = logits[:, -1:].argmax(-1)
             before = memory_bandwidth_gbs(threads)
             times = []
@@ -485,18 +488,21 @@ def decode_quality(directory: Path, tokens: torch.Tensor, mode: str) -> dict:
     ``dsv2 generate`` loads them. Compiled modes run the steps through :class:`CompiledDecoder`
     (``dsv2 generate --compile``), ``-bf16cache`` modes keep the latent cache in bfloat16.
     """
+    from dsv2cli import kernels
     from dsv2cli.checkpoint.loader import load_checkpoint
     from dsv2cli.inference.compiled import CompiledDecoder
     from dsv2cli.inference.quality import teacher_forced_decode_change
-    from dsv2cli.model.fusion import fuse_projections
+    from dsv2cli.model import ForwardOptions
     from dsv2cli.model.quantized import quantize_int8
+    from dsv2cli.model.transformer import fuse_projections
 
     precision, compiled, cache_dtype = parse_mode(mode)
     reference = load_checkpoint(directory, torch.float32)
     candidate = load_checkpoint(directory, torch.float32)
     candidate = fuse_projections(quantize_int8(candidate) if precision == "int8" else candidate)
     decoder = CompiledDecoder(candidate) if compiled else None
-    return teacher_forced_decode_change(reference, candidate, tokens, decoder, cache_dtype).to_json()
+    options = ForwardOptions(kernels.load(), attention_kernel=False) if precision == "int8" else ForwardOptions()
+    return teacher_forced_decode_change(reference, candidate, tokens, decoder, cache_dtype, options).to_json()
 
 
 def main() -> None:

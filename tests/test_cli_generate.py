@@ -54,11 +54,11 @@ def test_bfloat16_latent_cache(model_dir):
 
 
 def test_attention_kernel(model_dir, monkeypatch):
-    if not kernels.load():
+    if not kernels.load().available:
         skip_without_kernels("the C++ kernels do not build here")
     calls = []
-    original = kernels.latent_attention
-    monkeypatch.setattr(kernels, "latent_attention", lambda *a: calls.append(a[1].shape) or original(*a))
+    original = kernels.Kernels.latent_attention
+    monkeypatch.setattr(kernels.Kernels, "latent_attention", lambda self, *a: calls.append(a[1].shape) or original(self, *a))
     # Two prompts of different lengths: one left-padded batch (each row attends from its first slot on).
     # Eager steps (--no-compile): the Python wrapper is called at each step (compiled graphs call the operator).
     args = ["generate", "-m", str(model_dir), "def add(a, b):", "for item", "-n", "6", "-f", "json", "--no-compile"]
@@ -69,7 +69,7 @@ def test_attention_kernel(model_dir, monkeypatch):
     for a, b in zip(plain["results"], fast["results"], strict=True):
         assert a["token_ids"] == b["token_ids"]
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
-    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": "Ninja is required to load C++ extensions"})
+    monkeypatch.setattr(kernels, "load", lambda: kernels.Kernels(error="Ninja is required to load C++ extensions"))
     refused = runner.invoke(app, [*args, "--attention-kernel"])
     assert one_error_line(refused) == (
         "Error: --attention-kernel: the kernel is not available here (Ninja is required to load C++ extensions)"

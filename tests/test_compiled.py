@@ -19,11 +19,12 @@ from dsv2cli.inference import compiled as compiled_module
 from dsv2cli.inference.compiled import CAPACITY_STEP, CompiledDecoder, compiler_available, round_capacity
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
 from dsv2cli.inference.sampling import SamplingParams
-from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model import ForwardOptions
+from dsv2cli.model.transformer import fuse_projections
 from tests.helpers import reference_model, save_reference
 
 needs_compiler = pytest.mark.skipif(
-    not compiler_available() or not kernels.load(), reason="compiled steps need a C++ compiler and dsv2's kernels"
+    not compiler_available() or not kernels.load().available, reason="compiled steps need a C++ compiler and dsv2's kernels"
 )
 
 
@@ -50,7 +51,7 @@ def test_compiled_steps_give_the_eager_logits(compiled):
         logits = model(prompt, cache=eager_cache, last_only=True)
         model(prompt, cache=compiled_cache, last_only=True)
         assert decoder.serves(compiled_cache)
-        assert decoder.attention_kernel  # the one-pass C++ attention serves this model (latent rank 32)
+        assert decoder.options.latent_attention is not None  # the one-pass C++ attention serves this model (latent rank 32)
         assert decoder.prepare(compiled_cache) > 0
         assert decoder.prepare(compiled_cache) == 0.0  # this shape is compiled now
         token = logits[:, -1:].argmax(-1)
@@ -165,15 +166,15 @@ def test_compiled_int8_decode_keeps_the_stated_log_likelihood_change(demo_int8):
     rounding boundary, so compiled and eager int8 are close rather than equal; both are held to float32.
     """
     from dsv2cli.checkpoint.loader import load_checkpoint
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])
     reference = load_hf_checkpoint(demo)
     int8 = fuse_projections(load_checkpoint(demo_int8, torch.float32))  # as `dsv2 generate` loads it on CPU
-    eager = teacher_forced_decode_change(reference, int8, tokens)
+    eager = teacher_forced_decode_change(reference, int8, tokens, options=ForwardOptions(kernels.load()))
     fast = teacher_forced_decode_change(reference, int8, tokens, CompiledDecoder(int8))
     assert fast.tokens == eager.tokens == 127
     assert abs(fast.log_likelihood_change) <= 0.02 and fast.top1_agreement >= 0.95
@@ -187,9 +188,9 @@ def test_a_bfloat16_cache_keeps_the_stated_log_likelihood_change():
 
     Stated in docs/generate.md: about 0.0003 nats and 99.6 % top-1 agreement on the demo's sample.
     """
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])

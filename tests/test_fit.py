@@ -31,7 +31,7 @@ from dsv2cli.checkpoint.fit import (
 from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.checkpoint.writer import safetensors_header
 from dsv2cli.config import ModelConfig
-from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model.transformer import fuse_projections
 from dsv2cli.presets import preset_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """``torch.ops.dsv2cli.latent_attention`` (dsv2cli/kernels): one-pass attention over a latent cache, against softmax attention in float64."""
 
+import functools
 import logging
 import os
 import time
@@ -10,16 +11,21 @@ import torch
 from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.inference.compiled import compiler_available
-from dsv2cli.inference.session import use_attention_kernel
+from dsv2cli.model import ForwardOptions
 from dsv2cli.model.attention import MultiHeadLatentAttention
-from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model.transformer import fuse_projections
 from tests.helpers import reference_model, save_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if not compiler_available() or not kernels.load():
+    if not compiler_available() or not kernels.load().available:
         pytest.skip("the C++ kernels do not build here (no compiler, ninja or AVX2)")
+
+
+@pytest.fixture(scope="module")
+def loaded() -> kernels.Kernels:
+    return kernels.load()
 
 
 def _expected(query: torch.Tensor, entries: torch.Tensor, filled: int, rank: int, scale: float) -> torch.Tensor:
@@ -36,7 +42,7 @@ SHAPES = [(16, 512, 64, 1), (16, 512, 64, 7), (16, 512, 64, 200), (5, 32, 16, 99
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float32_cache_equals_softmax_attention(shape, threads):
+def test_float32_cache_equals_softmax_attention(loaded, shape, threads):
     rows, rank, rope, filled = shape
     generator = torch.Generator().manual_seed(filled)
     cache = torch.randn(2, filled + 37, rank + rope, generator=generator)  # a layer's view: rows of a bigger tensor
@@ -44,7 +50,7 @@ def test_float32_cache_equals_softmax_attention(shape, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernels.latent_attention(query, cache[1], torch.tensor([filled]), rank, 0.07)
+        got = loaded.latent_attention(query, cache[1], torch.tensor([filled]), rank, 0.07)
     finally:
         torch.set_num_threads(previous)
     assert got.shape == (rows, rank) and got.dtype == torch.float32
@@ -52,83 +58,106 @@ def test_float32_cache_equals_softmax_attention(shape, threads):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bfloat16_cache_is_within_bfloat16_rounding(shape):
+def test_bfloat16_cache_is_within_bfloat16_rounding(loaded, shape):
     """Against the same attention with the query rounded to bfloat16 (what bfloat16 products see):
     what is left is the rounding of the probabilities, well under 1 % of the output's range."""
     rows, rank, rope, filled = shape
     generator = torch.Generator().manual_seed(filled)
     cache = torch.randn(filled + 5, rank + rope, generator=generator).to(torch.bfloat16)
     query = torch.randn(rows, rank + rope, generator=generator)
-    got = kernels.latent_attention(query, cache, torch.tensor([filled]), rank, 0.07)
+    got = loaded.latent_attention(query, cache, torch.tensor([filled]), rank, 0.07)
     expected = _expected(query.to(torch.bfloat16).float(), cache.float(), filled, rank, 0.07)
     assert (got - expected).abs().max() <= 5e-3 * expected.abs().max()
 
 
-def test_compiled_call_equals_the_eager_call():
+def test_compiled_call_equals_the_eager_call(loaded):
     """Under torch.compile the operator is one opaque call whose output shape comes from its fake kernel."""
     cache = torch.randn(40, 80)
     query = torch.randn(4, 80)
 
     def attend(query, cache, slot):
-        return kernels.latent_attention(query * 2, cache, slot + 1, 64, 0.1) + 1
+        return loaded.latent_attention(query * 2, cache, slot + 1, 64, 0.1) + 1
 
     compiled = torch.compile(attend, fullgraph=True, dynamic=False)
     for slot in (0, 17, 39):
         torch.testing.assert_close(compiled(query, cache, torch.tensor([slot])), attend(query, cache, torch.tensor([slot])))
 
 
-def test_what_it_serves():
+def test_what_it_serves(loaded):
     query = torch.randn(16, 576)
-    assert kernels.latent_attention_supported(query, torch.randn(10, 576), 512)
-    assert kernels.latent_attention_supported(query, torch.randn(10, 576).to(torch.bfloat16), 512)
-    assert not kernels.latent_attention_supported(query, torch.randn(10, 576).to(torch.float16), 512)
-    assert not kernels.latent_attention_supported(query, torch.randn(10, 576), 500)  # latent not a multiple of 16
-    assert not kernels.latent_attention_supported(query, torch.randn(576, 10).t(), 512)  # entries' values strided
+    assert loaded.latent_attention_supported(query, torch.randn(10, 576), 512)
+    assert loaded.latent_attention_supported(query, torch.randn(10, 576).to(torch.bfloat16), 512)
+    assert not loaded.latent_attention_supported(query, torch.randn(10, 576).to(torch.float16), 512)
+    assert not loaded.latent_attention_supported(query, torch.randn(10, 576), 500)  # latent not a multiple of 16
+    assert not loaded.latent_attention_supported(query, torch.randn(576, 10).t(), 512)  # entries' values strided
+    assert loaded.int8_matmul_supported(torch.zeros(4, 8, dtype=torch.int8))
+    assert not loaded.int8_matmul_supported(torch.zeros(8, 4, dtype=torch.int8).t())  # rows strided
+    assert not loaded.int8_matmul_supported(torch.zeros(4, 8))  # not int8
     with pytest.raises(RuntimeError, match="entries out of range"):
-        kernels.latent_attention(query, torch.randn(10, 576), torch.tensor([11]), 512, 0.1)
+        loaded.latent_attention(query, torch.randn(10, 576), torch.tensor([11]), 512, 0.1)
+    # The handle of a forward that was given none serves nothing.
+    assert not kernels.NO_KERNELS.latent_attention_supported(query, torch.randn(10, 576), 512)
+    assert not kernels.NO_KERNELS.int8_matmul_supported(torch.zeros(4, 8, dtype=torch.int8))
+    assert kernels.load() is loaded  # one handle per process
 
 
 def test_a_failed_build_is_logged_once_and_reported_as_unavailable(monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "_state", {"loaded": False, "error": None})
+    monkeypatch.setattr(kernels, "load", functools.cache(kernels.load.__wrapped__))  # a process that has not loaded yet
 
     def fail():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(kernels, "_build_and_load", fail)
     with caplog.at_level(logging.WARNING, logger="dsv2cli.kernels"):
-        assert not kernels.load()
-        assert not kernels.load()  # not tried again
+        handle = kernels.load()
+        assert kernels.load() is handle  # not tried again
+    assert not handle.available and handle.error == "Ninja is required to load C++ extensions"
     assert [r.getMessage() for r in caplog.records] == [
         "dsv2cli kernels unavailable, decoding with BLAS attention: Ninja is required to load C++ extensions"
     ]
-    assert not kernels.latent_attention_supported(torch.randn(4, 80), torch.randn(10, 80), 64)
+    assert not handle.latent_attention_supported(torch.randn(4, 80), torch.randn(10, 80), 64)
+    assert not handle.int8_matmul_supported(torch.zeros(4, 8, dtype=torch.int8))
+
+
+def test_the_build_finds_ninja_without_changing_the_environment(monkeypatch, tmp_path):
+    """Without ninja on PATH the wheel's binary is put in front for the build only."""
+    before = os.environ.get("PATH")
+    seen = []
+    with kernels._path_with(str(tmp_path)):
+        seen.append(os.environ["PATH"])
+    assert seen[0].split(os.pathsep)[0] == str(tmp_path)
+    assert os.environ.get("PATH") == before
+    with pytest.raises(RuntimeError), kernels._path_with(str(tmp_path)):
+        raise RuntimeError("a failed build")
+    assert os.environ.get("PATH") == before
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/ninja")
+    assert kernels._ninja_directory() is None  # on PATH already: nothing is added
 
 
 @pytest.mark.parametrize("pad", [[0], [3, 0, 5]], ids=["one-row", "left-padded-batch"])
-def test_model_decode_steps_through_the_kernel_equal_blas(tmp_path, pad):
-    """``use_attention_kernel``: eager one-token steps attend through the kernel, each row over its own slots (from its padding on)."""
+def test_model_decode_steps_through_the_kernel_equal_blas(loaded, tmp_path, pad):
+    """Options with the attention kernel: eager one-token steps attend through it, each row over its own slots (from its
+    padding on); without it (``attention_kernel=False``), through BLAS, in the same process and model."""
     save_reference(reference_model(seed=11), tmp_path)
     model = fuse_projections(load_hf_checkpoint(tmp_path))
     prompt = torch.randint(0, 128, (len(pad), 9), generator=torch.Generator().manual_seed(4))
     attentions = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
     calls = []
-    original = kernels.latent_attention
+    original = kernels.Kernels.latent_attention
 
-    def counted(query, entries, filled, rank, scale):
+    def counted(self, query, entries, filled, rank, scale):
         calls.append((entries.shape[0], tuple(filled.tolist())))
-        return original(query, entries, filled, rank, scale)
+        return original(self, query, entries, filled, rank, scale)
 
+    blas, kernel = ForwardOptions(loaded, attention_kernel=False), ForwardOptions(loaded)
     with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "latent_attention", counted)
+        patch.setattr(kernels.Kernels, "latent_attention", counted)
         caches = [model.new_cache(len(pad), 16, pad=pad) for _ in range(2)]
-        logits = [model(prompt, cache=cache, last_only=True) for cache in caches]
+        logits = [model(prompt, cache=cache, last_only=True, options=kernel) for cache in caches]
         token = logits[0][:, -1:].argmax(-1)
         for _ in range(4):
-            for m in attentions:
-                m.attention_kernel = False
-            expected = model(token, cache=caches[0])
-            assert use_attention_kernel(model)
-            got = model(token, cache=caches[1])
+            expected = model(token, cache=caches[0], options=blas)
+            got = model(token, cache=caches[1], options=kernel)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             token = expected[:, -1:].argmax(-1)
     # one call per row per layer per step, each over the row's own slots

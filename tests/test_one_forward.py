@@ -12,9 +12,9 @@ import torch
 from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.inference.compiled import CompiledDecoder, compiler_available, round_capacity
-from dsv2cli.model.attention import MultiHeadLatentAttention
-from dsv2cli.model.fusion import fuse_projections
+from dsv2cli.model import ForwardOptions
 from dsv2cli.model.quantized import absorb_int8, quantize_int8
+from dsv2cli.model.transformer import fuse_projections
 from tests.helpers import reference_model, save_reference
 
 STEPS = 5
@@ -27,7 +27,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 4e-2, "int8": 5e-2}
 # Share of positions where the path's top token is the reference's.
 AGREEMENT = {"float32": 1.0, "bfloat16": 0.9, "int8": 0.9}
 
-can_compile = compiler_available() and kernels.load()
+can_compile = compiler_available() and kernels.load().available
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,12 @@ def _model(checkpoint, weights: str):
     if weights == "bfloat16":
         return fuse_projections(load_hf_checkpoint(checkpoint, dtype=torch.bfloat16))
     model = load_hf_checkpoint(checkpoint)
-    return absorb_int8(fuse_projections(quantize_int8(model))) if weights == "int8" else fuse_projections(model)
+    return absorb_int8(fuse_projections(quantize_int8(model)), kernels.load()) if weights == "int8" else fuse_projections(model)
 
 
-def _decode(model, row_tokens: list[torch.Tensor], decoder: CompiledDecoder | None) -> list[torch.Tensor]:
+def _decode(
+    model, row_tokens: list[torch.Tensor], options: ForwardOptions, decoder: CompiledDecoder | None
+) -> list[torch.Tensor]:
     """Prefill each row's prompt (left-padded together), then STEPS teacher-forced steps -> per row ``[STEPS, V]``."""
     lengths = [len(t) - STEPS for t in row_tokens]
     longest = max(lengths)
@@ -71,10 +73,10 @@ def _decode(model, row_tokens: list[torch.Tensor], decoder: CompiledDecoder | No
         prompts[row, pad[row] :] = tokens[:n]
     cache = model.new_cache(len(row_tokens), round_capacity(longest + STEPS), pad=pad)
     with torch.inference_mode():
-        logits = [model(prompts, cache=cache, last_only=True)[:, -1]]
+        logits = [model(prompts, cache=cache, last_only=True, options=options)[:, -1]]
         for step in range(STEPS - 1):
             token = torch.stack([tokens[n + step] for tokens, n in zip(row_tokens, lengths, strict=True)])[:, None]
-            logits.append((model(token, cache=cache) if decoder is None else decoder.step(token, cache))[:, -1])
+            logits.append((model(token, cache=cache, options=options) if decoder is None else decoder.step(token, cache))[:, -1])
     return [torch.stack(logits)[:, row].double() for row in range(len(row_tokens))]
 
 
@@ -93,11 +95,10 @@ def test_every_decode_path_matches_the_float64_reference(checkpoint, sequences, 
     if (kernel or mode == "compiled") and not can_compile:
         pytest.skip("no C++ compiler, or dsv2's kernels do not build here")
     model = _model(checkpoint, weights)
-    decoder = CompiledDecoder(model, attention_kernel=kernel) if mode == "compiled" else None
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention):
-            module.attention_kernel = kernel
-    got = _decode(model, sequences[rows], decoder)
+    # dsv2's kernels for the int8 products wherever they build; the attention kernel as the path says.
+    options = ForwardOptions(kernels.load(), attention_kernel=kernel)
+    decoder = CompiledDecoder(model, options) if mode == "compiled" else None
+    got = _decode(model, sequences[rows], options, decoder)
     agree = total = 0
     for row, (logits, tokens) in enumerate(zip(got, sequences[rows], strict=True)):
         n = len(tokens) - STEPS

@@ -16,6 +16,7 @@ from dsv2cli.checkpoint.native import read_manifest
 from dsv2cli.cli.main import app
 from dsv2cli.errors import DSV2Error
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
+from dsv2cli.model import ForwardOptions
 from dsv2cli.model.quantized import Int8Linear, int8_dot_products
 from dsv2cli.parallel.group import ParallelGroup
 from dsv2cli.parallel.layers import LocalInt8Experts, RowParallelLinear, parallelize
@@ -43,10 +44,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def _one_at_a_time(model) -> list[tuple[list[int], list[float]]]:
-    """Greedy tokens and their log-probabilities, one prompt at a time: every step is one token (the int8 one-token kernel)."""
+    """Greedy tokens and their log-probabilities, one prompt at a time: every step is one token (the int8 one-token
+    kernels: dsv2's where they build, as generation runs them)."""
     out = []
+    options = GenerationOptions(max_new_tokens=NEW_TOKENS, forward=ForwardOptions(kernels.load()))
     for i, prompt in enumerate(PROMPTS[:2]):
-        (result,) = Generation(model, [GenerationRequest(prompt, None, i)], GenerationOptions(max_new_tokens=NEW_TOKENS)).run()
+        (result,) = Generation(model, [GenerationRequest(prompt, None, i)], options).run()
         out.append((result.token_ids, result.logprobs))
     return out
 
@@ -82,7 +85,7 @@ def test_two_ranks_on_a_native_checkpoint_give_one_process_tokens(checkpoints, l
         # every rank (exact int32 sums); without either, torch's int8-weight kernel rounds each rank's partial sums
         # of a row-parallel layer to bfloat16 (8 significant bits) before they are added: the same tokens,
         # log-probabilities to 2e-2.
-        tolerance = 1e-5 if int8_dot_products() or kernels.loaded() else 2e-2
+        tolerance = 1e-5 if int8_dot_products() or kernels.load().available else 2e-2
         for (tokens, logprobs), (want_tokens, want_logprobs) in zip(rank["one_row"], single["one_row"], strict=True):
             assert tokens == want_tokens
             assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) <= tolerance

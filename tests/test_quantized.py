@@ -7,7 +7,8 @@ from torch.nn import functional as F
 from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import load_hf_checkpoint
 from dsv2cli.config import ModelConfig
-from dsv2cli.model import DeepseekV2, quantized
+from dsv2cli.kernels import NO_KERNELS, Kernels
+from dsv2cli.model import DeepseekV2, ForwardOptions, quantized
 from dsv2cli.model.moe import RoutedExperts
 from dsv2cli.model.quantized import (
     Int8Linear,
@@ -46,15 +47,18 @@ def test_quantize_rows_on_stacked_experts_matches_each_expert():
 
 
 @pytest.fixture
-def int8_kernel():
-    if not kernels.load():
+def int8_kernel() -> Kernels:
+    """dsv2's C++ kernels, given to the products under test."""
+    handle = kernels.load()
+    if not handle.available:
         pytest.skip("dsv2's C++ kernels do not build here")
+    return handle
 
 
 @pytest.fixture
-def no_int8_kernel(monkeypatch):
-    """Run a test as where dsv2's C++ kernels cannot be built (torch's products only)."""
-    monkeypatch.setattr(quantized.kernels, "int8_matmul_supported", lambda weight: False)
+def no_int8_kernel() -> Kernels:
+    """No kernels: the products as where dsv2's C++ kernels cannot be built (torch's only)."""
+    return NO_KERNELS
 
 
 @pytest.fixture(params=[False, True], ids=["no_avx512_bf16", "avx512_bf16"])
@@ -69,7 +73,7 @@ def test_int8_linear_float32_several_tokens(bfloat16_cpu, no_int8_kernel):
     x, w = torch.randn(quantized.DECODE_ROWS + 1, 32), torch.randn(24, 32)  # more rows than a decode step
     q, scale = quantize_rows(w)
     expected = F.linear(x, dequantize_rows(q, scale, torch.float32))
-    got = int8_linear(x, q, scale)
+    got = int8_linear(x, q, scale, no_int8_kernel)
     if bfloat16_cpu:  # a bfloat16 GEMM on the exact int8 values, then the row scales
         assert got.dtype == torch.float32
         assert torch.equal(got, F.linear(x.bfloat16(), q.bfloat16()).float() * scale)
@@ -82,7 +86,7 @@ def test_int8_linear_bfloat16_several_tokens(bfloat16_cpu, no_int8_kernel):
     torch.manual_seed(2)
     x, w = torch.randn(2, 9, 64, dtype=torch.bfloat16), torch.randn(48, 64)  # 18 rows: more than a decode step
     q, scale = quantize_rows(w)
-    got = int8_linear(x, q, scale)
+    got = int8_linear(x, q, scale, no_int8_kernel)
     assert got.shape == (2, 9, 48) and got.dtype == torch.bfloat16
     if not bfloat16_cpu:  # torch's int8-weight kernel
         kernel = torch._weight_int8pack_mm(x.reshape(18, 64), q, scale.to(torch.bfloat16)).reshape(2, 9, 48)
@@ -114,11 +118,11 @@ def test_int8_routed_experts_match_float_experts_with_the_dequantized_weights(bf
     weights = torch.rand(8, 2)
     expected = dequantized(x, ids, weights)
     if bfloat16_cpu:  # several tokens per expert: bfloat16 GEMMs on the int8 values
-        assert (int8(x, ids, weights) - expected).abs().max() <= 0.02 * expected.abs().max()
+        assert (int8(x, ids, weights, no_int8_kernel) - expected).abs().max() <= 0.02 * expected.abs().max()
     else:
-        torch.testing.assert_close(int8(x, ids, weights), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(int8(x, ids, weights, no_int8_kernel), expected, rtol=1e-5, atol=1e-5)
     # One token (a decode step): close to the dequantized experts, within the 8-bit activation error.
-    one = int8(x[:1], ids[:1], weights[:1])
+    one = int8(x[:1], ids[:1], weights[:1], no_int8_kernel)
     reference = dequantized(x[:1], ids[:1], weights[:1])
     assert (one - reference).abs().max() <= 0.02 * reference.abs().max()
 
@@ -150,7 +154,7 @@ def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni, no_int8_kernel):
     torch.manual_seed(7)
     x, w = torch.randn(1, 64) * 3, torch.randn(40, 64)
     q, scale = quantize_rows(w)
-    got = int8_linear(x.view(1, 1, 64), q, scale)  # keeps the leading dims
+    got = int8_linear(x.view(1, 1, 64), q, scale, no_int8_kernel)  # keeps the leading dims
     if vnni:
         assert torch.equal(got, int8_gemv(quantize_activation(x), q, scale).view(1, 1, 40))
     else:
@@ -159,11 +163,11 @@ def test_one_token_takes_the_kernel_chosen_for_this_cpu(vnni, no_int8_kernel):
     # Either way within the error of an 8-bit token of the dequantized product.
     reference = F.linear(x, dequantize_rows(q, scale, torch.float32))
     assert (got.view(1, 40) - reference).abs().max() <= 0.02 * reference.abs().max()
-    assert int8_linear(x.bfloat16(), q, scale).dtype == torch.bfloat16
+    assert int8_linear(x.bfloat16(), q, scale, no_int8_kernel).dtype == torch.bfloat16
     # An input width the int8-weight kernel cannot take falls back to int8 x int8.
     q9, s9 = quantize_rows(torch.randn(40, 72))
     x9 = torch.randn(1, 72)
-    assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
+    assert torch.equal(int8_linear(x9, q9, s9, no_int8_kernel), int8_gemv(quantize_activation(x9), q9, s9))
 
 
 def test_many_rows_without_native_bfloat16_run_int8_too(int8_kernel, bfloat16_cpu):
@@ -171,7 +175,7 @@ def test_many_rows_without_native_bfloat16_run_int8_too(int8_kernel, bfloat16_cp
     torch.manual_seed(11)
     x, w = torch.randn(quantized.DECODE_ROWS + 5, 64), torch.randn(24, 64)
     q, scale = quantize_rows(w)
-    got = int8_linear(x, q, scale)
+    got = int8_linear(x, q, scale, int8_kernel)
     if bfloat16_cpu:
         assert torch.equal(got, F.linear(x.bfloat16(), q.bfloat16()).float() * scale)
     else:
@@ -183,17 +187,17 @@ def test_decode_rows_are_exact_int8_products_each_row_as_if_alone(int8_kernel):
     torch.manual_seed(8)
     x, w = torch.randn(2, 5, 64) * 3, torch.randn(40, 64)
     q, scale = quantize_rows(w)
-    got = int8_linear(x, q, scale)
+    got = int8_linear(x, q, scale, int8_kernel)
     assert got.shape == (2, 5, 40)
     for row in x.reshape(10, 64):
-        alone = int8_linear(row.view(1, 1, 64), q, scale).view(40)
+        alone = int8_linear(row.view(1, 1, 64), q, scale, int8_kernel).view(40)
         assert torch.equal(alone, int8_gemv(quantize_activation(row[None]), q, scale)[0])
         assert any(torch.equal(alone, other) for other in got.reshape(10, 40))
-    assert torch.equal(got.reshape(10, 40)[3], int8_linear(x.reshape(10, 64)[3:4], q, scale)[0])
+    assert torch.equal(got.reshape(10, 40)[3], int8_linear(x.reshape(10, 64)[3:4], q, scale, int8_kernel)[0])
     # An input width that is no multiple of 32 (the kernel's vector width): the same exact sums.
     q9, s9 = quantize_rows(torch.randn(40, 72))
     x9 = torch.randn(3, 72)
-    assert torch.equal(int8_linear(x9, q9, s9), int8_gemv(quantize_activation(x9), q9, s9))
+    assert torch.equal(int8_linear(x9, q9, s9, int8_kernel), int8_gemv(quantize_activation(x9), q9, s9))
 
 
 def test_int8_experts_of_decode_rows_read_each_expert_by_id(int8_kernel):
@@ -203,9 +207,9 @@ def test_int8_experts_of_decode_rows_read_each_expert_by_id(int8_kernel):
     x = torch.randn(4, config.hidden_size)
     ids = torch.tensor([[0, 3], [3, -1], [7, 0], [5, 5]])
     weights = torch.rand(4, 2)
-    got = int8(x, ids, weights)
+    got = int8(x, ids, weights, int8_kernel)
     for row in range(4):
-        alone = int8(x[row : row + 1], ids[row : row + 1], weights[row : row + 1])
+        alone = int8(x[row : row + 1], ids[row : row + 1], weights[row : row + 1], int8_kernel)
         torch.testing.assert_close(got[row : row + 1], alone, rtol=0, atol=0)
         expected = torch.zeros(1, config.hidden_size)
         for k in range(2):
@@ -230,7 +234,7 @@ def test_int8_absorbed_products_are_each_heads_int8_product(int8_kernel):
     absorbed = quantized.Int8Absorbed(weight, heads, nope, v_dim)
     w = weight.view(heads, nope + v_dim, rank)
     q_nope, latent = torch.randn(2, 1, heads, nope), torch.randn(2, 1, heads, rank)
-    keys, values = absorbed.absorb_key(q_nope), absorbed.apply_value(latent)
+    keys, values = absorbed.absorb_key(q_nope, int8_kernel), absorbed.apply_value(latent, int8_kernel)
     assert keys.shape == (2, 1, heads, rank) and values.shape == (2, 1, heads, v_dim)
     for b in range(2):
         for h in range(heads):
@@ -243,7 +247,7 @@ def test_int8_absorbed_products_are_each_heads_int8_product(int8_kernel):
         assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
     # A prefill takes them where int8_rows does: on CPUs without native bfloat16 products.
     prefill = torch.randn(1, quantized.DECODE_ROWS + 1, heads, nope)
-    assert absorbed.serves(q_nope) and absorbed.serves(prefill) == (not quantized.fast_cpu_bfloat16())
+    assert absorbed.serves(q_nope, int8_kernel) and absorbed.serves(prefill, int8_kernel) == (not quantized.fast_cpu_bfloat16())
 
 
 def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():
@@ -271,7 +275,7 @@ def test_quantized_model_stays_close_to_float(tmp_path, bfloat16_cpu):
     int8_model = quantize_int8(load_hf_checkpoint(tmp_path))
     tokens = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ref, got = float_model(tokens), int8_model(tokens)
+        ref, got = float_model(tokens), int8_model(tokens, options=ForwardOptions(kernels.load()))
     # With native bfloat16 the prefill's activations round to bfloat16 as well (the demo's cost: docs/convert.md).
     assert (got - ref).abs().max() <= (0.1 if bfloat16_cpu else 0.05) * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
@@ -290,7 +294,7 @@ def test_int8_linear_bfloat16_with_an_input_dim_the_kernel_cannot_take(bfloat16_
     torch.manual_seed(6)
     x, w = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(64, 24)  # 24 is not a multiple of 16
     q, scale = quantize_rows(w)
-    got = int8_linear(x, q, scale)
+    got = int8_linear(x, q, scale, NO_KERNELS)
     reference = F.linear(x.float(), dequantize_rows(q, scale, torch.float32))
     assert torch.isfinite(got).all() and (got.float() - reference).abs().max() <= 0.02 * reference.abs().max()
 
@@ -312,17 +316,17 @@ def test_one_token_expert_paths_match_the_sorted_path_with_dropped_ids(vnni):
 
 def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_change(vnni):
     """docs/convert.md states the int8 decode path's cost on the bundled demo: about -0.001 nats, 98 % top-1."""
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.model.fusion import fuse_projections
-    from dsv2cli.checkpoint.resolve import bundled_model_dir
+    from dsv2cli.model.transformer import fuse_projections
 
     demo = bundled_model_dir()
     assert demo is not None
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])
     reference = load_hf_checkpoint(demo)
     int8 = fuse_projections(quantize_int8(load_hf_checkpoint(demo)))
-    quality = teacher_forced_decode_change(reference, int8, tokens)
+    quality = teacher_forced_decode_change(reference, int8, tokens, options=ForwardOptions(kernels.load()))
     assert quality.tokens == 127
     assert abs(quality.log_likelihood_change) <= 0.02 and quality.top1_agreement >= 0.95
     same = teacher_forced_decode_change(reference, reference, tokens)  # the float32 decode path itself
@@ -331,9 +335,9 @@ def test_int8_decode_path_on_the_demo_stays_within_the_stated_log_likelihood_cha
 
 def test_int8_prefill_on_the_demo_stays_within_the_stated_log_likelihood_change(bfloat16_cpu):
     """docs/performance.md states the int8 prefill's cost on the demo: -0.0004 nats, 99.4 % top-1 with bfloat16 GEMMs."""
-    from dsv2cli.inference.tokenizer import TextTokenizer
-    from dsv2cli.model.fusion import fuse_projections
     from dsv2cli.checkpoint.resolve import bundled_model_dir
+    from dsv2cli.inference.tokenizer import TextTokenizer
+    from dsv2cli.model.transformer import fuse_projections
 
     demo = bundled_model_dir()
     tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:256]])
@@ -341,7 +345,9 @@ def test_int8_prefill_on_the_demo_stays_within_the_stated_log_likelihood_change(
     int8 = fuse_projections(quantize_int8(load_hf_checkpoint(demo)))
     with torch.inference_mode():
         expected = torch.log_softmax(reference(tokens)[0, :-1], dim=-1)
-        got = torch.log_softmax(int8(tokens)[0, :-1], dim=-1)  # one forward: the several-token (prefill) matmuls
+        got = torch.log_softmax(
+            int8(tokens, options=ForwardOptions(kernels.load()))[0, :-1], dim=-1
+        )  # one forward: the several-token (prefill) matmuls
     targets = tokens[0, 1:, None]
     change = (got.gather(1, targets) - expected.gather(1, targets)).mean().item()
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()

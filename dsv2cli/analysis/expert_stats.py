@@ -43,7 +43,7 @@ from dsv2cli.analysis.text_inputs import SequenceSet
 from dsv2cli.analysis.token_drop import DROP_ORDERS
 from dsv2cli.errors import InputError, UnsupportedError
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.model import DeepseekV2
+from dsv2cli.model import DeepseekV2, ForwardOptions
 from dsv2cli.model.moe import RoutingDecision
 
 DEFAULT_CAPACITY_FACTORS = (1.0, 1.25, 1.5, 2.0)
@@ -63,6 +63,7 @@ class StatsOptions:
     top_tokens: int = 0
     plan_devices: int | None = None
     redundant: int = 0
+    forward: ForwardOptions = ForwardOptions()  # the forwards' kernels (an int8 model's: ``LoadedModel.options``)
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,7 @@ def collect_expert_stats(
 
     began = time.perf_counter()
     recorder = RoutingRecorder(placement, max_devices)
-    base_loss = _run(model, inputs, groups, recorder, options.apply_drop is not None, progress, "routing")
+    base_loss = _run(model, inputs, groups, recorder, options.apply_drop is not None, progress, "routing", options.forward)
     layers = []
     overall = {(p, cf): DropCounts(p, cf, options.drop_order if p == "expert" else None) for p in DROP_POLICIES for cf in factors}
     stream = torch.tensor([t for s in inputs.sequences for t in s.token_ids]) if options.top_tokens else None
@@ -503,6 +504,7 @@ def _run(
     need_loss: bool,
     progress: ProgressFn | None,
     phase: str,
+    forward: ForwardOptions,
 ) -> tuple[float, int] | None:
     """One pass over all forward groups with ``hook``; ``(summed next-token loss, predicted tokens)`` when asked."""
     device = model.embed_tokens.weight.device
@@ -521,7 +523,7 @@ def _run(
             else:
                 hook.start(lengths, width, offset)
             # Right padding is exact under causal attention: real tokens never see the padding after them.
-            logits = model(tokens, routing_hook=hook, last_only=not need_loss)
+            logits = model(tokens, routing_hook=hook, last_only=not need_loss, options=forward)
             if need_loss:
                 loss, count = _next_token_loss(logits, tokens, lengths)
                 total_loss += loss
@@ -562,7 +564,7 @@ def _apply_drop(
         options.drop_order,
         {layer: placement.expert_order(layer) for layer in moe_layers},
     )
-    dropped = _run(model, inputs, groups, hook, True, progress, "dropping")
+    dropped = _run(model, inputs, groups, hook, True, progress, "dropping", options.forward)
     assert dropped is not None
     base_loss, predicted = base
     if predicted == 0:

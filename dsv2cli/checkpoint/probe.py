@@ -21,12 +21,14 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from dsv2cli import kernels
 from dsv2cli.checkpoint import fit
 from dsv2cli.checkpoint.files import CheckpointFiles, find_problems, problems_error
 from dsv2cli.checkpoint.loader import read_hf_state_dict
 from dsv2cli.checkpoint.native import ST_TO_TORCH, file_for, is_native, read_manifest
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.model import ForwardOptions
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.quantized import dequantize_rows, quantize_int8
 from dsv2cli.model.rope import RotaryEmbedding
@@ -126,9 +128,11 @@ def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbed
     x = F.embedding(tokens, embed)  # [1, S, D]
     positions = torch.arange(tokens.shape[1])[None]
     cos, sin = rotary.cos_sin(positions)
+    # int8 blocks run their products as generation does: through dsv2's kernels where they build.
+    options = ForwardOptions(kernels.load()) if weights.quantization == "int8" else ForwardOptions()
     for index in range(config.num_hidden_layers):
         block = weights.block(index)
-        x = block(x, cos, sin, None, None, "absorbed", None)
+        x = block(x, cos, sin, None, None, "absorbed", None, options)
         del block
     head = weights.part("norm.") | ({} if config.tie_word_embeddings else weights.part("lm_head."))
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -162,6 +162,7 @@ def expert_stats(
             top_tokens=top_tokens,
             plan_devices=plan_devices,
             redundant=redundant,
+            forward=loaded.options,
         )
         passes = 2 if apply_drop is not None else 1
         with _progress(sequences.tokens, passes) as advance:

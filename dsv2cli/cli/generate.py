@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 
-from dsv2cli import kernels
 from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
 from dsv2cli.cli.common import LoadStatus, err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
@@ -17,7 +16,8 @@ from dsv2cli.inference.compiled import CompiledDecoder, cannot_compile
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
 from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.sampling import SamplingParams
-from dsv2cli.inference.session import LoadedModel, use_attention_kernel
+from dsv2cli.inference.session import LoadedModel, with_attention_kernel
+from dsv2cli.model import ForwardOptions
 from dsv2cli.model.attention import ATTENTION_IMPLS
 from dsv2cli.parallel import ParallelGroup, distributed_run, from_main_rank, shared_seed
 from dsv2cli.parallel.session import load_model
@@ -135,8 +135,8 @@ def generate(
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
         loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
-        kernel = _attention_kernel(loaded, attention_kernel)
-        decoder = _decoder(loaded, compile if group is None else False, kernel)
+        forward = _forward_options(loaded, attention_kernel)
+        decoder = _decoder(loaded, compile if group is None else False, forward)
         if shards is not None:
             for line in shards.lines():
                 err.print(f"[dim]{line}[/]", soft_wrap=True)
@@ -158,6 +158,7 @@ def generate(
             stop=tuple(stop or ()),
             attention=attention.value,
             cache_dtype=None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype),
+            forward=forward,
         )
         if interactive:
             _interactive(loaded, options, system, group, decoder)
@@ -166,7 +167,7 @@ def generate(
         _run_batches(loaded, requests, options, format, batch_size, decoder)
 
 
-def _decoder(loaded: LoadedModel, asked: bool | None, attention_kernel: bool) -> CompiledDecoder | None:
+def _decoder(loaded: LoadedModel, asked: bool | None, forward: ForwardOptions) -> CompiledDecoder | None:
     """Compiled decode steps: as asked, else wherever they can run (a one-line note says why not)."""
     if asked is False:
         return None
@@ -179,22 +180,20 @@ def _decoder(loaded: LoadedModel, asked: bool | None, attention_kernel: bool) ->
     def compiling():
         return err.status("compiling the decode step for this batch (the first time 15-60 s; cached on disk after) ...")
 
-    return CompiledDecoder(loaded.model, attention_kernel=attention_kernel, compiling=compiling)
+    return CompiledDecoder(loaded.model, forward, compiling=compiling)
 
 
-def _attention_kernel(loaded: LoadedModel, asked: bool | None) -> bool:
-    """Whether decode steps attend through the C++ kernel: as asked, else wherever it builds. An explicit
-    ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
+def _forward_options(loaded: LoadedModel, asked: bool | None) -> ForwardOptions:
+    """The loaded model's forward options, decode steps attending through the C++ kernel as asked, else wherever it
+    builds. An explicit ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
     if asked is False:
-        return False
+        return with_attention_kernel(loaded.options, loaded.device, enabled=False)
     with err.status("dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."):
-        enabled = use_attention_kernel(loaded.model)
-    if enabled:
-        return True
-    if asked:
-        reason = "it runs on CPU only" if loaded.device.type != "cpu" else kernels.unavailable_reason()
+        forward = with_attention_kernel(loaded.options, loaded.device)
+    if forward.latent_attention is None and asked:
+        reason = "it runs on CPU only" if loaded.device.type != "cpu" else forward.kernels.error
         raise InputError(f"--attention-kernel: the kernel is not available here ({reason})", hint="drop --attention-kernel")
-    return False
+    return forward
 
 
 def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:

@@ -4,7 +4,9 @@
 written at tensor slots over its whole capacity, ``dsv2cli/model/cache.py``) and each block through
 ``torch.compile``. There is no second copy of the math: the compiled graphs are traced from the
 modules' own forwards, and the kernels the modules choose per op (dsv2's int8 x int8 products, the
-one-pass latent attention, ``dsv2cli/kernels``) are called from the graphs as they are eagerly.
+one-pass latent attention, ``dsv2cli/kernels``) are called from the graphs as they are eagerly. The
+decoder's :class:`ForwardOptions` go to every step; being a frozen dataclass, they are constants of
+the graphs (a decoder with other options compiles its own graphs).
 
 Blocks are compiled one by one rather than as one graph of the whole model: the compiler traces a
 block once and every block of the same kind (the dense first layers, the MoE ones) reuses its graph,
@@ -32,7 +34,7 @@ from torch._dynamo import config as dynamo_config
 
 from dsv2cli import kernels
 from dsv2cli.errors import InputError
-from dsv2cli.model import DeepseekV2
+from dsv2cli.model import DeepseekV2, ForwardOptions
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.cache import LatentKVCache
 from dsv2cli.model.fusion import FusedLinears
@@ -60,8 +62,9 @@ def cannot_compile(model: DeepseekV2) -> str | None:
         return "compiled decode steps are implemented for CPU only"
     if not compiler_available():
         return "no C++ compiler (c++, g++ or clang++) on PATH"
-    if not kernels.load():
-        return f"dsv2's C++ kernels do not build here ({kernels.unavailable_reason()})"
+    handle = kernels.load()
+    if not handle.available:
+        return f"dsv2's C++ kernels do not build here ({handle.error})"
     return None
 
 
@@ -71,17 +74,17 @@ class CompiledDecoder:
     def __init__(
         self,
         model: DeepseekV2,
-        attention_kernel: bool = True,
+        options: ForwardOptions | None = None,
         compiling: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
-        """``compiling``: a context entered while a cache shape compiles (the CLI shows a status line in it)."""
+        """``options``: what every step may use (default: dsv2's kernels, the attention kernel included);
+        ``compiling``: a context entered while a cache shape compiles (the CLI shows a status line in it)."""
         reason = cannot_compile(model)
         if reason is not None:
             raise InputError(f"cannot compile decode steps: {reason}", hint="decode eagerly (`compile=False`)")
         self.model = model
-        self.attention_kernel = attention_kernel
+        self.options = ForwardOptions(kernels.load()) if options is None else options
         self.compiling = compiling
-        self._attentions = [m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)]
         options = {
             "cpp_wrapper": True,  # the graph runs from C++, without Python between its kernels
             "compile_threads": 1,  # a pool of compile workers costs more than it saves on a few cores
@@ -116,9 +119,8 @@ class CompiledDecoder:
 
     def _run(self, tokens: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
         cache.check_room(1)
-        for attention in self._attentions:  # this decoder's choice (a graph is compiled for each)
-            attention.attention_kernel = self.attention_kernel
-        return self.model(tokens.reshape(cache.batch_size, 1), cache=cache, static_shapes=True, blocks=self.blocks)
+        tokens = tokens.reshape(cache.batch_size, 1)
+        return self.model(tokens, cache=cache, static_shapes=True, blocks=self.blocks, options=self.options)
 
 
 def _stacks_current(model: DeepseekV2) -> bool:

@@ -18,7 +18,7 @@ from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.inference.sampling import SamplingParams, choose_tokens, row_generators
 from dsv2cli.inference.tokenizer import StreamDecoder, TextTokenizer
-from dsv2cli.model import DeepseekV2
+from dsv2cli.model import DeepseekV2, ForwardOptions
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     attention: str = "absorbed"
     cache_dtype: torch.dtype | None = None  # the latent cache's values; None = the model's dtype
+    forward: ForwardOptions = ForwardOptions()  # what eager forwards use (compiled steps: the decoder's own)
 
 
 # A prefill this long is compute-bound: expanding K/V once for the new tokens is cheaper than attending in the
@@ -228,7 +229,8 @@ class Generation:
         active = list(range(rows))
 
         start = time.perf_counter()
-        logits = model(tokens.to(device), cache=cache, attention=prefill_attention(options.attention, longest), last_only=True)
+        attention = prefill_attention(options.attention, longest)
+        logits = model(tokens.to(device), cache=cache, attention=attention, last_only=True, options=options.forward)
         prefill_s = time.perf_counter() - start
         use_compiled = self.decoder is not None and options.attention == "absorbed" and self.decoder.serves(cache)
         compiled = self.decoder if use_compiled else None
@@ -273,4 +275,4 @@ class Generation:
             if active and compiled is not None:
                 logits = compiled.step(chosen[:, None], cache)
             elif active:
-                logits = model(chosen[:, None], cache=cache, attention=options.attention)
+                logits = model(chosen[:, None], cache=cache, attention=options.attention, options=options.forward)

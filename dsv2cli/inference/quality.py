@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
-from dsv2cli.model import DeepseekV2
+from dsv2cli.model import DeepseekV2, ForwardOptions
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,21 @@ def teacher_forced_decode_change(
     tokens: torch.Tensor,
     decoder: CompiledDecoder | None = None,
     cache_dtype: torch.dtype | None = None,
+    options: ForwardOptions = ForwardOptions(),
 ) -> DecodeQuality:
     """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps.
 
-    With ``decoder`` (compiled for ``candidate``) the first token is the prefill and the rest are compiled steps.
+    With ``decoder`` (compiled for ``candidate``) the first token is the prefill and the rest are compiled steps
+    (both with the decoder's options); without, every step is eager with ``options``.
     The candidate's latent cache holds ``cache_dtype`` values (default: its own dtype).
     """
     expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
     if decoder is None:
         cache = candidate.new_cache(1, tokens.shape[1], dtype=cache_dtype)
-        steps = [candidate(tokens[:, t : t + 1], cache=cache)[0, -1] for t in range(tokens.shape[1] - 1)]
+        steps = [candidate(tokens[:, t : t + 1], cache=cache, options=options)[0, -1] for t in range(tokens.shape[1] - 1)]
     else:
         cache = candidate.new_cache(1, round_capacity(tokens.shape[1]), dtype=cache_dtype)
-        steps = [candidate(tokens[:, :1], cache=cache)[0, -1]]
+        steps = [candidate(tokens[:, :1], cache=cache, options=decoder.options)[0, -1]]
         decoder.prepare(cache)
         steps += [decoder.step(tokens[:, t : t + 1], cache)[0, -1] for t in range(1, tokens.shape[1] - 1)]
     got = torch.log_softmax(torch.stack(steps).float(), dim=-1)  # [S-1, V]

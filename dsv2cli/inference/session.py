@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -13,13 +13,12 @@ from dsv2cli import kernels
 from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, default_working, fit_of, gb, load_need, stored_weights
 from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
 from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.model import DeepseekV2
-from dsv2cli.model.attention import MultiHeadLatentAttention
-from dsv2cli.model.fusion import fuse_projections
-from dsv2cli.model.quantized import absorb_int8
-from dsv2cli.checkpoint.resolve import resolve_checkpoint
+from dsv2cli.model import DeepseekV2, ForwardOptions
+from dsv2cli.model.quantized import absorb_int8, has_int8
+from dsv2cli.model.transformer import fuse_projections
 
 # Weight files are read ahead only when this much memory (or 5 % of what is available, if more) stays free beside them.
 READ_AHEAD_SPARE = 10**9
@@ -33,6 +32,7 @@ class LoadedModel:
     tokenizer: TextTokenizer | None
     device: torch.device
     dtype: torch.dtype
+    options: ForwardOptions = ForwardOptions()  # what its forwards use (:func:`int8_options`)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -86,17 +86,23 @@ def configure_cpu(threads: int | None) -> None:
     torch.set_flush_denormal(True)
 
 
-def use_attention_kernel(model: DeepseekV2) -> bool:
-    """Absorbed one-token decode steps of ``model`` attend through the C++ kernel (``dsv2cli/kernels``), built once per machine.
+def int8_options(model: DeepseekV2) -> ForwardOptions:
+    """The forward options of a loaded ``model``: an int8 model on CPU runs its products through dsv2's kernels
+    (``dsv2cli/kernels``, built once per machine) where they build, and attends through them too; other models
+    run torch's operators (:func:`with_attention_kernel` adds the attention kernel)."""
+    if model.embed_tokens.weight.device.type != "cpu" or not has_int8(model):
+        return ForwardOptions()
+    return ForwardOptions(kernels.load())
 
-    False (the BLAS path stays) when it cannot be built here or the model is not on the CPU.
-    """
-    if model.embed_tokens.weight.device.type != "cpu" or not kernels.load():
-        return False
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention):
-            module.attention_kernel = True
-    return True
+
+def with_attention_kernel(options: ForwardOptions, device: torch.device, enabled: bool = True) -> ForwardOptions:
+    """``options`` with one-token absorbed steps attending through dsv2's C++ kernel (``enabled``, on CPU, loading
+    the kernels: built once per machine) or through BLAS (``enabled=False``); check ``.latent_attention`` for the outcome."""
+    if not enabled:
+        return replace(options, attention_kernel=False)
+    if device.type != "cpu":
+        return options
+    return replace(options, kernels=kernels.load(), attention_kernel=True)
 
 
 class LoadProgress(Protocol):
@@ -159,5 +165,7 @@ def load_for_generation(
     fit = check_load(weights, torch_dtype, torch_device, working=working)
     if read_weights and torch_device.type == "cpu":  # the page cache is host memory; a GPU load reads each file once anyway
         read_weights_ahead(weights, fit, progress)
-    model = absorb_int8(fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True)))
-    return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype)
+    model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
+    options = int8_options(model)
+    absorb_int8(model, options.kernels)
+    return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype, options)

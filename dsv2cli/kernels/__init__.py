@@ -3,104 +3,108 @@
 ``latent_attention.cpp`` is absorbed MLA attention of one decode step over the latent cache in a
 single pass (flash-decoding on CPU): each cached entry is read once, scored against all heads and
 accumulated with an online softmax, instead of two BLAS calls that each stream (and pack) the
-whole cache. :func:`load` compiles it with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
-``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
-first time (about 10 s on 2 cores) and loads it from there afterwards; :func:`loaded` says whether
-the operators are registered in this process. Model code calls the attention operator only where the
-inference layer turned it on and it serves the shapes (:func:`latent_attention_supported`; loading is
-that layer's I/O: ``CompiledDecoder``, ``use_attention_kernel``).
+whole cache. ``int8_matmul.cpp`` is the int8 x int8 product of quantized rows with int8 weights, each
+row through its own matrix of a stack (a layer's routed experts, an MLA layer's heads) picked by id.
 
-``int8_matmul.cpp`` is the int8 x int8 product of quantized rows with int8 weights, each row through
-its own matrix of a stack (a layer's routed experts, an MLA layer's heads) picked by id. int8 modules
-call it wherever it serves (:func:`int8_matmul_supported`), which builds or loads the kernels the first
-time it is asked, so that every process of a run chooses the same products.
+:func:`load` compiles both with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
+``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
+first time (about 30 s on 2 cores) and loads them from there afterwards. It returns a :class:`Kernels`
+handle, the same one for every call in a process: the operators, or the reason they are missing. The
+model never loads them itself; its callers pass the handle in its forward options
+(``dsv2cli/model/options.py``), so a process can run with and without them side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp")]
 _NAME = "dsv2cli_kernels"
-_state: dict[str, object] = {"loaded": False, "error": None}
 log = logging.getLogger(__name__)
 
 
-def loaded() -> bool:
-    """Whether ``torch.ops.dsv2cli.latent_attention`` is registered in this process."""
-    return bool(_state["loaded"])
+@dataclass(frozen=True)
+class Kernels:
+    """dsv2's C++ operators as this process has them: available, or not with the reason (``error``).
 
-
-def unavailable_reason() -> str | None:
-    """Why :func:`load` failed (the last line of the error), or None."""
-    return _state["error"]  # type: ignore[return-value]
-
-
-def load() -> bool:
-    """Build (once per machine and source) and load the kernels; False, with the reason logged, when they cannot be.
-
-    Only CPUs with AVX2 or AVX-512 (as inductor detects them) are served; elsewhere, or without a
-    compiler or ninja, decoding keeps the BLAS path.
+    Frozen and compared by value, so a compiled graph that reads a handle treats it as a constant.
     """
-    if _state["loaded"] or _state["error"] is not None:
-        return loaded()
+
+    error: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.error is None
+
+    def latent_attention_supported(self, query: torch.Tensor, entries: torch.Tensor, rank: int) -> bool:
+        """Whether the kernel serves query ``[rows, C + R]`` over entries ``[T, C + R]`` with latent rank ``C``."""
+        return (
+            self.available
+            and query.device.type == "cpu"
+            and entries.dtype in (torch.float32, torch.bfloat16)
+            and entries.stride(-1) == 1
+            and rank % 16 == 0
+            and entries.shape[-1] % 2 == 0
+        )
+
+    def latent_attention(
+        self, query: torch.Tensor, entries: torch.Tensor, filled: torch.Tensor, rank: int, scale: float
+    ) -> torch.Tensor:
+        """query ``[rows, C + R]`` over entries ``[T, C + R]`` -> ``[rows, C]`` float32.
+
+        ``filled`` (int64): ``[end]`` attends to entries ``0..end-1``, ``[first, end]`` to ``first..end-1``:
+        ``softmax(scale * query @ entries[first:end]^T) @ entries[first:end, :C]`` with float32 sums; with a
+        bfloat16 cache on AVX512-BF16 CPUs the products round the query and the probabilities to bfloat16
+        (as the BLAS path's bfloat16 matmuls do).
+        """
+        return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
+
+    def int8_matmul_supported(self, weight: torch.Tensor) -> bool:
+        """Whether the kernel takes ``weight [..., O, I]``: int8 on CPU, rows contiguous."""
+        return self.available and weight.device.type == "cpu" and weight.dtype == torch.int8 and weight.stride(-1) == 1
+
+    def int8_matmul(
+        self, x: torch.Tensor, step: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Quantized rows ``x [R, I]`` int8 with steps ``[R, 1]`` against ``weight [E, O, I]`` int8, ``scale [E, O]`` -> ``[R, O]`` float32.
+
+        Row ``r`` goes through matrix ``ids[r]`` (``[R]`` int64; -1: a zero row); without ``ids`` every row
+        through ``weight[0]``. ``step[r] * scale[e, o] * sum_i x[r, i] * weight[e, o, i]`` with exact int32
+        sums (the same numbers as ``torch._int_mm``); each weight is read once for all the rows that use it.
+        """
+        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        return torch.ops.dsv2cli.int8_matmul(x, step.reshape(-1), weight, scale.float(), empty if ids is None else ids)
+
+
+# The handle of a forward that was given no kernels: torch's own operators only.
+NO_KERNELS = Kernels(error="not loaded (dsv2cli.kernels.load() gives the kernels)")
+
+
+@functools.cache
+def load() -> Kernels:
+    """Build (once per machine and source) and load the kernels; the handle says why not when they cannot be.
+
+    Once per process: later calls return the same handle (a failure is logged once and not retried).
+    Only CPUs with AVX2 or AVX-512 (as inductor detects them) are served; elsewhere, or without a
+    compiler or ninja, the callers keep torch's operators.
+    """
     try:
         _build_and_load()
-        _state["loaded"] = True
     except Exception as error:  # a missing compiler or ninja, an unsupported CPU, a failed build
-        _state["error"] = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        log.warning("dsv2cli kernels unavailable, decoding with BLAS attention: %s", _state["error"])
-    return loaded()
-
-
-def latent_attention_supported(query: torch.Tensor, entries: torch.Tensor, rank: int) -> bool:
-    """Whether the loaded kernel serves query ``[rows, C + R]`` over entries ``[T, C + R]`` with latent rank ``C``."""
-    return (
-        loaded()
-        and query.device.type == "cpu"
-        and entries.dtype in (torch.float32, torch.bfloat16)
-        and entries.stride(-1) == 1
-        and rank % 16 == 0
-        and entries.shape[-1] % 2 == 0
-    )
-
-
-def latent_attention(query: torch.Tensor, entries: torch.Tensor, filled: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
-    """query ``[rows, C + R]`` over entries ``[T, C + R]`` -> ``[rows, C]`` float32.
-
-    ``filled`` (int64): ``[end]`` attends to entries ``0..end-1``, ``[first, end]`` to ``first..end-1``:
-    ``softmax(scale * query @ entries[first:end]^T) @ entries[first:end, :C]`` with float32 sums; with a
-    bfloat16 cache on AVX512-BF16 CPUs the products round the query and the probabilities to bfloat16
-    (as the BLAS path's bfloat16 matmuls do).
-    """
-    return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
-
-
-def int8_matmul(
-    x: torch.Tensor, step: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Quantized rows ``x [R, I]`` int8 with steps ``[R, 1]`` against ``weight [E, O, I]`` int8, ``scale [E, O]`` -> ``[R, O]`` float32.
-
-    Row ``r`` goes through matrix ``ids[r]`` (``[R]`` int64; -1: a zero row); without ``ids`` every row
-    through ``weight[0]``. ``step[r] * scale[e, o] * sum_i x[r, i] * weight[e, o, i]`` with exact int32
-    sums (the same numbers as ``torch._int_mm``); each weight is read once for all the rows that use it.
-    """
-    empty = torch.empty(0, dtype=torch.long, device=x.device)
-    return torch.ops.dsv2cli.int8_matmul(x, step.reshape(-1), weight, scale.float(), empty if ids is None else ids)
-
-
-def int8_matmul_supported(weight: torch.Tensor) -> bool:
-    """Whether the kernel takes ``weight [..., O, I]`` (int8 on CPU, rows contiguous); loads the kernels the first
-    time it is asked (built once per machine), so that every process of a run chooses the same products."""
-    if weight.device.type != "cpu" or weight.dtype != torch.int8 or weight.stride(-1) != 1:
-        return False
-    return loaded() or (not torch.compiler.is_compiling() and load())
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        log.warning("dsv2cli kernels unavailable, decoding with BLAS attention: %s", reason)
+        return Kernels(error=reason)
+    return Kernels()
 
 
 # A build takes seconds; a lock file older than this was left by a build that was killed.
@@ -119,25 +123,52 @@ def _clear_stale_lock(build_directory: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _ninja_directory() -> str | None:
+    """The directory of the ninja wheel's binary when no ``ninja`` is on PATH (this environment's bin directory is
+    not on PATH when its scripts run without activating it), else None."""
+    if shutil.which("ninja") is not None:
+        return None
+    try:
+        import ninja  # the optional wheel; only its path is read
+    except ImportError:
+        return None
+    return ninja.BIN_DIR
+
+
+@contextlib.contextmanager
+def _path_with(directory: str | None) -> Iterator[None]:
+    """PATH with ``directory`` in front for the duration of the build, restored after.
+
+    torch's extension builder runs ``ninja`` from PATH (``is_ninja_available`` and its build both call it
+    through ``subprocess`` with this process's environment) and takes no path to it.
+    """
+    if directory is None:
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = directory + os.pathsep + (before or "")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 def _build_and_load() -> None:
-    from torch._inductor import cpu_vec_isa
+    from torch._inductor import cpu_vec_isa  # inductor's CPU detection, imported only when building
     from torch.utils import cpp_extension
 
     isa = cpu_vec_isa.pick_vec_isa()
     if not isinstance(isa, (cpu_vec_isa.VecAVX2, cpu_vec_isa.VecAVX512)):
         raise RuntimeError("the kernels are written for x86 CPUs with AVX2 or AVX-512")
-    try:  # the ninja wheel's binary, when this environment's bin directory is not on PATH
-        import ninja
-
-        if shutil.which("ninja") is None:
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
     _clear_stale_lock(Path(cpp_extension._get_build_directory(_NAME, verbose=False)))
     flags = ["-O3", "-march=native", "-fopenmp", *(f"-D{macro}" for macro in isa.build_macro()), *isa.build_arch_flags().split()]
-    cpp_extension.load(
-        _NAME, [str(source) for source in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False
-    )
+    with _path_with(_ninja_directory()):
+        cpp_extension.load(
+            _NAME, [str(source) for source in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False
+        )
 
     @torch.library.register_fake("dsv2cli::latent_attention")
     def _(query, entries, filled, rank, scale):  # shapes for torch.compile

@@ -7,6 +7,10 @@ N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, D hidden s
 * absorbed: fold W_UK into the query (``q~ = W_UK^T q_nope``, C wide) and attend over
   ``[c_KV | k_pe]`` directly (one shared "head" of C + R); apply W_UV after attention.
   Nothing per head is ever built for the cached tokens.
+
+dsv2's C++ kernels run where the forward's :class:`ForwardOptions` give them and they serve: one-token
+absorbed steps attend in one pass over the cache, and int8 models (``quantized.py``) run their products
+int8 x int8.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli import kernels
 from dsv2cli.config import ModelConfig
+from dsv2cli.kernels import Kernels
 from dsv2cli.model.cache import LayerKV
 from dsv2cli.model.dtypes import cast
-from dsv2cli.model.fusion import FusedLinears
+from dsv2cli.model.fusion import FusedLinears, fused
 from dsv2cli.model.norm import RMSNorm
+from dsv2cli.model.options import TORCH_ONLY, ForwardOptions, project
 from dsv2cli.model.rope import apply_rope
 
 ATTENTION_IMPLS = ("absorbed", "naive")
@@ -52,20 +57,23 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
         self.fused_input: FusedLinears | None = None  # set by fuse_projections(): query + kv_a in one matmul
-        # Set by use_attention_kernel() once the C++ kernel is loaded: one-token steps attend through it.
-        self.attention_kernel = False
         # Set by quantized.absorb_int8() on int8 models: decode rows' W_UK / W_UV products in int8.
         self.int8_absorbed = None
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse_projections(self) -> None:
+        """Stack the query's and ``kv_a_proj_with_mqa``'s weights (``fusion.py``) where they can be."""
+        query = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        self.fused_input = fused(query, self.kv_a_proj_with_mqa)
+
+    def _project(self, x: torch.Tensor, kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[B, S, D]`` -> q ``[B, S, H, N + R]`` and the compressed kv ``[B, S, C + R]`` (before norm and rope)."""
         query = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         if self.fused_input is not None and self.fused_input.usable():
-            q, kv = self.fused_input(x)
+            q, kv = self.fused_input(x, kernels)
         else:
-            q, kv = query(x), self.kv_a_proj_with_mqa(x)
+            q, kv = project(query, x, kernels), project(self.kv_a_proj_with_mqa, x, kernels)
         if self.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            q = project(self.q_b_proj, self.q_a_layernorm(q), kernels)
         return q.unflatten(-1, (self.num_heads, -1)), kv
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +89,12 @@ class MultiHeadLatentAttention(nn.Module):
         mask: torch.Tensor | None,
         kv: LayerKV | None = None,
         impl: str = "absorbed",
+        options: ForwardOptions = TORCH_ONLY,
     ) -> torch.Tensor:
         """x ``[B, S, D]``; cos/sin ``[B, S, R/2]``; mask ``[B, S, T]`` bool or None (causal); ``kv``: this layer's
         cache, written and read (None: the new tokens attend to each other only). Returns ``[B, S, D]``."""
         batch, seq, _ = x.shape
-        q, compressed = self._project(x)
+        q, compressed = self._project(x, options.kernels)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)  # [B, S, H, R]
         latent, k_pe = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -93,38 +102,46 @@ class MultiHeadLatentAttention(nn.Module):
         bounds = None if kv is None else kv.bounds
         kv = entries if kv is None else kv.write(entries)  # [B, T, C + R]
         if impl == "absorbed":
-            out = self._absorbed(q_nope, q_pe, kv, mask, bounds)
+            out = self._absorbed(q_nope, q_pe, kv, mask, bounds, options)
         elif impl == "naive":
             out = self._naive(q_nope, q_pe, kv, mask)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
-        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
+        return project(self.o_proj, out.reshape(batch, seq, self.num_heads * self.v_dim), options.kernels)
 
     def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None, bounds: torch.Tensor | None
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        kv: torch.Tensor,
+        mask: torch.Tensor | None,
+        bounds: torch.Tensor | None,
+        options: ForwardOptions,
     ) -> torch.Tensor:
         w_uk, w_uv = self._kv_b_weights()
         batch, seq, heads, _ = q_nope.shape
-        int8 = self.int8_absorbed if self.int8_absorbed is not None and self.int8_absorbed.serves(q_nope) else None
+        kernels = options.kernels
+        int8 = self.int8_absorbed if self.int8_absorbed is not None and self.int8_absorbed.serves(q_nope, kernels) else None
         if int8 is not None:
-            q_latent = int8.absorb_key(q_nope)  # [B, S, H, C]
+            q_latent = int8.absorb_key(q_nope, kernels)  # [B, S, H, C]
         else:  # per-head products as one batched matmul over heads (what einsum would do, minus its planning)
             q_latent = (
                 torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_uk).transpose(0, 1).unflatten(0, (batch, seq))
             )
         query = torch.cat((q_latent, q_pe), dim=-1)  # [B, S, H, C + R]
-        if self.attention_kernel and seq == 1 and kernels.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank):
+        attend = options.latent_attention
+        if attend is not None and seq == 1 and attend.latent_attention_supported(query[0, 0], kv[0], self.kv_lora_rank):
             if bounds is None:  # no cache: the one token attends to itself
                 bounds = torch.tensor([[0, kv.shape[1]]]).expand(batch, 2)
-            out_latent = self._attend_kernel(query, kv, bounds)  # [B, 1, H, C]
+            out_latent = self._attend_kernel(query, kv, bounds, attend)  # [B, 1, H, C]
         else:
             out_latent = _attend_shared(query, kv, kv[..., : self.kv_lora_rank], mask, self.softmax_scale)  # [B, S, H, C]
         if int8 is not None:
-            return int8.apply_value(out_latent)  # [B, S, H, V]
+            return int8.apply_value(out_latent, kernels)  # [B, S, H, V]
         out = torch.bmm(out_latent.reshape(batch * seq, heads, -1).transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.transpose(0, 1).unflatten(0, (batch, seq))  # [B, S, H, V]
 
-    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    def _attend_kernel(self, query: torch.Tensor, kv: torch.Tensor, bounds: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """One new token per row: query ``[B, 1, H, C + R]`` over kv ``[B, T, C + R]`` -> ``[B, 1, H, C]``.
 
         ``dsv2cli/kernels``: one pass over each row's slots ``bounds[b, 0]..bounds[b, 1]-1`` (``[B, 2]``:

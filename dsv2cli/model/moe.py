@@ -18,8 +18,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli.config import ModelConfig
+from dsv2cli.kernels import NO_KERNELS, Kernels
 from dsv2cli.model.dtypes import cast
-from dsv2cli.model.fusion import FusedLinears
+from dsv2cli.model.fusion import FusedLinears, fused
+from dsv2cli.model.options import project
 
 
 class MLP(nn.Module):
@@ -32,12 +34,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.fused_gate_up: FusedLinears | None = None  # set by fuse_projections(): gate and up in one matmul
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fuse_projections(self) -> None:
+        """Stack ``gate_proj``'s and ``up_proj``'s weights (``fusion.py``) where they can be."""
+        self.fused_gate_up = fused(self.gate_proj, self.up_proj)
+
+    def forward(self, x: torch.Tensor, kernels: Kernels = NO_KERNELS) -> torch.Tensor:
+        """x ``[..., D]`` -> ``[..., D]``; ``kernels``: what int8 projections may use (``ForwardOptions``)."""
         if self.fused_gate_up is not None and self.fused_gate_up.usable():
-            gate, up = self.fused_gate_up(x)
+            gate, up = self.fused_gate_up(x, kernels)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate, up = project(self.gate_proj, x, kernels), project(self.up_proj, x, kernels)
+        return project(self.down_proj, F.silu(gate) * up, kernels)
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,13 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32)."""
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> torch.Tensor:
+        """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> weighted sum over the K experts ``[N, D]`` (float32).
+
+        ``kernels``: for experts with products of their own (int8); float experts run torch's.
+        """
         if torch.compiler.is_compiling():
             return self.gathered(x, expert_ids, weights)
         if x.shape[0] == 1:
@@ -246,8 +258,8 @@ class MoE(nn.Module):
         shared = config.shared_intermediate_size
         self.shared_experts = MLP(config.hidden_size, shared) if shared > 0 else None
 
-    def forward(self, x: torch.Tensor, routing_hook: RoutingHook | None = None) -> torch.Tensor:
-        """x ``[B, S, D]`` -> ``[B, S, D]``."""
+    def forward(self, x: torch.Tensor, routing_hook: RoutingHook | None = None, kernels: Kernels = NO_KERNELS) -> torch.Tensor:
+        """x ``[B, S, D]`` -> ``[B, S, D]``; ``kernels``: what int8 experts and projections may use."""
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         logits, scores, ids, weights = self.gate(flat)
@@ -256,7 +268,7 @@ class MoE(nn.Module):
             changed = routing_hook(decision)
             if changed is not None:
                 ids, weights = changed.expert_ids, changed.weights
-        out = cast(self.experts(flat, ids, weights), x.dtype)
+        out = cast(self.experts(flat, ids, weights, kernels), x.dtype)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self.shared_experts(flat, kernels)
         return out.view(batch, seq, dim)

@@ -15,7 +15,8 @@ checkpoints written before it was quantized keep a float head (``quantize_head=F
 
 On CPU, the rows :func:`int8_rows` picks (decode rows, eager or compiled; every row on CPUs without
 native bfloat16 products) are quantized per row and run int8 x int8 through dsv2's kernel
-(``dsv2cli/kernels/int8_matmul.cpp``). More rows on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
+(``dsv2cli/kernels/int8_matmul.cpp``) when the forward's options give the kernels (``model/options.py``;
+the int8 modules take them as an argument, ``takes_kernels``). More rows on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
 int8 values. Where the kernels cannot be built, one token takes :func:`int8_row` (int8 x int8 with
 VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere), bfloat16 activations
 ``torch._weight_int8pack_mm`` and other activation dtypes dequantize the weight on the fly, one
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dsv2cli import kernels
+from dsv2cli.kernels import NO_KERNELS, Kernels
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import RoutedExperts, experts_on_one_token, run_experts, weighted_experts_of_one_token
@@ -64,12 +65,14 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(dtype) * scale.to(dtype)[..., None]).to(dtype)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: Kernels, amax: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
     On CPU, rows that :func:`int8_rows` picks (decode rows; every row where bfloat16 products are not native) are
-    quantized per row and run int8 x int8 through dsv2's kernel. Otherwise (more rows on a CPU with
-    AVX512-BF16, or where the kernels cannot be built): one token takes :func:`int8_row`; several tokens on
+    quantized per row and run int8 x int8 through dsv2's kernel (from ``kernels``). Otherwise (more rows on a CPU
+    with AVX512-BF16, or without the kernels): one token takes :func:`int8_row`; several tokens on
     a CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after; with
     bfloat16 activations torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
@@ -78,7 +81,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax: tor
     token's largest ``|x|`` over a longer row than ``x`` (see :func:`quantize_activation`); only the
     int8 x int8 paths quantize ``x``.
     """
-    if through_int8_kernel(x, q):
+    if through_int8_kernel(x, q, kernels):
         rows = x.reshape(-1, x.shape[-1])
         out = kernels.int8_matmul(*quantize_activation(rows, amax), q[None], scale[None])
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
@@ -117,8 +120,8 @@ def int8_rows(x: torch.Tensor) -> bool:
     return _float_on_cpu(x) and (x.numel() <= DECODE_ROWS * x.shape[-1] or not fast_cpu_bfloat16())
 
 
-def through_int8_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x``'s rows against the int8 ``weight`` run through dsv2's kernel (:func:`int8_rows`, and it takes ``weight``)."""
+def through_int8_kernel(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
+    """Whether ``x``'s rows against the int8 ``weight`` run through dsv2's kernel (:func:`int8_rows`, and ``kernels`` take ``weight``)."""
     return int8_rows(x) and kernels.int8_matmul_supported(weight)
 
 
@@ -190,8 +193,16 @@ def int8_row(
     return torch._weight_int8pack_mm(cast(x, torch.bfloat16), q, cast(scale, torch.bfloat16)).float()
 
 
+def _stacked_int8_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, kernels: Kernels) -> torch.Tensor:
+    assert scale is not None  # an int8 stack always has its scales
+    return int8_linear(x, weight, scale, kernels)
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` (no bias) with an int8 ``weight [O, I]`` and a float32 ``scale [O]``."""
+
+    takes_kernels = True  # called with the forward's kernels (``options.project``)
+    stacked_product = staticmethod(_stacked_int8_product)  # how stacks of these run (``fusion.fused``)
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -208,8 +219,8 @@ class Int8Linear(nn.Module):
         module.weight, module.scale = quantize_rows(linear.weight.detach())
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale)
+    def forward(self, x: torch.Tensor, kernels: Kernels = NO_KERNELS) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale, kernels)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -242,23 +253,25 @@ class Int8RoutedExperts(nn.Module):
         return module
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]``."""
-        gate, up = int8_linear(x, self.gate_up_proj[index], self.gate_up_proj_scale[index]).chunk(2, dim=-1)
-        return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index])
+        """Expert ``index`` on its tokens ``x [n, D]`` -> ``[n, D]`` (the rows that do not run through dsv2's kernel)."""
+        gate, up = int8_linear(x, self.gate_up_proj[index], self.gate_up_proj_scale[index], NO_KERNELS).chunk(2, dim=-1)
+        return int8_linear(F.silu(gate) * up, self.down_proj[index], self.down_proj_scale[index], NO_KERNELS)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``).
 
-        Rows that run through dsv2's int8 kernel: :meth:`int8_rows`. Otherwise one token on CPU takes
-        :meth:`one_token` and several tokens run each chosen expert over its tokens.
+        Rows that run through dsv2's int8 kernel (from ``kernels``): :meth:`int8_rows`. Otherwise one token on CPU
+        takes :meth:`one_token` and several tokens run each chosen expert over its tokens.
         """
-        if through_int8_kernel(x, self.gate_up_proj):
-            return self.int8_rows(x, expert_ids, weights)
+        if through_int8_kernel(x, self.gate_up_proj, kernels):
+            return self.int8_rows(x, expert_ids, weights, kernels)
         if not is_one_cpu_token(x):
             return run_experts(x, expert_ids, weights, self.num_experts, self.expert)
         return experts_on_one_token(x, expert_ids, weights, self.one_token)
 
-    def int8_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def int8_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """Rows ``x [N, D]`` through their K experts each, every product int8 x int8 -> ``[N, D]`` float32.
 
         The experts are read where they lie, picked by id inside the kernel (no Python integers: a compiled
@@ -316,27 +329,28 @@ class Int8Absorbed:
         self.value, self.value_scale = quantize_rows(w[:, nope_dim:].contiguous())  # [H, V, C], [H, V]
         self.heads = heads
 
-    def serves(self, x: torch.Tensor) -> bool:
-        """Whether the tokens of ``x [B, S, H, *]`` run int8 x int8 (:func:`int8_rows`)."""
-        return int8_rows(x.flatten(2))
+    def serves(self, x: torch.Tensor, kernels: Kernels) -> bool:
+        """Whether the tokens of ``x [B, S, H, *]`` run int8 x int8 (:func:`int8_rows`) through ``kernels``."""
+        return int8_rows(x.flatten(2)) and kernels.int8_matmul_supported(self.key)
 
-    def _per_head(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _per_head(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [B*S*H, I]: row r is head r % H
         ids = torch.arange(self.heads, device=x.device).repeat(rows.shape[0] // self.heads)
         out = kernels.int8_matmul(*quantize_activation(rows), weight, scale, ids)
         return cast(out, x.dtype).view(*x.shape[:-1], -1)
 
-    def absorb_key(self, q_nope: torch.Tensor) -> torch.Tensor:
+    def absorb_key(self, q_nope: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """``q_nope [B, S, H, N]`` -> ``W_UK^T q_nope`` ``[B, S, H, C]``."""
-        return self._per_head(q_nope, self.key, self.key_scale)
+        return self._per_head(q_nope, self.key, self.key_scale, kernels)
 
-    def apply_value(self, latent: torch.Tensor) -> torch.Tensor:
+    def apply_value(self, latent: torch.Tensor, kernels: Kernels) -> torch.Tensor:
         """Attention's latent output ``[B, S, H, C]`` -> ``W_UV`` applied per head ``[B, S, H, V]``."""
-        return self._per_head(latent, self.value, self.value_scale)
+        return self._per_head(latent, self.value, self.value_scale, kernels)
 
 
-def absorb_int8(model: nn.Module) -> nn.Module:
-    """Give every MLA layer of an int8 ``model`` on CPU its :class:`Int8Absorbed` products (where dsv2's kernel loads); returns it."""
+def absorb_int8(model: nn.Module, kernels: Kernels) -> nn.Module:
+    """Give every MLA layer of an int8 ``model`` on CPU its :class:`Int8Absorbed` products where ``kernels`` (the
+    handle forwards will be given) run them; returns it."""
     for module in model.modules():
         if (
             isinstance(module, MultiHeadLatentAttention)
@@ -365,3 +379,8 @@ def quantize_int8(model: nn.Module, quantize_head: bool = True) -> nn.Module:
                     continue
                 setattr(module, child_name, Int8Linear.from_linear(child))
     return model
+
+
+def has_int8(model: nn.Module) -> bool:
+    """Whether ``model`` holds int8 modules (``quantize_int8`` installed them, or a sharded form of them)."""
+    return any(buffer.dtype == torch.int8 for buffer in model.buffers())

@@ -17,6 +17,7 @@ from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.cache import LatentKVCache, LayerKV
 from dsv2cli.model.moe import MLP, MoE, RoutingHook
 from dsv2cli.model.norm import RMSNorm
+from dsv2cli.model.options import TORCH_ONLY, ForwardOptions, project
 from dsv2cli.model.rope import RotaryEmbedding
 
 
@@ -43,10 +44,14 @@ class Block(nn.Module):
         kv: LayerKV | None,
         attention: str,
         routing_hook: RoutingHook | None,
+        options: ForwardOptions = TORCH_ONLY,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, attention)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, attention, options)
         normed = self.post_attention_layernorm(h)
-        ffn = self.mlp(normed, routing_hook) if isinstance(self.mlp, MoE) else self.mlp(normed)
+        if isinstance(self.mlp, MoE):
+            ffn = self.mlp(normed, routing_hook, options.kernels)
+        else:
+            ffn = self.mlp(normed, options.kernels)
         return h + ffn
 
 
@@ -85,6 +90,7 @@ class DeepseekV2(nn.Module):
         last_only: bool = False,
         static_shapes: bool = False,
         blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
+        options: ForwardOptions = TORCH_ONLY,
     ) -> torch.Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``).
 
@@ -94,7 +100,8 @@ class DeepseekV2(nn.Module):
         ``static_shapes``: the cache is read and written at tensor slots over its whole capacity
         (``dsv2cli/model/cache.py``), so that every decode step has the same shapes; the caller checks the
         cache's room and advances it. ``blocks``: callables with :meth:`Block.forward`'s arguments run in
-        place of ``self.layers`` (their compiled versions: ``dsv2cli/inference/compiled.py``).
+        place of ``self.layers`` (their compiled versions: ``dsv2cli/inference/compiled.py``). ``options``: which of
+        dsv2's C++ kernels the modules may use (``dsv2cli/model/options.py``; the default, none).
         """
         seq = tokens.shape[1]
         views: list[LayerKV | None] = [None] * len(self.layers)
@@ -110,9 +117,17 @@ class DeepseekV2(nn.Module):
         cos, sin = self.rotary.cos_sin(positions)
         x = self.embed_tokens(tokens)
         for block, kv in zip(self.layers if blocks is None else blocks, views, strict=True):
-            x = block(x, cos, sin, mask, kv, attention, routing_hook)
+            x = block(x, cos, sin, mask, kv, attention, routing_hook, options)
         if cache is not None and not static_shapes:
             cache.advance(seq)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return project(self.lm_head, self.norm(x), options.kernels)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Stack MLA's input projections and every MLP's gate/up projections of ``model`` in place (``fusion.py``); returns it."""
+    for module in model.modules():
+        if isinstance(module, (MultiHeadLatentAttention, MLP)):
+            module.fuse_projections()
+    return model

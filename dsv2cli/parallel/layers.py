@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dsv2cli.errors import UnsupportedError
+from dsv2cli.kernels import NO_KERNELS, Kernels
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.moe import MLP, MoE, RoutedExperts
@@ -110,6 +111,8 @@ class RowParallelLinear(nn.Module):
     to the caller (the shared experts: the MoE's one all-reduce).
     """
 
+    takes_kernels = True  # called with the forward's kernels (``model/options.py``)
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, group: ParallelGroup, reduce: bool = True) -> None:
         super().__init__()
         _hold(self, "weight", weight)  # [O, I / W]
@@ -118,7 +121,7 @@ class RowParallelLinear(nn.Module):
         self.world_size = group.world_size
         self.reduce = reduce
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: Kernels = NO_KERNELS) -> torch.Tensor:
         if self.scale is None:
             out = F.linear(x, self.weight)
         else:
@@ -126,7 +129,7 @@ class RowParallelLinear(nn.Module):
             if int8_rows(x):
                 shares = all_gather_last_dim(row_amax(x.reshape(-1, x.shape[-1])), self.group, self.world_size)  # [N, W]
                 amax = shares.amax(dim=-1, keepdim=True)
-            out = int8_linear(x, self.weight, self.scale, amax)
+            out = int8_linear(x, self.weight, self.scale, kernels, amax)
         return all_reduce_sum(out, self.group) if self.reduce else out
 
 
@@ -150,6 +153,8 @@ class VocabParallelEmbedding(nn.Module):
 class GatheredHead(nn.Module):
     """``lm_head`` rows for this rank's vocabulary (float, or int8 with their scales); the logits ``[B, S, V]`` are all-gathered."""
 
+    takes_kernels = True
+
     def __init__(
         self, weight: torch.Tensor, scale: torch.Tensor | None, group: dist.ProcessGroup | None, world_size: int
     ) -> None:
@@ -159,8 +164,8 @@ class GatheredHead(nn.Module):
         self.group = group
         self.world_size = world_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight) if self.scale is None else int8_linear(x, self.weight, self.scale)
+    def forward(self, x: torch.Tensor, kernels: Kernels = NO_KERNELS) -> torch.Tensor:
+        logits = F.linear(x, self.weight) if self.scale is None else int8_linear(x, self.weight, self.scale, kernels)
         return all_gather_last_dim(logits, self.group, self.world_size)
 
 
@@ -184,9 +189,11 @@ class LocalExperts(RoutedExperts):
         self.gate_up_proj = gate_up_proj  # [E / W, 2I, D]
         self.down_proj = down_proj  # [E / W, D, I]
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> torch.Tensor:
         """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights)
+        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)
 
 
 class LocalInt8Experts(Int8RoutedExperts):
@@ -203,9 +210,11 @@ class LocalInt8Experts(Int8RoutedExperts):
         for name in ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale"):
             self.register_buffer(name, parts[name])  # [E / W, 2I, D], [E / W, 2I], [E / W, D, I], [E / W, D]
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> torch.Tensor:
         """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights)
+        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, load_for_generation
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
+from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, int8_options, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
-from dsv2cli.model.fusion import fuse_projections
 from dsv2cli.model.quantized import absorb_int8
+from dsv2cli.model.transformer import fuse_projections
 from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree, from_main_rank
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
-from dsv2cli.checkpoint.resolve import resolve_checkpoint
 
 # Makes the named rank fail after loading its shard: a way to check that a launch reports failures and stops.
 FAIL_RANK_ENV = "DSV2_FAIL_RANK"
@@ -40,10 +40,12 @@ def load_model(
     def load_shard() -> LoadedModel:
         configure_cpu(threads)
         name, directory = resolve_checkpoint(spec)
-        model = absorb_int8(fuse_projections(load_sharded(directory, group, torch_dtype)))
+        model = fuse_projections(load_sharded(directory, group, torch_dtype))
+        options = int8_options(model)
+        absorb_int8(model, options.kernels)
         if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
             raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
-        return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype)
+        return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype, options)
 
     loaded = agree(group, load_shard)
     return loaded, gather_report(group, loaded.model, loaded.dtype)
