@@ -13,6 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dsv2cli.cli.main import app
+from dsv2cli.parallel import session as parallel_session
+from dsv2cli.parallel.group import DistributedError
+from dsv2cli.parallel.loading import load_sharded
 from tests.helpers import reference_model, save_reference, save_tokenizer
 from tests.test_parallel import run_ranks
 
@@ -100,10 +103,18 @@ def test_interactive_chat_on_two_ranks_reads_lines_on_rank_zero(model_dir, tmp_p
 
 
 def test_a_failing_rank_fails_every_rank_and_is_named(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV2_FAIL_RANK", "1")
+    """Rank 1 fails after loading its shard (the ranks are forked after the patch): every rank stops, rank 0 names it."""
+
+    def load_then_fail_on_rank_one(directory, group, dtype):
+        model = load_sharded(directory, group, dtype)
+        if group.rank == 1:
+            raise DistributedError("this rank's memory ran out", hint="use more ranks")
+        return model
+
+    monkeypatch.setattr(parallel_session, "load_sharded", load_then_fail_on_rank_one)
     ranks = run_cli(2, ["generate", "-m", str(model_dir), "hello", "-n", "2"], tmp_path)
     assert [code for code, _, _ in ranks] == [1, 1]
-    assert ranks[0][2].splitlines()[0] == "Error: failing on purpose (DSV2_FAIL_RANK=1) (on rank 1)"
+    assert ranks[0][2].splitlines()[0] == "Error: this rank's memory ran out (on rank 1)"
     assert ranks[0][1] == "" and ranks[1][1] == "" and ranks[1][2] == ""
 
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, int8_options, load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.model.transformer import fuse_projections
-from dsv2cli.parallel.group import DistributedError, ParallelGroup, agree, from_main_rank
+from dsv2cli.parallel.group import ParallelGroup, agree, from_main_rank
 from dsv2cli.parallel.loading import load_sharded
 from dsv2cli.parallel.memory import ShardReport, gather_report
-
-# Makes the named rank fail after loading its shard: a way to check that a launch reports failures and stops.
-FAIL_RANK_ENV = "DSV2_FAIL_RANK"
 
 
 def load_model(
@@ -43,8 +38,6 @@ def load_model(
         model = fuse_projections(load_sharded(directory, group, torch_dtype))
         options = int8_options(model)
         absorb_int8(model, options.kernels)
-        if os.environ.get(FAIL_RANK_ENV) == str(group.rank):
-            raise DistributedError(f"failing on purpose ({FAIL_RANK_ENV}={group.rank})", hint=f"unset {FAIL_RANK_ENV}")
         return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype, options)
 
     loaded = agree(group, load_shard)
