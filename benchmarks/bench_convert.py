@@ -242,7 +242,10 @@ def load_times(directory: Path, layout: str) -> dict:
 
 def matmul_table(repeats: int = 20) -> list[tuple[str, float]]:
     """Milliseconds of one Lite expert's gate_up matmul ([2816, 2048]) for 1 and 16 tokens."""
+    from dsv2cli import kernels
     from dsv2cli.model.quantized import int8_linear, quantize_rows
+
+    handle = kernels.load()  # int8 products as generation runs them: dsv2's kernels where they build
 
     w = torch.randn(2816, 2048) * 0.02
     q, scale = quantize_rows(w)
@@ -258,7 +261,7 @@ def matmul_table(repeats: int = 20) -> list[tuple[str, float]]:
             weight = w.to(dtype)
 
             def call(x=x, weight=weight, int8=int8):
-                return int8_linear(x, q, scale) if int8 else torch.nn.functional.linear(x, weight)
+                return int8_linear(x, q, scale, handle) if int8 else torch.nn.functional.linear(x, weight)
 
             call()
             start = time.perf_counter()
