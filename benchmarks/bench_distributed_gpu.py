@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsv2cli.analysis.kv_measure import random_model  # noqa: E402
-from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint  # noqa: E402
+from dsv2cli.checkpoint.loader import load_checkpoint  # noqa: E402
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest  # noqa: E402
+from dsv2cli.model.dtypes import DTYPES  # noqa: E402
 from dsv2cli.parallel.group import launched_by_torchrun, start, stop  # noqa: E402
 from dsv2cli.parallel.layers import parallelize  # noqa: E402
 from dsv2cli.parallel.loading import load_sharded  # noqa: E402

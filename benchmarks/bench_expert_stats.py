@@ -33,8 +33,9 @@ from dsv2cli.analysis import expert_stats as expert_stats_module  # noqa: E402
 from dsv2cli.analysis.expert_drop import drop_batches, forward_groups  # noqa: E402
 from dsv2cli.analysis.expert_stats import RoutingRecorder, StatsOptions, collect_expert_stats  # noqa: E402
 from dsv2cli.analysis.text_inputs import SequenceSet, TokenSequence  # noqa: E402
-from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint  # noqa: E402
+from dsv2cli.checkpoint.loader import load_checkpoint  # noqa: E402
 from dsv2cli.model import DeepseekV2  # noqa: E402
+from dsv2cli.model.dtypes import DTYPES  # noqa: E402
 from dsv2cli.presets import preset_config  # noqa: E402
 
 

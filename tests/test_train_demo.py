@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from dsv2cli.checkpoint.resolve import bundled_model_dir
 from dsv2cli.cli.main import app
 from dsv2cli.config import load_config
-from dsv2cli.checkpoint.resolve import bundled_model_dir
 from dsv2cli.training.evaluate import evaluate_text
 
 DEMO = bundled_model_dir()

@@ -28,11 +28,12 @@ from dsv2cli.analysis.kv_cache import AttentionShape, Precision, Scheme, cache_r
 from dsv2cli.analysis.params import count_params
 from dsv2cli.checkpoint.fit import MemoryNeed, load_need, native_weights, require, working_bytes
 from dsv2cli.checkpoint.hf_keys import native_shapes
-from dsv2cli.checkpoint.loader import DTYPES, build_empty, load_checkpoint
+from dsv2cli.checkpoint.loader import build_empty, load_checkpoint
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.attention import MultiHeadLatentAttention
+from dsv2cli.model.dtypes import DTYPES
 from dsv2cli.model.moe import MoE
 from dsv2cli.model.rope import apply_rope
 

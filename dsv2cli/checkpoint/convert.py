@@ -30,13 +30,8 @@ from pathlib import Path
 
 import torch
 
-from dsv2cli.checkpoint.files import DTYPE_SIZES, INDEX_NAME
-from dsv2cli.checkpoint.native import (
-    MANIFEST_NAME,
-    QUANTIZATIONS,
-    ST_TO_TORCH,
-    Manifest,
-)
+from dsv2cli.checkpoint.files import DTYPE_SIZES, INDEX_NAME, ST_TO_TORCH
+from dsv2cli.checkpoint.native import MANIFEST_NAME, QUANTIZATIONS, Manifest
 from dsv2cli.checkpoint.plan import Begin, End, OutputFile, Read, Step, WriteScales, plan_hf, plan_native, steps
 from dsv2cli.checkpoint.probe import ProbeReport, probe_quality, require_probe_memory
 from dsv2cli.checkpoint.resolve import resolve_checkpoint

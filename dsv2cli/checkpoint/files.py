@@ -14,9 +14,13 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from dsv2cli.checkpoint.hf_keys import IGNORABLE, hf_tensor_shapes
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import CheckpointError
+from dsv2cli.model.dtypes import DTYPES
 from dsv2cli.untrusted import Fields, parse_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,7 +38,10 @@ MODEL_FILES = (
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+# safetensors' names of the dtypes dsv2 stores: the float ones of model.dtypes.DTYPES, and int8.
+TORCH_TO_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8"}
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+FLOAT_DTYPES = tuple(TORCH_TO_ST[dtype] for dtype in DTYPES.values())
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -133,8 +140,6 @@ def _count(value: object) -> bool:
 
 def _library_accepts(path: Path) -> None:
     """Open the file with the safetensors library (header only, memory-mapped); its refusal as a ValueError."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu"):
             pass

@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-from dsv2cli.checkpoint.files import find_problems
+from dsv2cli.checkpoint.files import ST_TO_TORCH, TORCH_TO_ST, find_problems
 from dsv2cli.checkpoint.hf_keys import expert_slice, native_name
 from dsv2cli.checkpoint.hf_keys import runtime_dtype as hf_runtime_dtype
-from dsv2cli.checkpoint.native import DTYPE_BY_NAME, ST_TO_TORCH, TORCH_TO_ST, expected_tensors, is_native, read_manifest
+from dsv2cli.checkpoint.native import expected_tensors, is_native, read_manifest
 from dsv2cli.checkpoint.native import runtime_dtype as native_runtime_dtype
+from dsv2cli.checkpoint.share import Share
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import DSV2Error
+from dsv2cli.model.dtypes import DTYPES
 
 GB = 10**9
 RUNTIME_SLACK = 256 << 20  # allocator slack, the tokenizer, temporaries of one layer
@@ -187,7 +189,7 @@ def address_space_limited() -> bool:
 # ---- what a load needs -----------------------------------------------------------------------------------------
 
 
-def _local_share(name: str, shape: tuple[int, ...], plan) -> tuple[int, bool]:  # noqa: ANN001 (a parallel.plan.ShardPlan)
+def _local_share(name: str, shape: tuple[int, ...], plan: Share | None) -> tuple[int, bool]:
     """Elements of ``name`` one rank holds (``plan.split_for``; a scale follows its weight's rows), and whether they
     are one contiguous block of the stored tensor (whole, or a slice of its first dimension), which the loaders map."""
     split = None if plan is None else plan.split_for(name)
@@ -241,7 +243,7 @@ def stored_weights(directory: Path, config: ModelConfig | None = None) -> Stored
             if entry.get("dtype") in ST_TO_TORCH
         }
         files = tuple(directory / f for f in sorted({str(e.get("file")) for e in manifest.tensors.values()}))
-        return StoredWeights(directory, config, True, manifest.quantization, tensors, DTYPE_BY_NAME[manifest.dtype], files)
+        return StoredWeights(directory, config, True, manifest.quantization, tensors, DTYPES[manifest.dtype], files)
     found, _ = find_problems(directory, config)
     tensors = {name: (i.dtype, i.shape) for name, i in found.tensors.items()}
     return StoredWeights(directory, config, False, None, tensors, None, tuple(found.files))
@@ -251,7 +253,7 @@ def load_need(
     weights: StoredWeights,
     dtype: torch.dtype | None,
     device: torch.device | str = "cpu",
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    plan: Share | None = None,
 ) -> MemoryNeed:
     """Memory of loading ``weights`` in ``dtype`` on ``device`` the way the loaders do; ``plan``: one rank's share.
 
@@ -293,7 +295,7 @@ def native_weights(config: ModelConfig, quantization: str | None = None, stored:
     return StoredWeights(Path(), config, True, quantization, tensors, stored)
 
 
-def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan=None) -> MemoryNeed:  # noqa: ANN001
+def int8_need(config: ModelConfig, dtype: torch.dtype = torch.float32, plan: Share | None = None) -> MemoryNeed:
     """Memory of an int8 native copy of ``config`` (what ``dsv2 convert --quantize int8`` writes), loaded in ``dtype``."""
     return load_need(native_weights(config, "int8"), dtype, "cpu", plan)
 
@@ -362,7 +364,7 @@ def check_load(
     directory: Path | StoredWeights,
     dtype: torch.dtype | None,
     device: torch.device | str = "cpu",
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    plan: Share | None = None,
     working: int | None = None,
 ) -> Fit:
     """Raise :class:`InsufficientMemoryError` unless loading ``directory`` fits; returns the fit otherwise.
@@ -425,7 +427,7 @@ def fix_hint(
     dtype: torch.dtype | None,
     device: torch.device | str,
     available: Available,
-    plan=None,  # noqa: ANN001 (a parallel.plan.ShardPlan)
+    plan: Share | None = None,
 ) -> str:
     """How to make it fit, each with what it would need: the stored dtype, an int8 copy, more processes."""
     options = []

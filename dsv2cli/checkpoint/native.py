@@ -8,8 +8,8 @@ A native directory holds ``config.json`` (and tokenizer / generation files), ``e
     {"format": "dsv2-native", "format_version": 1, "dtype": "bfloat16", "quantization": null | "int8",
      "tensors": {name: {"file", "dtype", "shape"}}, "files": {name: {"bytes", "sha256"}}}
 
-Tensor names are dsv2 module names, so loading is: build on the meta device, map each file
-(``safetensors.torch.load_file`` memory-maps it), ``load_state_dict(assign=True)``. Nothing is copied
+Tensor names are dsv2 module names, so loading (``loader.load_checkpoint``) is: build on the meta device,
+map each file (safetensors memory-maps it), ``load_state_dict(assign=True)``. Nothing is copied
 unless a different dtype or device is asked for.
 """
 
@@ -17,37 +17,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dsv2cli.checkpoint.files import read_safetensors_header
+from dsv2cli.checkpoint.files import TORCH_TO_ST, problems_error, read_safetensors_header
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX
-from dsv2cli.config import ModelConfig, load_config
+from dsv2cli.checkpoint.share import Share
+from dsv2cli.config import ModelConfig
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
+from dsv2cli.model.dtypes import DTYPES
 from dsv2cli.model.quantized import quantize_int8
 from dsv2cli.untrusted import Fields, is_int, read_json
-
-if TYPE_CHECKING:
-    from dsv2cli.parallel.plan import ShardPlan
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dsv2-native"
 FORMAT_VERSION = 1
 QUANTIZATIONS = ("int8",)
-
-TORCH_TO_ST = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.int8: "I8",
-}
-ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
-DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Router weights are computed in float32 whatever the model dtype (spec §4.2).
 
 
 @dataclass(frozen=True)
@@ -100,8 +87,8 @@ def read_manifest(directory: Path) -> Manifest:
         record = Fields(entry, MANIFEST_NAME, CheckpointError, prefix=f"files.{name}.")
         record.int("bytes", low=0)
         record.str("sha256")
-    if manifest.dtype not in DTYPE_BY_NAME:
-        raise CheckpointError(f"{path}: unknown dtype {manifest.dtype!r}", hint=f"expected one of {', '.join(DTYPE_BY_NAME)}")
+    if manifest.dtype not in DTYPES:
+        raise CheckpointError(f"{path}: unknown dtype {manifest.dtype!r}", hint=f"expected one of {', '.join(DTYPES)}")
     if manifest.quantization not in (None, *QUANTIZATIONS):
         raise CheckpointError(f"{path}: unknown quantization {manifest.quantization!r}")
     return manifest
@@ -190,7 +177,7 @@ def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) ->
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         problems.append(f"missing tensor{'s' if len(missing) > 1 else ''}: {shown}")
-    float_dtype = TORCH_TO_ST[DTYPE_BY_NAME[manifest.dtype]]
+    float_dtype = TORCH_TO_ST[DTYPES[manifest.dtype]]
     for name, (file, shape, dtype) in stored.items():
         if name not in expected:
             problems.append(f"{file}: unexpected tensor '{name}' (not part of this config)")
@@ -212,29 +199,27 @@ def read_native_state_dict(
     config: ModelConfig,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    plan: ShardPlan | None = None,
+    share: Share | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of a native directory by name, mapped from its files; headers are checked first.
 
     Nothing is copied where the stored dtype and device are kept: a tensor is a view of the mapped file.
     ``dtype=None`` keeps the stored float dtype; int8 weights always stay int8 (the float tensors and the
-    scales take ``dtype``, which is then the activation dtype). With a ``plan`` (one rank of a
+    scales take ``dtype``, which is then the activation dtype). With a ``share`` (one rank of a
     multi-process run) only that rank's slice of each split tensor is read (``get_slice``): its own
     experts' rows, its heads, its vocabulary rows. A slice of input columns is copied to make it
     contiguous (its rows are strided in the file); every other slice stays a view of the mapped file.
     """
     problems = header_problems(directory, manifest, config)
     if problems:
-        from dsv2cli.checkpoint.files import problems_error
-
         raise problems_error(directory, problems)
-    activation = dtype or DTYPE_BY_NAME[manifest.dtype]
+    activation = dtype or DTYPES[manifest.dtype]
     state: dict[str, torch.Tensor] = {}
     for file in sorted({t["file"] for t in manifest.tensors.values()}):
         try:
             with safe_open(str(directory / file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    split = None if plan is None else plan.split_for(name)
+                    split = None if share is None else share.split_for(name)
                     if split is None:
                         tensor = f.get_tensor(name)
                     else:
@@ -281,27 +266,3 @@ def _runtime(
     if tensor.dtype != want or torch.device(device) != tensor.device:
         return tensor.to(device=device, dtype=want)
     return tensor
-
-
-def load_native(
-    directory: Path,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-    config: ModelConfig | None = None,
-) -> DeepseekV2:
-    """Build a model from a native directory by mapping its files (no copy unless dtype/device change).
-
-    ``dtype=None`` keeps the stored float dtype; int8 weights always stay int8 (the float tensors and
-    the scales take ``dtype``, which is then the activation dtype).
-    """
-    manifest = read_manifest(directory)
-    config = config or load_config(directory)
-    state = read_native_state_dict(directory, manifest, config, dtype, device)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model = build_structure(config, manifest.quantization, has_int8_head(manifest))
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.to(device)
-    return model.eval()

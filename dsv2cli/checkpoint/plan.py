@@ -11,14 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Union
 
-from dsv2cli.checkpoint.files import DTYPE_SIZES, TensorInfo
+from dsv2cli.checkpoint.files import DTYPE_SIZES, TORCH_TO_ST, TensorInfo
 from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, expert_slice, native_name, native_shapes
 from dsv2cli.checkpoint.native import expected_tensors, file_for
 from dsv2cli.checkpoint.source import Source
 from dsv2cli.checkpoint.writer import TensorSpec, alignment_group
 from dsv2cli.errors import InputError
+from dsv2cli.model.dtypes import DTYPES
 
-ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_DTYPE = {name: TORCH_TO_ST[dtype] for name, dtype in DTYPES.items()}  # "bfloat16" -> "BF16"
 ST_NAME = {v: k for k, v in ST_DTYPE.items()}
 
 

@@ -23,9 +23,9 @@ from torch.nn import functional as F
 
 from dsv2cli import kernels
 from dsv2cli.checkpoint import fit
-from dsv2cli.checkpoint.files import CheckpointFiles, find_problems, problems_error
+from dsv2cli.checkpoint.files import ST_TO_TORCH, CheckpointFiles, find_problems, problems_error
 from dsv2cli.checkpoint.loader import read_hf_state_dict
-from dsv2cli.checkpoint.native import ST_TO_TORCH, file_for, is_native, read_manifest
+from dsv2cli.checkpoint.native import file_for, is_native, read_manifest
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.model import ForwardOptions

@@ -25,13 +25,13 @@ from dsv2cli.analysis.expert_stats import (
     collect_expert_stats,
 )
 from dsv2cli.analysis.text_inputs import read_sequences
+from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
 from dsv2cli.cli.common import LoadStatus, err, handle_errors, out, pyplot_for
 from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
 from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
 from dsv2cli.parallel.session import load_model
-from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
 
 EPILOG = (
     "Examples:\n\n"

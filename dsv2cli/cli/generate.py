@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 
-from dsv2cli.checkpoint.loader import DTYPES, parse_dtype
 from dsv2cli.cli.common import LoadStatus, err, handle_errors, human_bytes, out
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder, cannot_compile
@@ -19,6 +18,7 @@ from dsv2cli.inference.sampling import SamplingParams
 from dsv2cli.inference.session import LoadedModel, with_attention_kernel
 from dsv2cli.model import ForwardOptions
 from dsv2cli.model.attention import ATTENTION_IMPLS
+from dsv2cli.model.dtypes import DTYPES, parse_dtype
 from dsv2cli.parallel import ParallelGroup, distributed_run, from_main_rank, shared_seed
 from dsv2cli.parallel.session import load_model
 

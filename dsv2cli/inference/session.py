@@ -11,12 +11,13 @@ import torch
 
 from dsv2cli import kernels
 from dsv2cli.checkpoint.fit import Fit, StoredWeights, check_load, default_working, fit_of, gb, load_need, stored_weights
-from dsv2cli.checkpoint.loader import DTYPES, load_checkpoint
+from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.checkpoint.readahead import ReadAhead, read_ahead
 from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2, ForwardOptions
+from dsv2cli.model.dtypes import DTYPES
 from dsv2cli.model.quantized import absorb_int8, has_int8
 from dsv2cli.model.transformer import fuse_projections
 

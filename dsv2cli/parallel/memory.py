@@ -19,10 +19,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dsv2cli.checkpoint.hf_keys import native_shapes
+from dsv2cli.checkpoint.fit import default_working, load_need, native_weights
+from dsv2cli.checkpoint.hf_keys import ROUTER_SUFFIX, native_shapes
 from dsv2cli.config import ModelConfig
+from dsv2cli.model.dtypes import DTYPES
 from dsv2cli.parallel.group import ParallelGroup, gather_objects
 from dsv2cli.parallel.plan import ShardPlan
+from dsv2cli.presets import preset_config
 
 # Parameter groups of the table, by the first matching fragment of the dsv2 name.
 _PARTS = (
@@ -35,7 +38,6 @@ _PARTS = (
     ("dense_mlp", ".mlp.up_proj"),
     ("dense_mlp", ".mlp.down_proj"),
 )
-_ROUTER_SUFFIX = ".mlp.gate.weight"  # kept in float32 whatever the model dtype
 
 
 def _part(name: str) -> str:
@@ -76,7 +78,7 @@ def rank_memory(config: ModelConfig, world_size: int, dtype: torch.dtype = torch
         elements = 1
         for n in plan.local_shape(name, shape):
             elements *= n
-        parts[_part(name)] += elements * (4 if name.endswith(_ROUTER_SUFFIX) else itemsize)
+        parts[_part(name)] += elements * (4 if name.endswith(ROUTER_SUFFIX) else itemsize)  # the router is float32
     return RankMemory(world_size, str(dtype).removeprefix("torch."), **parts)
 
 
@@ -199,12 +201,10 @@ def fit_table(config: ModelConfig, machine_gib: tuple[int, ...] = MACHINE_GIB) -
     Each precision is a native copy loaded as ``dsv2 generate`` loads it (int8: int8 weights with float32
     activations, the CPU default); a rank of ``n`` holds its :class:`ShardPlan` share.
     """
-    from dsv2cli.checkpoint.fit import default_working, load_need, native_weights
-
     world_sizes = ShardPlan.world_sizes(config)
     rows = []
     for precision in PRECISIONS:
-        dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
+        dtype = torch.float32 if precision == "int8" else DTYPES[precision]
         weights = native_weights(config, "int8") if precision == "int8" else native_weights(config, None, dtype)
         working = default_working(config, dtype)
 
@@ -231,8 +231,6 @@ def _human(n: float) -> str:
 
 def markdown_table(names: list[str], world_sizes: list[int], dtype: torch.dtype = torch.bfloat16) -> str:
     """Per-rank parameter memory of presets ``names`` at each world size, as a Markdown table."""
-    from dsv2cli.presets import preset_config
-
     lines = [
         "| model | ranks | routed experts | attention | dense + shared MLP | embedding + head | other | total per rank |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -250,9 +248,9 @@ def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dsv2cli.parallel.memory", description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="+", help="preset names, e.g. deepseek-v2 deepseek-v2-lite")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = parser.parse_args(argv)
-    print(markdown_table(args.presets, args.world_sizes, getattr(torch, args.dtype)))
+    print(markdown_table(args.presets, args.world_sizes, DTYPES[args.dtype]))
 
 
 if __name__ == "__main__":
