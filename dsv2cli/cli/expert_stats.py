@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -12,26 +9,29 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
-from dsv2cli.analysis.expert_stats import (
-    DEFAULT_CAPACITY_FACTORS,
-    ExpertStatsReport,
-    LayerStats,
-    StatsOptions,
-    collect_expert_stats,
-)
+from dsv2cli.analysis.expert_export import DOCUMENT_FORMATS, LOAD_WRITERS, report_document, write_loads, write_text
+from dsv2cli.analysis.expert_stats import DEFAULT_CAPACITY_FACTORS, ExpertStatsReport, StatsOptions, collect_expert_stats
 from dsv2cli.analysis.text_inputs import read_sequences
 from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
-from dsv2cli.cli.common import LoadStatus, err, handle_errors, out, pyplot_for
+from dsv2cli.cli.common import err, handle_errors, pyplot_for
+from dsv2cli.cli.expert_tables import render
+from dsv2cli.cli.options import (
+    Backend,
+    BackendOption,
+    DeviceOption,
+    Dtype,
+    DtypeOption,
+    Format,
+    ModelOption,
+    ThreadsOption,
+    format_option,
+)
+from dsv2cli.cli.torchrun import load, on_main_rank, torchrun_group
 from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
-from dsv2cli.parallel import distributed_run, from_main_rank
 from dsv2cli.parallel.expert_loads import gather_expert_loads
-from dsv2cli.parallel.session import load_model
 
 EPILOG = (
     "Examples:\n\n"
@@ -47,21 +47,12 @@ EPILOG = (
 )
 
 SAMPLE_NAME = "sample.txt"
-BARS = " ▁▂▃▄▅▆▇█"
-# Heat map colours from cold (no load) through even (1x the mean) to hot (2x the mean or more).
-SHADES = " ░▒▓█"  # the same levels without colour, for terminals and logs that strip it
-HEAT = ["#2c3e91", "#3b6fb6", "#4fa3c7", "#7cc6a4", "#b8d86b", "#f2d04a", "#f39c35", "#e0582b", "#b3202a"]
+StatsFormats = format_option(Format.text, Format.json, Format.csv, help="text, json (one document) or csv (layer,expert,count).")
 
 
 class View(str, Enum):
     bars = "bars"
     heatmap = "heatmap"
-
-
-class StatsFormat(str, Enum):
-    text = "text"
-    json = "json"
-    csv = "csv"
 
 
 class DropOrder(str, Enum):
@@ -77,9 +68,7 @@ class DropPolicy(str, Enum):
 @handle_errors
 def expert_stats(
     inputs: list[Path] = typer.Argument(None, help="Text files, directories or .jsonl files (default: the demo's sample text)."),
-    model: str = typer.Option(
-        None, "--model", "-m", help="Checkpoint directory, Hub repo id, or 'demo' (default: the bundled model)."
-    ),
+    model: ModelOption = None,
     seq_len: int = typer.Option(None, "--seq-len", help="Tokens per sequence (default: 512, or the model's context if shorter)."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Stop after this many tokens of input."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
@@ -109,26 +98,20 @@ def expert_stats(
     top_tokens: int = typer.Option(0, "--top-tokens", help="List the K tokens most often routed to each expert."),
     plan_devices: int = typer.Option(None, "--plan-devices", help="Propose a balanced placement of the experts on N devices."),
     redundant: int = typer.Option(0, "--redundant", help="Replicas of the hottest experts for --plan-devices (EPLB style)."),
-    format: StatsFormat = typer.Option(
-        StatsFormat.text, "--format", "-f", help="text, json (one document) or csv (layer,expert,count)."
-    ),
+    format: StatsFormats = Format.text,
     output: Path = typer.Option(None, "--output", "-o", help="Write the json/csv report to this file instead of stdout."),
     save_loads: Path = typer.Option(
         None, "--save-loads", help="Write the \\[moe_layers, experts] load matrix (EPLB's input) as .json, .csv or .safetensors."
     ),
     plot: Path = typer.Option(None, "--plot", help="Draw the layers x experts heat map to a .png/.svg/.pdf (needs matplotlib)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype)."
-    ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
-    backend: str = typer.Option(
-        "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
-    ),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = Dtype.auto,
+    threads: ThreadsOption = None,
+    backend: BackendOption = Backend.auto,
 ) -> None:
     """Per-layer expert load of a DeepSeek-V2-family model on your own text: histograms, balance metrics (incl. the
     paper's expert/device/communication balance), token-drop rates per capacity factor, and a device placement."""
-    with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
+    with torchrun_group(device, backend.value) as group:
         document_format = _document_format(format, output)
         for path in (save_loads, plot):
             if path is not None and not path.parent.is_dir():
@@ -139,16 +122,13 @@ def expert_stats(
         files = {
             flag: Output.claim(path, kind="file", replace=True, what=flag) for flag, path in _files(output, save_loads, plot)
         }
-        paths = from_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
-        loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
-        if shards is not None:
-            for line in shards.lines():
-                err.print(f"[dim]{line}[/]", soft_wrap=True)
+        paths = on_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
+        loaded = load(model, group, device, dtype.value, threads)
         config = loaded.model.config
         length = seq_len if seq_len is not None else min(512, config.max_position_embeddings)
         if length > config.max_position_embeddings:
             raise InputError(f"--seq-len {length} is longer than the model's context ({config.max_position_embeddings})")
-        sequences = from_main_rank(group, lambda: read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens))
+        sequences = on_main_rank(group, lambda: read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens))
         options = StatsOptions(
             batch_size=batch_size,
             batch_tokens=batch_tokens,
@@ -179,33 +159,31 @@ def expert_stats(
             f"({report.tokens_per_second:.0f} tokens/s)[/]"
         )
 
-        document = None
-        if document_format is not None:
-            document = json.dumps(report.to_json(), indent=2) + "\n" if document_format == "json" else _csv(report)
+        document = None if document_format is None else report_document(report, document_format)
         if output is not None and document is not None:
-            _write(files["--output"], lambda tmp: Path(tmp).write_text(document, encoding="utf-8"))
+            write_text(files["--output"], document)
             err.print(f"wrote {output}")
-        if format == StatsFormat.text:
-            _render(report, view)
+        if format == Format.text:
+            render(report, heatmap=view == View.heatmap)
         elif output is None and document is not None:
             sys.stdout.write(document)
             sys.stdout.flush()
         if save_loads is not None:
-            LOAD_WRITERS[save_loads.suffix.lower()](report, files["--save-loads"])
+            write_loads(report, files["--save-loads"])
             err.print(f"wrote {save_loads}")
         if pyplot is not None:
             _plot(pyplot, report, files["--plot"])
             err.print(f"wrote {plot}")
 
 
-def _document_format(format: StatsFormat, output: Path | None) -> str | None:
+def _document_format(format: Format, output: Path | None) -> str | None:
     """json / csv for stdout or --output; a text report with --output takes the format from the file's suffix."""
-    if format != StatsFormat.text:
+    if format != Format.text:
         return format.value
     if output is None:
         return None
     suffix = output.suffix.lower().lstrip(".")
-    if suffix not in ("json", "csv"):
+    if suffix not in DOCUMENT_FORMATS:
         raise InputError(f"--output {output.name}: choose --format json or csv (or name the file .json / .csv)")
     return suffix
 
@@ -262,236 +240,6 @@ def _files(output: Path | None, save_loads: Path | None, plot: Path | None) -> l
     return named
 
 
-def _write(target: Output, write: Callable[[str], None]) -> None:
-    """Write through a staging file beside the target (:class:`dsv2cli.commit.Output`): nothing half-written."""
-    try:
-        with target.staged() as tmp:
-            write(str(tmp))
-    except OSError as exc:
-        raise InputError(f"could not write {target.path}: {exc.strerror or exc}") from None
-
-
-def _csv(report: ExpertStatsReport) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["layer", "expert", "count", "load_fraction"])
-    for layer in report.layers:
-        for expert, (count, share) in enumerate(zip(layer.counts, layer.load_fraction, strict=True)):
-            writer.writerow([layer.layer, expert, count, f"{share:.6g}"])
-    return buffer.getvalue()
-
-
-def _save_loads_json(report: ExpertStatsReport, path: Output) -> None:
-    doc = {
-        "layers": [layer.layer for layer in report.layers],
-        "n_routed_experts": report.n_routed_experts,
-        "tokens": report.tokens,
-        "top_k": report.top_k,
-        "loads": report.load_matrix(),
-    }
-    _write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc) + "\n", encoding="utf-8"))
-
-
-def _save_loads_csv(report: ExpertStatsReport, path: Output) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["layer", *(f"expert_{e}" for e in range(report.n_routed_experts))])
-    for layer in report.layers:
-        writer.writerow([layer.layer, *layer.counts])
-    _write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
-
-
-def _save_loads_safetensors(report: ExpertStatsReport, path: Output) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    loads = torch.tensor(report.load_matrix(), dtype=torch.int64)  # [moe_layers, experts]
-    metadata = {"layers": json.dumps([layer.layer for layer in report.layers]), "tokens": str(report.tokens)}
-    _write(path, lambda tmp: save_file({"loads": loads}, tmp, metadata=metadata))
-
-
-LOAD_WRITERS = {".json": _save_loads_json, ".csv": _save_loads_csv, ".safetensors": _save_loads_safetensors}
-
-
-def _render(report: ExpertStatsReport, view: View) -> None:
-    shared = report.n_shared_experts
-    out.print(
-        f"[bold]{report.model}[/] · {report.tokens:,} tokens in {report.sequences} sequences"
-        + (" (cut by --max-tokens)" if report.truncated else "")
-        + f" · {len(report.layers)} MoE layers · {report.n_routed_experts} routed experts, top-{report.top_k}"
-        + f" · {shared} shared expert{'s' if shared != 1 else ''} (every token)"
-        + f" · {report.devices} devices ({report.placement}), M = {report.max_devices}",
-        soft_wrap=True,
-    )
-    out.print()
-    (_render_heatmap if view == View.heatmap else _render_bars)(report)
-    _render_metrics(report)
-    _render_summary(report)
-    _render_drops(report)
-    if report.apply is not None:
-        a = report.apply
-        how = a.policy + (f", {a.drop_order} order" if a.drop_order else "")
-        out.print(
-            f"[bold]Dropping applied[/] ({how}, capacity factor {a.capacity_factor:g}): loss {a.loss:.4f} → "
-            f"{a.loss_with_drop:.4f} ({a.loss_with_drop - a.loss:+.4f}), perplexity {a.perplexity:.3f} → "
-            f"{a.perplexity_with_drop:.3f} over {a.predicted_tokens:,} predicted tokens; "
-            f"{a.assignment_drop_rate:.2%} of routed assignments dropped",
-            soft_wrap=True,
-        )
-        out.print()
-    if report.layers[0].top_tokens is not None:
-        _render_top_tokens(report)
-    if report.plan is not None:
-        _render_plan(report)
-
-
-def _render_bars(report: ExpertStatsReport) -> None:
-    out.print("[bold]Load per routed expert[/] (bar height relative to the layer's busiest expert; ■ = shared experts)")
-    for layer in report.layers:
-        peak = max(layer.counts) or 1
-        bars = "".join(BARS[round(c / peak * (len(BARS) - 1))] for c in layer.counts)
-        line = Text(f"L{layer.layer:<3} ")
-        line.append(bars, style="cyan")
-        line.append(f"  max/mean {layer.metrics.max_over_mean:4.2f}  ")
-        line.append("■" * min(report.n_shared_experts, 4), style="magenta")
-        out.print(line, soft_wrap=True)
-    out.print()
-
-
-def _render_heatmap(report: ExpertStatsReport) -> None:
-    out.print("[bold]Load per routed expert[/] (colour = load / layer mean; ■ = shared experts, always active)")
-    for layer in report.layers:
-        mean = sum(layer.counts) / len(layer.counts) or 1
-        line = Text(f"L{layer.layer:<3} ")
-        for count in layer.counts:
-            level = min(round(count / mean / 2 * (len(HEAT) - 1)), len(HEAT) - 1)
-            line.append(SHADES[level * (len(SHADES) - 1) // (len(HEAT) - 1)], style=HEAT[level])
-        line.append("  ")
-        line.append("■" * min(report.n_shared_experts, 4), style="magenta")
-        out.print(line, soft_wrap=True)
-    legend = Text("     ")
-    for index, colour in enumerate(HEAT):
-        legend.append(SHADES[index * (len(SHADES) - 1) // (len(HEAT) - 1)], style=colour)
-        if index in (0, len(HEAT) // 2, len(HEAT) - 1):
-            legend.append(f" {index / (len(HEAT) - 1) * 2:g}x ")
-    out.print(legend)
-    out.print()
-
-
-def _table(title: str, columns: tuple[str, ...], left: int = 0) -> Table:
-    """A compact table (two-line headers keep it within 80 columns)."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for index, name in enumerate(columns):
-        table.add_column(name, justify="left" if index < left else "right")
-    return table
-
-
-def _render_metrics(report: ExpertStatsReport) -> None:
-    columns = (
-        "layer",
-        "max\n/mean",
-        "min\n/mean",
-        "CV",
-        "entropy",
-        "mean\n/max",
-        "Σf·P\nexpert",
-        "Σf·P\ndevice",
-        "Σf·P\ncomm",
-        "device\nmean/max",
-    )
-    table = _table("Balance per MoE layer", columns)
-    for layer in report.layers:
-        m = layer.metrics
-        table.add_row(
-            str(layer.layer),
-            f"{m.max_over_mean:.2f}",
-            f"{m.min_over_mean:.2f}",
-            f"{m.cv:.3f}",
-            f"{m.normalized_entropy:.3f}",
-            f"{m.balancedness:.3f}",
-            f"{layer.expert_balance:.3f}",
-            f"{layer.device_balance:.3f}",
-            f"{layer.communication_balance:.3f}",
-            f"{layer.device_balancedness:.3f}",
-        )
-    out.print(table)
-    out.print(
-        "[dim]mean/max is the balancedness of vLLM and SGLang; entropy is normalised to 1; Σf·P is the paper's balance "
-        "quantity per sequence (1.0 = even), averaged over sequences; device mean/max uses the device loads.[/]",
-        soft_wrap=True,
-    )
-    out.print()
-
-
-def _render_summary(report: ExpertStatsReport) -> None:
-    table = _table("Across layers", ("metric", "mean", "min", "p50", "p90", "max", "worst layer"), left=1)
-    for name, s in report.summary.items():
-        table.add_row(name, *(f"{v:.3f}" for v in (s.mean, s.min, s.p50, s.p90, s.max)), str(s.worst_layer))
-    out.print(table)
-    out.print()
-
-
-def _render_drops(report: ExpertStatsReport) -> None:
-    batches = f"{report.batch_tokens} tokens" if report.batch_tokens else "one sequence"
-    columns = ("policy", "order", "capacity\nfactor", "assignments\ndropped", "tokens\nhit", "tokens all\ndropped", "worst layer")
-    table = _table(f"Token dropping simulated on this routing (budget per batch of {batches})", columns, left=2)
-    for index, d in enumerate(report.drop_overall):
-        worst = max(report.layers, key=lambda layer: layer.drop[index].assignment_drop_rate)
-        table.add_row(
-            d.policy,
-            d.order or "affinity",
-            f"{d.capacity_factor:g}",
-            f"{d.assignment_drop_rate:.2%}",
-            f"{d.token_drop_rate:.2%}",
-            f"{d.full_drop_rate:.2%}",
-            f"L{worst.layer} {worst.drop[index].assignment_drop_rate:.2%}",
-        )
-    out.print(table)
-    out.print(
-        "[dim]device: budget ceil(cf·T·K/D) per device, lowest affinity dropped (DeepSeek-V2 §2.2.4); expert: "
-        "ceil(cf·T·K/E) per expert (GShard/Switch). tokens hit = at least one routed expert dropped.[/]",
-        soft_wrap=True,
-    )
-    out.print()
-
-
-def _render_top_tokens(report: ExpertStatsReport) -> None:
-    for layer in report.layers:
-        _top_tokens_table(layer)
-
-
-def _top_tokens_table(layer: LayerStats) -> None:
-    assert layer.top_tokens is not None
-    table = _table(f"Layer {layer.layer}: tokens most often routed to each expert", ("expert", "load", "top tokens (count)"))
-    table.columns[2].justify = "left"
-    for expert, tokens in enumerate(layer.top_tokens):
-        shown = ", ".join(f"{json.dumps(t.text) if t.text is not None else t.token_id} ({t.count})" for t in tokens)
-        table.add_row(str(expert), f"{layer.load_fraction[expert]:.2%}", Text(shown))
-    out.print(table)
-    out.print()
-
-
-def _render_plan(report: ExpertStatsReport) -> None:
-    plan = report.plan
-    assert plan is not None
-    title = f"Placement on {plan.num_devices} devices, {plan.redundant} redundant experts (device mean/max load)"
-    table = _table(title, ("layer", "contiguous", "planned", "busiest device before → after"))
-    for p in plan.layers:
-        table.add_row(
-            str(p.layer),
-            f"{p.balancedness_before:.3f}",
-            f"{p.balancedness_after:.3f}",
-            f"{max(p.loads_before):,.0f} → {max(p.loads_after):,.0f}",
-        )
-    table.add_row("mean", f"{plan.mean_before:.3f}", f"{plan.mean_after:.3f}", "", style="bold")
-    out.print(table)
-    out.print(
-        "[dim]The planned experts per device are in --format json (plan.layers[].devices); with --redundant 0 "
-        "that JSON file can be passed back as --placement. Planned and measured on the same text.[/]",
-        soft_wrap=True,
-    )
-
-
 def _plot(plt: Any, report: ExpertStatsReport, path: Output) -> None:
     """Layers x experts heat map of load / layer mean; written atomically."""
     rows = [[c / (sum(layer.counts) / len(layer.counts)) for c in layer.counts] for layer in report.layers]
@@ -503,6 +251,7 @@ def _plot(plt: Any, report: ExpertStatsReport, path: Output) -> None:
     ax.set_title(f"Expert load / layer mean: {report.model}, {report.tokens:,} tokens, top-{report.top_k}")
     fig.colorbar(image, ax=ax, label="load / mean")
     try:
-        _write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.path.suffix[1:].lower()))
+        with path.staged() as staging:
+            fig.savefig(staging, dpi=120, bbox_inches="tight", format=path.path.suffix[1:].lower())
     finally:
         plt.close(fig)

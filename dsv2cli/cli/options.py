@@ -65,7 +65,9 @@ DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda or auto."
 DtypeOption = Annotated[
     Dtype,
     typer.Option(
-        "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype)."
+        "--dtype",
+        metavar="<dtype>",  # the help lists the choices; the full list would widen every command's option column
+        help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype).",
     ),
 ]
 ThreadsOption = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")]
