@@ -21,10 +21,10 @@ from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRe
 from dsv2cli.inference.sampling import SamplingParams
 from dsv2cli.model import ForwardOptions
 from dsv2cli.model.transformer import fuse_projections
-from tests.helpers import reference_model, save_reference
+from tests.helpers import needs_kernels, reference_model, save_reference
 
-needs_compiler = pytest.mark.skipif(
-    not compiler_available() or not kernels.load().available, reason="compiled steps need a C++ compiler and dsv2's kernels"
+needs_compiler = needs_kernels(
+    compiler_available() and kernels.load().available, reason="compiled steps need a C++ compiler and dsv2's kernels"
 )
 
 

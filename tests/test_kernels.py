@@ -14,13 +14,13 @@ from dsv2cli.inference.compiled import compiler_available
 from dsv2cli.model import ForwardOptions
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.transformer import fuse_projections
-from tests.helpers import reference_model, save_reference
+from tests.helpers import reference_model, save_reference, skip_without_kernels
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if not compiler_available() or not kernels.load().available:
-        pytest.skip("the C++ kernels do not build here (no compiler, ninja or AVX2)")
+        skip_without_kernels("the C++ kernels do not build here (no compiler, ninja or AVX2)")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dsv2cli.inference.compiled import CompiledDecoder, compiler_available, roun
 from dsv2cli.model import ForwardOptions
 from dsv2cli.model.quantized import absorb_int8, quantize_int8
 from dsv2cli.model.transformer import fuse_projections
-from tests.helpers import reference_model, save_reference
+from tests.helpers import needs_kernels, reference_model, save_reference, skip_without_kernels
 
 STEPS = 5
 PROMPTS = {1: [9], 3: [9, 5, 7]}  # rows -> prompt lengths (a batch is left-padded to the longest)
@@ -93,7 +93,7 @@ PATHS = [
 @pytest.mark.parametrize("mode, weights, rows, kernel", PATHS)
 def test_every_decode_path_matches_the_float64_reference(checkpoint, sequences, reference, mode, weights, rows, kernel):
     if (kernel or mode == "compiled") and not can_compile:
-        pytest.skip("no C++ compiler, or dsv2's kernels do not build here")
+        skip_without_kernels("no C++ compiler, or dsv2's kernels do not build here")
     model = _model(checkpoint, weights)
     # dsv2's kernels for the int8 products wherever they build; the attention kernel as the path says.
     options = ForwardOptions(kernels.load(), attention_kernel=kernel)
@@ -110,7 +110,7 @@ def test_every_decode_path_matches_the_float64_reference(checkpoint, sequences, 
     assert agree / total >= AGREEMENT[weights]
 
 
-@pytest.mark.skipif(not can_compile, reason="no C++ compiler, or dsv2's kernels do not build here")
+@needs_kernels(can_compile, reason="no C++ compiler, or dsv2's kernels do not build here")
 def test_compiled_blocks_share_one_graph_per_kind_of_block(checkpoint):
     """Compiling takes the same time for any depth: one graph for the dense blocks and one for the MoE blocks."""
     from torch._dynamo.utils import counters

@@ -20,7 +20,7 @@ from dsv2cli.model.quantized import (
     quantize_int8,
     quantize_rows,
 )
-from tests.helpers import TINY_HF, reference_model, save_reference
+from tests.helpers import TINY_HF, reference_model, save_reference, skip_without_kernels
 
 
 def _config() -> ModelConfig:
@@ -51,7 +51,7 @@ def int8_kernel() -> Kernels:
     """dsv2's C++ kernels, given to the products under test."""
     handle = kernels.load()
     if not handle.available:
-        pytest.skip("dsv2's C++ kernels do not build here")
+        skip_without_kernels("dsv2's C++ kernels do not build here")
     return handle
 
 
