@@ -1,4 +1,8 @@
-"""`dsv2 generate`: text generation with the latent KV cache — streaming, sampling, chat, batches."""
+"""`dsv2 generate`: text generation with the latent KV cache — streaming, sampling, chat, batches.
+
+The command parses options and renders; the work is :mod:`dsv2cli.inference.generate` (settings, kernel
+policy, the batch loop and its JSON document) and :mod:`dsv2cli.inference.conversation` (the chat).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,29 @@ from pathlib import Path
 
 import typer
 
-from dsv2cli.cli.common import LoadStatus, err, handle_errors, human_bytes, out
+from dsv2cli.cli.common import err, handle_errors, human_bytes, out
+from dsv2cli.cli.options import (
+    Backend,
+    BackendOption,
+    DeviceOption,
+    Dtype,
+    DtypeOption,
+    Format,
+    ModelOption,
+    ThreadsOption,
+    format_option,
+)
+from dsv2cli.cli.torchrun import load, on_main_rank, run_seed, torchrun_group
 from dsv2cli.errors import InputError
-from dsv2cli.inference.compiled import CompiledDecoder, cannot_compile
-from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest, GenerationResult
-from dsv2cli.inference.inputs import PromptInput, chat_prompt, parse_token_ids, read_input_file, to_requests
-from dsv2cli.inference.sampling import SamplingParams
-from dsv2cli.inference.session import LoadedModel, with_attention_kernel
-from dsv2cli.model import ForwardOptions
+from dsv2cli.inference.compiled import CompiledDecoder
+from dsv2cli.inference.conversation import Conversation
+from dsv2cli.inference.engine import GenerationOptions, GenerationRequest, GenerationResult, TokenEvent
+from dsv2cli.inference.generate import GenerateRun, GenerateSettings, choose_decoder, choose_forward, generate_batches
+from dsv2cli.inference.inputs import PromptInput, parse_token_ids, read_input_file, to_requests
+from dsv2cli.inference.session import LoadedModel
 from dsv2cli.model.attention import ATTENTION_IMPLS
 from dsv2cli.model.dtypes import DTYPES, parse_dtype
-from dsv2cli.parallel import ParallelGroup, distributed_run, from_main_rank, shared_seed
-from dsv2cli.parallel.session import load_model
+from dsv2cli.parallel import ParallelGroup
 
 EPILOG = (
     "Examples:\n\n"
@@ -40,10 +55,9 @@ EPILOG = (
 )
 
 
-class OutputFormat(str, Enum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
+OutputFormats = format_option(
+    Format.text, Format.json, Format.jsonl, help="text (streamed), json (one document) or jsonl (a record per result)."
+)
 
 
 class Attention(str, Enum):
@@ -57,9 +71,7 @@ assert tuple(a.value for a in Attention) == ATTENTION_IMPLS
 @handle_errors
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts (several decode together as a batch); '-' reads stdin."),
-    model: str = typer.Option(
-        None, "--model", "-m", help="Checkpoint directory, Hub repo id, or 'demo' (default: the bundled model)."
-    ),
+    model: ModelOption = None,
     input_file: Path = typer.Option(
         None, "--input-file", "-i", help="One prompt per line, or JSON lines with prompt / messages / prompt_token_ids."
     ),
@@ -82,16 +94,12 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="Seed for sampling: the same seed gives the same output."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the text is cut before it."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating after the end-of-sequence token."),
-    format: OutputFormat = typer.Option(
-        OutputFormat.text, "--format", "-f", help="text (streamed), json (one document) or jsonl (a record per result)."
-    ),
+    format: OutputFormats = Format.text,
     attention: Attention = typer.Option(
         Attention.absorbed, "--attention", help="absorbed (fast, default) or naive (re-expands K/V; for comparison)."
     ),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU when it fits, else the stored dtype)."
-    ),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = Dtype.auto,
     kv_cache_dtype: str = typer.Option(
         "auto",
         "--kv-cache-dtype",
@@ -99,7 +107,7 @@ def generate(
         "the cache; with float32 activations attention then runs in bfloat16 (faster at long contexts on CPUs "
         "with AVX512-BF16; docs/generate.md states its cost).",
     ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: ThreadsOption = None,
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
     compile: bool = typer.Option(
         None,
@@ -116,84 +124,48 @@ def generate(
         "needs a C++ compiler). Default: on where it builds.",
         show_default=False,
     ),
-    backend: str = typer.Option(
-        "auto", "--backend", help="Under torchrun: gloo, nccl or auto (nccl on GPUs, gloo on CPU; env DSV2_BACKEND)."
-    ),
+    backend: BackendOption = Backend.auto,
 ) -> None:
     """Generate text from a DeepSeek-V2-family model, streaming it as it is produced.
 
     Under torchrun the model is split across the processes (docs/distributed.md); rank 0 reads and prints.
     """
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if seed is not None and not 0 <= seed < 1 << 63:
-        raise InputError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     if kv_cache_dtype != "auto" and kv_cache_dtype not in DTYPES:
         raise InputError(f"unknown --kv-cache-dtype '{kv_cache_dtype}'", hint=f"choose auto or one of {', '.join(DTYPES)}")
-    with distributed_run(device, backend) as group:  # group is None unless launched by torchrun
-        inputs = from_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
+    settings = GenerateSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+        ignore_eos=ignore_eos,
+        attention=attention.value,
+        cache_dtype=None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype),
+        batch_size=batch_size,
+    )
+    with torchrun_group(device, backend.value) as group:
+        inputs = on_main_rank(group, lambda: _gather_inputs(prompts or [], input_file, token_ids, interactive))
         if compile and group is not None:
             raise InputError("--compile is for single-process runs", hint="drop --compile under torchrun")
-        loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
-        forward = _forward_options(loaded, attention_kernel)
-        decoder = _decoder(loaded, compile if group is None else False, forward)
-        if shards is not None:
-            for line in shards.lines():
-                err.print(f"[dim]{line}[/]", soft_wrap=True)
-        defaults = loaded.tokenizer.special.generation_defaults if loaded.tokenizer else {}
-        sampled = bool(defaults.get("do_sample"))
-        sampling = SamplingParams(
-            temperature=temperature if temperature is not None else (float(defaults.get("temperature", 1.0)) if sampled else 0.0),
-            top_k=top_k,
-            top_p=top_p if top_p is not None else (float(defaults.get("top_p", 1.0)) if sampled else 1.0),
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=shared_seed(group, seed),
-        )
-        options = GenerationOptions(
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            eos_token_ids=loaded.eos_token_ids,
-            ignore_eos=ignore_eos,
-            stop=tuple(stop or ()),
-            attention=attention.value,
-            cache_dtype=None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype),
-            forward=forward,
-        )
+        loaded = load(model, group, device, dtype.value, threads)
+        loading = "dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."
+        forward = choose_forward(loaded, attention_kernel, loading=lambda: err.status(loading))
+        decoder, eager_reason = choose_decoder(loaded, compile if group is None else False, forward, compiling=_compiling)
+        if eager_reason is not None:
+            err.print(f"[dim]note: decoding eagerly: {eager_reason}[/]", soft_wrap=True)
+        options = settings.options(loaded, run_seed(group, seed), forward)
         if interactive:
-            _interactive(loaded, options, system, group, decoder)
+            _interactive(Conversation(loaded, options, system, decoder), group)
             return
         requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
-        _run_batches(loaded, requests, options, format, batch_size, decoder)
+        _generate(loaded, requests, options, format, batch_size, decoder)
 
 
-def _decoder(loaded: LoadedModel, asked: bool | None, forward: ForwardOptions) -> CompiledDecoder | None:
-    """Compiled decode steps: as asked, else wherever they can run (a one-line note says why not)."""
-    if asked is False:
-        return None
-    if asked is None:
-        reason = cannot_compile(loaded.model)
-        if reason is not None:
-            err.print(f"[dim]note: decoding eagerly: {reason}[/]", soft_wrap=True)
-            return None
-
-    def compiling():
-        return err.status("compiling the decode step for this batch (the first time 15-60 s; cached on disk after) ...")
-
-    return CompiledDecoder(loaded.model, forward, compiling=compiling)
-
-
-def _forward_options(loaded: LoadedModel, asked: bool | None) -> ForwardOptions:
-    """The loaded model's forward options, decode steps attending through the C++ kernel as asked, else wherever it
-    builds. An explicit ``--attention-kernel`` that cannot be honoured is an error, the default falls back to BLAS."""
-    if asked is False:
-        return with_attention_kernel(loaded.options, loaded.device, enabled=False)
-    with err.status("dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."):
-        forward = with_attention_kernel(loaded.options, loaded.device)
-    if forward.latent_attention is None and asked:
-        reason = "it runs on CPU only" if loaded.device.type != "cpu" else forward.kernels.error
-        raise InputError(f"--attention-kernel: the kernel is not available here ({reason})", hint="drop --attention-kernel")
-    return forward
+def _compiling():
+    return err.status("compiling the decode step for this batch (the first time 15-60 s; cached on disk after) ...")
 
 
 def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str | None, interactive: bool) -> list[PromptInput]:
@@ -221,45 +193,39 @@ def _gather_inputs(prompts: list[str], input_file: Path | None, token_ids: str |
     return inputs
 
 
-def _run_batches(
+def _generate(
     loaded: LoadedModel,
     requests: list[GenerationRequest],
     options: GenerationOptions,
-    fmt: OutputFormat,
+    fmt: Format,
     batch_size: int,
-    decoder: CompiledDecoder | None = None,
+    decoder: CompiledDecoder | None,
 ) -> None:
-    results: list[GenerationResult] = []
-    cache_bytes = 0
-    stream_text = fmt == OutputFormat.text and len(requests) == 1
-    for start in range(0, len(requests), batch_size):
-        generation = Generation(loaded.model, requests[start : start + batch_size], options, loaded.tokenizer, decoder)
-        for event in generation:
-            if stream_text and event.text:
-                out.file.write(event.text)
-                out.file.flush()
-        cache_bytes = max(cache_bytes, generation.cache_bytes)
-        batch_results = generation.results
-        results.extend(batch_results)
-        for result in batch_results:
-            if fmt == OutputFormat.jsonl:
+    """Run the batches, streaming one prompt's text as it comes, or each result as its batch ends."""
+    stream_text = fmt == Format.text and len(requests) == 1
+
+    def on_token(event: TokenEvent) -> None:
+        if stream_text and event.text:
+            out.file.write(event.text)
+            out.file.flush()
+
+    def on_results(results: list[GenerationResult]) -> None:
+        for result in results:
+            if fmt == Format.jsonl:
                 sys.stdout.write(json.dumps(result.to_json()) + "\n")
                 sys.stdout.flush()
-            elif fmt == OutputFormat.text and not stream_text:
+            elif fmt == Format.text and not stream_text:
                 out.rule(f"[{result.index + 1}] {_short(result.prompt or str(result.prompt_token_ids))}")
                 out.print(result.text if result.text is not None else str(result.token_ids), markup=False, highlight=False)
-    if fmt == OutputFormat.json:
-        document = {
-            "model": loaded.name,
-            "results": [r.to_json() for r in results],
-            "cache": {"scheme": "mla-latent", "bytes": cache_bytes, "dtype": _cache_dtype_name(options, loaded)},
-        }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+    run = generate_batches(loaded, requests, options, batch_size, decoder, on_token=on_token, on_results=on_results)
+    if fmt == Format.json:
+        sys.stdout.write(json.dumps(run.to_json(), indent=2) + "\n")
     elif stream_text:
-        if results[0].text is None:  # no tokenizer: show the ids
-            out.file.write(" ".join(map(str, results[0].token_ids)))
+        if run.results[0].text is None:  # no tokenizer: show the ids
+            out.file.write(" ".join(map(str, run.results[0].token_ids)))
         out.file.write("\n")
-    _summary(results, cache_bytes, loaded, _cache_dtype_name(options, loaded))
+    _summary(run)
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -267,23 +233,15 @@ def _short(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _cache_dtype_name(options: GenerationOptions, loaded: LoadedModel) -> str:
-    return str(options.cache_dtype or loaded.dtype).removeprefix("torch.")
-
-
-def _summary(results: list[GenerationResult], cache_bytes: int, loaded: LoadedModel, cache_dtype: str) -> None:
-    tokens = sum(len(r.token_ids) for r in results)
-    decode_s = max((r.timings.decode_s for r in results), default=0.0)
-    prefill = results[0].timings if results else None
-    rate = f"{tokens / decode_s:.1f} tokens/s" if decode_s > 0 else "-"
+def _summary(run: GenerateRun) -> None:
+    rate = f"{run.tokens / run.decode_s:.1f} tokens/s" if run.decode_s > 0 else "-"
+    prefill = run.results[0].timings if run.results else None
     prefill_rate = f", prefill {prefill.prefill_tokens_per_s:.0f} tokens/s" if prefill and prefill.prefill_s > 0 else ""
-    compile_s = sum(r.timings.compile_s for r in results)
-    prefill_rate += f", compiled in {compile_s:.1f} s" if compile_s > 0 else ""
-    reasons = ", ".join(sorted({r.finish_reason or "?" for r in results}))
-    dtype = str(loaded.dtype).removeprefix("torch.")
-    cache_note = "" if cache_dtype == dtype else f" ({cache_dtype})"
+    prefill_rate += f", compiled in {run.compile_s:.1f} s" if run.compile_s > 0 else ""
+    cache_note = "" if run.cache_dtype == run.dtype else f" ({run.cache_dtype})"
     err.print(
-        f"[dim]{tokens} tokens, {rate}{prefill_rate} · latent cache {human_bytes(cache_bytes)}{cache_note} · {dtype} on {loaded.device} · finished: {reasons}[/]",
+        f"[dim]{run.tokens} tokens, {rate}{prefill_rate} · latent cache {human_bytes(run.cache_bytes)}{cache_note} · "
+        f"{run.dtype} on {run.device} · finished: {', '.join(run.finish_reasons)}[/]",
         soft_wrap=True,
     )
 
@@ -298,19 +256,11 @@ def _read_line() -> str | None:
         return None
 
 
-def _interactive(
-    loaded: LoadedModel,
-    options: GenerationOptions,
-    system: str | None,
-    group: ParallelGroup | None = None,
-    decoder: CompiledDecoder | None = None,
-) -> None:
-    if loaded.tokenizer is None:
-        raise InputError("--interactive needs a checkpoint with a tokenizer")
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+def _interactive(conversation: Conversation, group: ParallelGroup | None) -> None:
+    """The terminal side of a chat: read a line (rank 0 under torchrun), run a command or stream the answer."""
     err.print("[dim]Chat with the model. /clear forgets the conversation, /exit quits, Ctrl-C stops an answer.[/]")
     while True:
-        line = from_main_rank(group, _read_line)  # under torchrun rank 0 reads and every rank gets the line
+        line = on_main_rank(group, _read_line)  # under torchrun rank 0 reads and every rank gets the line
         if line is None:
             break
         line = line.strip()
@@ -319,16 +269,12 @@ def _interactive(
         if line == "/exit":
             break
         if line == "/clear":
-            history = history[:1] if system else []
+            conversation.clear()
             err.print("[dim]Conversation cleared.[/]")
             continue
-        history.append({"role": "user", "content": line})
-        text = chat_prompt(loaded.tokenizer, history)
-        request = GenerationRequest(loaded.tokenizer.encode(text, add_bos=False), text, 0)
-        generation = Generation(loaded.model, [request], options, loaded.tokenizer, decoder)
         answer = []
         try:
-            for event in generation:
+            for event in conversation.ask(line):
                 answer.append(event.text)
                 out.file.write(event.text)
                 out.file.flush()
@@ -337,4 +283,4 @@ def _interactive(
                 raise  # torchrun passes Ctrl-C to every rank mid-step: the ranks cannot resume in step, so all stop
             err.print("\n[dim](stopped)[/]")
         out.file.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
+        conversation.answered("".join(answer))
