@@ -181,7 +181,7 @@ def probe_cost(checkpoint: Path, out_dir: Path) -> None:
         f"\nwith --probe: {run.seconds:.1f} s wall, of it {report['seconds']:.1f} s converting and "
         f"{report['probe_seconds']:.1f} s probing ({report['probe_seconds'] / report['seconds']:.0%} of the conversion); "
         f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB converting, {report['probe_peak_rss_bytes'] / 2**20:.0f} MiB "
-        f"probing; mean log p {quality['source_mean_logprob']:.4f} -> {quality['result_mean_logprob']:.4f}, top-1 "
+        f"probing; mean log p {quality['reference_mean_logprob']:.4f} -> {quality['candidate_mean_logprob']:.4f}, top-1 "
         f"agreement {quality['top1_agreement']:.0%} over {quality['tokens']} tokens ({quality['token_source']})"
     )
 

@@ -118,10 +118,10 @@ def test_int8_reports_quality_and_generates_like_float(hf, tmp_path):
     assert report["quantization"] == "int8" and report["bytes_written"] < 0.5 * report["bytes_read"]
     assert report["probe"] is True and report["probe_seconds"] > 0
     quality = report["quality"]
-    assert quality["tokens"] == 64 and quality["token_source"] == "seeded ids"
-    assert abs(quality["delta_mean_logprob"]) < 0.05 and quality["top1_agreement"] >= 0.8
-    assert quality["delta_mean_logprob"] == pytest.approx(
-        quality["result_mean_logprob"] - quality["source_mean_logprob"], abs=2e-6
+    assert quality["tokens"] == 63 and quality["token_source"] == "seeded ids"  # 64 probe tokens: 63 predictions
+    assert abs(quality["log_likelihood_change"]) < 0.05 and quality["top1_agreement"] >= 0.8
+    assert quality["log_likelihood_change"] == pytest.approx(
+        quality["candidate_mean_logprob"] - quality["reference_mean_logprob"], abs=2e-6
     )
 
     float_model, int8_model = load_hf_checkpoint(hf), load_checkpoint(tmp_path / "q")

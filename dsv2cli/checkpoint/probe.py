@@ -3,7 +3,7 @@
 Both checkpoints run the same probe tokens layer by layer (one layer's weights in memory at a
 time, read as they are stored: a bfloat16 checkpoint runs in bfloat16, an int8 one through its int8
 matmuls), and the report compares the mean log-probability of each next token, the top-1
-agreement and the largest logit difference.
+agreement and the largest logit difference (``quality.py``'s metric, the one every quality report uses).
 
 The probe reads both checkpoints again, so it costs about as much as the conversion's own reading
 (DeepSeek-V2-Lite: 31 GB of source and 16 GB of int8), and ``dsv2 convert`` runs it only with
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch.nn import functional as F
 
 from dsv2cli import kernels
@@ -26,6 +27,7 @@ from dsv2cli.checkpoint import fit
 from dsv2cli.checkpoint.files import ST_TO_TORCH, CheckpointFiles, find_problems, problems_error
 from dsv2cli.checkpoint.loader import read_hf_state_dict
 from dsv2cli.checkpoint.native import file_for, is_native, read_manifest
+from dsv2cli.checkpoint.quality import QualityChange, compare_logits
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.model import ForwardOptions
@@ -45,35 +47,19 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class ProbeReport:
-    tokens: int
-    token_source: str  # "tokenizer" or "seeded ids"
-    source_logprob: float  # mean log p(next token), nats
-    result_logprob: float
-    top1_agreement: float
-    max_logit_diff: float
+    """The converted checkpoint (candidate) against its source (reference) on the probe tokens."""
 
-    @property
-    def delta(self) -> float:
-        return self.result_logprob - self.source_logprob
+    change: QualityChange
+    token_source: str  # "tokenizer" or "seeded ids"
 
     def to_json(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "token_source": self.token_source,
-            "source_mean_logprob": round(self.source_logprob, 6),
-            "result_mean_logprob": round(self.result_logprob, 6),
-            "delta_mean_logprob": round(self.delta, 6),
-            "top1_agreement": round(self.top1_agreement, 4),
-            "max_logit_diff": round(self.max_logit_diff, 6),
-        }
+        return {**self.change.to_json(), "token_source": self.token_source}
 
 
 def probe_tokens(directory: Path, config: ModelConfig) -> tuple[torch.Tensor, str]:
     """``[1, S]`` probe ids: :data:`PROBE_TEXT` through the checkpoint's tokenizer, else seeded ids."""
     path = directory / "tokenizer.json"
     if path.is_file():
-        from tokenizers import Tokenizer
-
         ids = Tokenizer.from_file(str(path)).encode(PROBE_TEXT, add_special_tokens=False).ids[: PROBE_LENGTH - 1]
         if config.bos_token_id is not None:
             ids = [config.bos_token_id, *ids]
@@ -184,16 +170,4 @@ def probe_quality(source: Path, result: Path) -> ProbeReport:
     rotary = RotaryEmbedding(config)
     reference = _logits(LayerwiseWeights(source, config), tokens, rotary)
     converted = _logits(LayerwiseWeights(result, config), tokens, rotary)
-    targets = tokens[0, 1:]
-
-    def mean_logprob(logits: torch.Tensor) -> float:
-        return logits[:-1].log_softmax(-1).gather(1, targets[:, None]).mean().item()
-
-    return ProbeReport(
-        tokens=int(tokens.shape[1]),
-        token_source=kind,
-        source_logprob=mean_logprob(reference),
-        result_logprob=mean_logprob(converted),
-        top1_agreement=(reference.argmax(-1) == converted.argmax(-1)).float().mean().item(),
-        max_logit_diff=(reference - converted).abs().max().item(),
-    )
+    return ProbeReport(compare_logits(reference[:-1], converted[:-1], tokens[0, 1:]), kind)  # [S-1, V] each

@@ -124,11 +124,12 @@ def _render(r: ConvertReport) -> None:
     if r.quality is None and r.quantization is not None:
         table.add_row("quality (probe)", "not measured (pass --probe)")
     if r.quality is not None:
-        q = r.quality
+        q = r.quality.change
         table.add_row(
             "quality (probe)",
-            f"mean log p(next token) {q.source_logprob:.4f} -> {q.result_logprob:.4f} (change {q.delta:+.4f}) "
-            f"over {q.tokens} tokens ({q.token_source}); top-1 agreement {q.top1_agreement:.1%}; "
+            f"mean log p(next token) {q.reference_logprob:.4f} -> {q.candidate_logprob:.4f} "
+            f"(change {q.log_likelihood_change:+.4f}) over {q.tokens} tokens ({r.quality.token_source}); "
+            f"top-1 agreement {q.top1_agreement:.1%}; "
             f"{r.probe_seconds:.1f} s, peak RSS {human_bytes(r.probe_peak_rss_bytes or 0)}",
         )
     out.print(table)

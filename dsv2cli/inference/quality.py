@@ -4,31 +4,17 @@ Used to state the cost of the int8 decode path (int8 weights, and in eager decod
 matmuls on a quantized token) and of a bfloat16 latent cache: the
 reference scores every position in one forward; the candidate reads the same tokens one decode
 step at a time through its latent cache, the way `dsv2 generate` runs it (eagerly, or through a
-:class:`~dsv2cli.inference.compiled.CompiledDecoder` as `dsv2 generate --compile` does).
+:class:`~dsv2cli.inference.compiled.CompiledDecoder` as `dsv2 generate --compile` does). The metric
+is ``checkpoint/quality.py``'s, the one ``dsv2 convert --probe`` reports.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from dsv2cli.checkpoint.quality import QualityChange, compare_logits
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.model import DeepseekV2, ForwardOptions
-
-
-@dataclass(frozen=True)
-class DecodeQuality:
-    tokens: int  # positions compared
-    log_likelihood_change: float  # mean of log p_candidate(next) - log p_reference(next)
-    top1_agreement: float  # share of positions where both predict the same token
-
-    def to_json(self) -> dict[str, float]:
-        return {
-            "tokens": self.tokens,
-            "log_likelihood_change": self.log_likelihood_change,
-            "top1_agreement": self.top1_agreement,
-        }
 
 
 @torch.inference_mode()
@@ -39,14 +25,14 @@ def teacher_forced_decode_change(
     decoder: CompiledDecoder | None = None,
     cache_dtype: torch.dtype | None = None,
     options: ForwardOptions = ForwardOptions(),
-) -> DecodeQuality:
+) -> QualityChange:
     """tokens ``[1, S]``: the reference's one forward against the candidate's S - 1 decode steps.
 
     With ``decoder`` (compiled for ``candidate``) the first token is the prefill and the rest are compiled steps
     (both with the decoder's options); without, every step is eager with ``options``.
     The candidate's latent cache holds ``cache_dtype`` values (default: its own dtype).
     """
-    expected = torch.log_softmax(reference(tokens)[0, :-1].float(), dim=-1)  # [S-1, V]
+    expected = reference(tokens)[0, :-1]  # [S-1, V]
     if decoder is None:
         cache = candidate.new_cache(1, tokens.shape[1], dtype=cache_dtype)
         steps = [candidate(tokens[:, t : t + 1], cache=cache, options=options)[0, -1] for t in range(tokens.shape[1] - 1)]
@@ -55,8 +41,4 @@ def teacher_forced_decode_change(
         steps = [candidate(tokens[:, :1], cache=cache, options=decoder.options)[0, -1]]
         decoder.prepare(cache)
         steps += [decoder.step(tokens[:, t : t + 1], cache)[0, -1] for t in range(1, tokens.shape[1] - 1)]
-    got = torch.log_softmax(torch.stack(steps).float(), dim=-1)  # [S-1, V]
-    targets = tokens[0, 1:, None]
-    change = (got.gather(1, targets) - expected.gather(1, targets)).mean().item()
-    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    return DecodeQuality(int(targets.shape[0]), change, agreement)
+    return compare_logits(expected, torch.stack(steps), tokens[0, 1:])  # [S-1, V] each
