@@ -6,6 +6,10 @@ one (``rope_parameters: {"rope_type": "yarn", "rope_theta": ..., ...}``).
 Every key of ``config.json`` is either mapped to a field, listed in
 :data:`IGNORED_HF_KEYS` with the reason it does not matter, or kept verbatim in
 ``ModelConfig.extra`` (and written back by :meth:`ModelConfig.to_hf`).
+
+One file although it is long: the fields, the mapping from and to ``config.json`` and the checks all
+name the same fields, and the mapping is meant to be read beside them (a split would be a cycle, as
+``ModelConfig.from_hf`` calls the mapping).
 """
 
 from __future__ import annotations

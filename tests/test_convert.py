@@ -168,13 +168,13 @@ def test_probe_need_counts_one_layer_at_a_time():
 
 def test_chunk_sizes_do_not_change_the_bytes(hf, native, tmp_path, monkeypatch):
     """Rows read, quantized and written in any split give the same files (the split is a speed choice)."""
-    from dsv2cli.checkpoint import convert
+    from dsv2cli.checkpoint import stream
 
     convert_checkpoint(str(hf), tmp_path / "q", quantize="int8")
-    monkeypatch.setattr(convert, "READ_BYTES", 1000)  # some rows need a larger buffer than the pool's
-    monkeypatch.setattr(convert, "CONVERT_BYTES", 100)
-    monkeypatch.setattr(convert, "READS_AHEAD", 1)
-    monkeypatch.setattr(convert, "WRITES_AHEAD", 1)
+    monkeypatch.setattr(stream, "READ_BYTES", 1000)  # some rows need a larger buffer than the pool's
+    monkeypatch.setattr(stream, "CONVERT_BYTES", 100)
+    monkeypatch.setattr(stream, "READS_AHEAD", 1)
+    monkeypatch.setattr(stream, "WRITES_AHEAD", 1)
     convert_checkpoint(str(hf), tmp_path / "small", probe=False)
     convert_checkpoint(str(hf), tmp_path / "small-q", quantize="int8")
     assert _hashes(tmp_path / "small") == _hashes(native)
@@ -381,7 +381,7 @@ def test_read_failure_midway(hf, tmp_path, monkeypatch):
     """A source read that fails while converting names the tensor and file; the threads stop, nothing is left."""
     import threading
 
-    from dsv2cli.checkpoint import convert
+    from dsv2cli.checkpoint import stream
 
     calls, preadv, before = [0], os.preadv, threading.active_count()
 
@@ -391,7 +391,7 @@ def test_read_failure_midway(hf, tmp_path, monkeypatch):
             raise OSError(errno.EIO, "Input/output error")
         return preadv(fd, buffers, offset)
 
-    monkeypatch.setattr(convert.os, "preadv", failing)
+    monkeypatch.setattr(stream.os, "preadv", failing)
     result = _convert(str(hf), str(tmp_path / "out"), "--quantize", "int8")
     assert result.exit_code == 1 and "could not read tensor '" in result.stderr and "Input/output error" in result.stderr
     assert ".safetensors" in result.stderr and "dsv2 verify" in result.stderr

@@ -238,7 +238,7 @@ def test_nothing_fits_gives_one_error_line_not_a_traceback(hf_bf16):
 
 
 def test_cgroup_v2_limit_is_the_tightest_of_the_group_and_its_parents(tmp_path):
-    from dsv2cli.checkpoint.fit import _cgroup_available
+    from dsv2cli.checkpoint.machine import _cgroup_available
 
     root = tmp_path / "cgroup"
     leaf = root / "user.slice" / "job"
