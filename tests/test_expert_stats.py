@@ -5,15 +5,8 @@ import math
 import pytest
 import torch
 
-from dsv2cli.analysis.expert_stats import (
-    RoutingRecorder,
-    StatsOptions,
-    collect_expert_stats,
-    default_devices,
-    load_metrics,
-    summarise,
-    top_tokens,
-)
+from dsv2cli.analysis.expert_report import load_metrics, summarise
+from dsv2cli.analysis.expert_stats import RoutingRecorder, StatsOptions, collect_expert_stats, default_devices, top_tokens
 from dsv2cli.analysis.placement import contiguous_placement
 from dsv2cli.analysis.text_inputs import SequenceSet, TokenSequence
 from dsv2cli.errors import InputError

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsv2cli.analysis.expert_stats import ExpertStatsReport
+from dsv2cli.analysis.expert_report import ExpertStatsReport
 from dsv2cli.commit import Output
 
 DOCUMENT_FORMATS = ("json", "csv")

@@ -12,7 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from dsv2cli.analysis.expert_export import DOCUMENT_FORMATS, LOAD_WRITERS, report_document, write_loads, write_text
-from dsv2cli.analysis.expert_stats import DEFAULT_CAPACITY_FACTORS, ExpertStatsReport, StatsOptions, collect_expert_stats
+from dsv2cli.analysis.expert_report import ExpertStatsReport
+from dsv2cli.analysis.expert_stats import DEFAULT_CAPACITY_FACTORS, StatsOptions, collect_expert_stats
 from dsv2cli.analysis.text_inputs import read_sequences
 from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
 from dsv2cli.cli.common import err, handle_errors, pyplot_for

@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from dsv2cli.analysis.expert_stats import ExpertStatsReport, LayerStats
+from dsv2cli.analysis.expert_report import ExpertStatsReport, LayerStats
 from dsv2cli.cli.common import out
 
 BARS = " ▁▂▃▄▅▆▇█"
