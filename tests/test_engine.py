@@ -127,3 +127,52 @@ def test_a_batch_whose_cache_does_not_fit_is_refused_before_the_cache_exists(che
     with pytest.raises(fit.InsufficientMemoryError) as caught:
         Generation(model, requests, GenerationOptions(max_new_tokens=4000))
     assert "64 prompt(s)" in caught.value.message and "available (MemAvailable)" in caught.value.message
+
+
+def _loaded(checkpoint):
+    from dsv2cli.inference.session import LoadedModel
+
+    _, directory, model, tokenizer = checkpoint
+    return LoadedModel("tiny", directory, model, tokenizer, torch.device("cpu"), torch.float32)
+
+
+def test_batches_give_one_record_per_prompt_and_the_json_document(checkpoint):
+    from dsv2cli.inference.generate import GenerateSettings, generate_batches
+
+    loaded = _loaded(checkpoint)
+    prompts = [[0, 17, 99], [0, 5], [0, 250, 3, 44]]
+    options = GenerateSettings(max_new_tokens=3, batch_size=2).options(loaded, seed=None)
+    batches, tokens = [], []
+    requests = [GenerationRequest(p, None, i) for i, p in enumerate(prompts)]
+    run = generate_batches(loaded, requests, options, 2, on_token=tokens.append, on_results=batches.append)
+    assert [len(b) for b in batches] == [2, 1] and len(tokens) == run.tokens == 9
+    alone = _run(loaded.model, [prompts[2]], max_new_tokens=3)[0]
+    assert run.results[2].token_ids == alone.token_ids
+    doc = run.to_json()
+    assert doc["model"] == "tiny" and len(doc["results"]) == 3
+    assert doc["cache"] == {"scheme": "mla-latent", "bytes": run.cache_bytes, "dtype": "float32"} and run.cache_bytes > 0
+
+
+def test_settings_are_checked_before_loading_and_take_the_checkpoints_sampling():
+    from dsv2cli.inference.generate import GenerateSettings, default_sampling
+
+    with pytest.raises(InputError, match="`batch_size`"):
+        GenerateSettings(batch_size=0)
+    with pytest.raises(InputError, match="`seed`"):
+        GenerateSettings(seed=-1)
+    sampled = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    assert default_sampling(sampled) == SamplingParams(temperature=0.6, top_p=0.9)
+    assert default_sampling({"temperature": 0.6}) == SamplingParams()  # no do_sample: greedy
+    assert default_sampling(sampled, temperature=0.0, top_p=1.0).greedy
+
+
+def test_conversation_keeps_the_history(checkpoint):
+    from dsv2cli.inference.conversation import Conversation
+
+    loaded = _loaded(checkpoint)
+    conversation = Conversation(loaded, GenerationOptions(max_new_tokens=2), system="be brief")
+    answer = "".join(event.text for event in conversation.ask("hi"))
+    conversation.answered(answer)
+    assert [m["role"] for m in conversation.history] == ["system", "user", "assistant"]
+    conversation.clear()
+    assert conversation.history == [{"role": "system", "content": "be brief"}]
