@@ -176,7 +176,7 @@ def test_full_size_lite_on_24_gb_is_refused_with_the_int8_fix(monkeypatch, lite_
         message, hint = caught.value.message, caught.value.hint
         assert message.startswith(f"lite in {str(dtype)[6:]} needs ") and "24.0 GB available (MemAvailable)" in message
         assert "an int8 copy (17.1 GB)" in hint and f"dsv2 convert {lite_headers} {lite_headers}-int8 --quantize int8" in hint
-        assert "--dtype" not in hint  # bfloat16 does not fit either
+        assert "`dtype=" not in hint  # bfloat16 does not fit either
 
 
 CHILD = textwrap.dedent(

@@ -167,9 +167,9 @@ def test_parse_schemes():
 
 
 def test_non_positive_batch_or_context():
-    with pytest.raises(InputError, match="--batch-size"):
+    with pytest.raises(InputError, match="`batch_size`"):
         report(batch_sizes=[0])
-    with pytest.raises(InputError, match="--context"):
+    with pytest.raises(InputError, match="`context`"):
         report(contexts=[4096, -1])
 
 

@@ -75,11 +75,11 @@ def test_measured_on_a_checkpoint(tmp_path):
 
 def test_bad_measure_options():
     config = preset_config("tiny")
-    with pytest.raises(InputError, match="--measure runs"):
+    with pytest.raises(InputError, match="`measure` runs"):
         measure_cache(config, "tiny", 1, 16, 2, "fp8")
-    with pytest.raises(InputError, match="larger than --decode-steps"):
+    with pytest.raises(InputError, match="larger than `decode_steps`"):
         measure_cache(config, "tiny", 1, 4, 4, "float32")
-    with pytest.raises(InputError, match="--measure-batch"):
+    with pytest.raises(InputError, match="`measure_batch`"):
         measure_cache(config, "tiny", 0, 16, 2, "float32")
 
 
@@ -90,4 +90,4 @@ def test_a_measurement_that_does_not_fit_is_refused_before_allocating():
     config = preset_config("deepseek-v2")
     with pytest.raises(InsufficientMemoryError) as caught:
         measure_cache(config, "deepseek-v2", batch_size=8, context=200_000, decode_steps=8, dtype="bfloat16")
-    assert "available" in caught.value.message and "--measure-layers" in caught.value.hint
+    assert "available" in caught.value.message and "`measure_layers`" in caught.value.hint

@@ -259,7 +259,7 @@ def parse_memory(text: str) -> int:
         raise InputError(f"cannot read '{text}' as an amount of memory", hint="write e.g. 80GiB, 24GB or 1.5TiB")
     value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise InputError(f"--memory must be positive, not '{text}'")
+        raise InputError(f"`memory` must be positive, not '{text}'")
     return value
 
 

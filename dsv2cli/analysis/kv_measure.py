@@ -235,13 +235,13 @@ def measure_cache(
     """
     if dtype not in DTYPES:
         raise InputError(
-            f"--measure runs the cache in {', '.join(DTYPES)}, not {dtype}", hint="pass --dtype bfloat16 (or float32)"
+            f"`measure` runs the cache in {', '.join(DTYPES)}, not {dtype}", hint="pass `dtype=bfloat16` (or float32)"
         )
-    for option, value in (("--measure-batch", batch_size), ("--measure-layers", layers or 1), ("--decode-steps", decode_steps)):
+    for field, value in (("measure_batch", batch_size), ("measure_layers", layers or 1), ("decode_steps", decode_steps)):
         if value <= 0:
-            raise InputError(f"{option} must be positive, not {value}")
+            raise InputError(f"`{field}` must be positive, not {value}")
     if context <= decode_steps:
-        raise InputError(f"--measure-context ({context}) must be larger than --decode-steps ({decode_steps})")
+        raise InputError(f"`measure_context` ({context}) must be larger than `decode_steps` ({decode_steps})")
     stage = on_stage or (lambda _: None)
     torch_dtype = DTYPES[dtype]
     if checkpoint is not None:
@@ -254,8 +254,8 @@ def measure_cache(
         working = _working(measured_config, name, torch_dtype, batch_size, context)
         require(
             MemoryNeed(random_weights, 0, working),
-            f"--measure on a random {name} ({'; '.join(changes) or 'full size'})",
-            "measure fewer layers (--measure-layers), a shorter --measure-context or a smaller --measure-batch",
+            f"`measure` on a random {name} ({'; '.join(changes) or 'full size'})",
+            "measure fewer layers (`measure_layers`), a shorter `measure_context` or a smaller `measure_batch`",
         )
         stage(f"building a random model ({'; '.join(changes) or 'full size'})")
         model, weights = random_model(measured_config, torch_dtype), "random"

@@ -184,10 +184,10 @@ def build_cache_report(
 ) -> CacheReport:
     """Rows for ``schemes`` on ``config``; a budget when ``memory_bytes`` is given (minus the weights at
     ``weight_precision`` when that is given); a baseline comparison when ``baseline`` is given."""
-    _check_positive("--batch-size", batch_sizes)
-    _check_positive("--context", contexts)
+    _check_positive("batch_size", batch_sizes)
+    _check_positive("context", contexts)
     if not schemes:
-        raise InputError("no scheme to report", hint="--schemes mla,mha,gqa:8,mqa")
+        raise InputError("no scheme to report", hint="`schemes=mla,mha,gqa:8,mqa`")
     shape = AttentionShape.from_config(config, name)
     notes = [
         f"context {c:,} is longer than the model's max_position_embeddings ({config.max_position_embeddings:,})"
@@ -201,8 +201,8 @@ def build_cache_report(
         if budget.available_bytes <= 0:
             raise InputError(
                 f"the weights alone take {_fmt(weights or 0)} B at {weight_precision.name if weight_precision else ''}, "
-                f"more than the {memory_bytes:,} B of --memory",
-                hint="raise --memory, lower --weight-dtype, or drop --minus-weights",
+                f"more than the {memory_bytes:,} B of `memory`",
+                hint="raise `memory`, lower `weight_dtype`, or drop `minus_weights`",
             )
     baseline_row = None
     if baseline is not None:
@@ -223,12 +223,12 @@ def build_cache_report(
     )
 
 
-def _check_positive(option: str, values: list[int]) -> None:
+def _check_positive(field: str, values: list[int]) -> None:
     if not values:
-        raise InputError(f"{option} needs at least one value")
+        raise InputError(f"`{field}` needs at least one value")
     bad = [v for v in values if v <= 0]
     if bad:
-        raise InputError(f"{option} must be positive, not {bad[0]}")
+        raise InputError(f"`{field}` must be positive, not {bad[0]}")
 
 
 def resolve_baseline(spec: str) -> AttentionShape:

@@ -126,7 +126,7 @@ def convert_checkpoint(
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise InputError(f"unknown quantization '{quantize}'", hint=f"choose one of {', '.join(QUANTIZATIONS)}")
     if quantize and to == "hf":
-        raise UnsupportedError("int8 weights have no HF layout", hint="use --to native with --quantize int8")
+        raise UnsupportedError("int8 weights have no HF layout", hint="use `to=native` with `quantize=int8`")
     source_dir = resolve_checkpoint(source, what="source")[1]
     _check_overlap(output, source_dir)
     target = Output.claim(output, kind="dir", replace=overwrite, allow_empty=True)

@@ -321,7 +321,7 @@ def fix_hint(
     if dtype == torch.float32 and stored is not None and stored != torch.float32:
         smaller = load_need(weights, stored, device, plan).with_working(default_working(config, stored))
         if Fit(smaller, available).fits:
-            options.append(f"--dtype {str(stored).removeprefix('torch.')} ({gb(smaller.allocated)})")
+            options.append(f"`dtype={str(stored).removeprefix('torch.')}` ({gb(smaller.allocated)})")
     if weights.quantization is None:
         int8 = int8_need(config, torch.float32, plan).with_working(default_working(config, torch.float32))
         per_rank = " per rank" if plan is not None else ""

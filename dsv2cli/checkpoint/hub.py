@@ -101,7 +101,7 @@ def _hub_error(repo_id: str, exc: BaseException) -> CheckpointError:
             f"{repo_id} is gated and this token has no access", hint="accept the terms on the Hub and log in (HF_TOKEN)"
         )
     if isinstance(exc, errors.RevisionNotFoundError):
-        return CheckpointError(f"{repo_id} has no revision by that name", hint="check --revision (a branch, tag or commit)")
+        return CheckpointError(f"{repo_id} has no revision by that name", hint="check `revision` (a branch, tag or commit)")
     if isinstance(exc, errors.RepositoryNotFoundError):
         return CheckpointError(
             f"repository {repo_id} not found on the Hub", hint="check the spelling, or log in if it is private"

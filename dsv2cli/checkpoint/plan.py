@@ -71,7 +71,7 @@ def _float_dtype(tensors: list[OutputTensor], dtype: str, strict: bool) -> str:
         return "mixed"
     if len(kinds) != 1:
         raise InputError(
-            f"the source mixes dtypes ({', '.join(sorted(kinds))})", hint="pass --dtype bfloat16, float16 or float32"
+            f"the source mixes dtypes ({', '.join(sorted(kinds))})", hint="pass `dtype=bfloat16`, float16 or float32"
         )
     return ST_NAME[kinds.pop()]
 

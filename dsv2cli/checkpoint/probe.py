@@ -158,7 +158,7 @@ def require_probe_memory(config: ModelConfig, *checkpoints: Iterable[tuple[str, 
     fit.require(
         fit.MemoryNeed(0, 0, probe_need(config, *checkpoints)),
         "the quality probe",
-        hint="convert without --probe (the conversion itself needs well under 1 GB), or free some memory",
+        hint="convert without `probe` (the conversion itself needs well under 1 GB), or free some memory",
     )
 
 

@@ -69,19 +69,19 @@ def resolve_config(spec: str) -> ResolvedConfig:
     )
 
 
-def resolve_checkpoint(spec: str | None, download: bool = True, what: str = "model") -> tuple[str, Path]:
+def resolve_checkpoint(spec: str | None, download: bool = True, what: str = "`model`") -> tuple[str, Path]:
     """``(name, directory)`` of a checkpoint with weights: a local directory, ``demo``, or a Hub repo id.
 
     With no ``spec`` the bundled demo model is used when this install has one. A repo id is fetched
     through the HF cache, downloaded when ``download`` and ``HF_HUB_OFFLINE`` allow. ``what`` names the
-    parameter in errors (``model``, ``source``).
+    parameter in errors: the ``model`` field by default (the CLI shows it as ``--model``), or ``source``.
     """
     if spec is None:
         directory = bundled_model_dir()
         if directory is None:
             raise InputError(
                 f"no {what} given and this install has no bundled demo model",
-                hint=f"pass a directory or a Hub repo id (owner/name) as {what}",
+                hint="pass a checkpoint directory or a Hub repo id (owner/name)",
             )
         return DEMO_NAME, directory
     path = Path(spec).expanduser()
