@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsv2cli.analysis.params import count_params  # noqa: E402
+from dsv2cli.model.dtypes import DTYPES  # noqa: E402
 from dsv2cli.presets import preset_config, preset_hf_config  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_checkpoint(directory: Path, preset: str) -> None:

@@ -30,9 +30,8 @@ from dsv2cli.model.dtypes import parse_dtype as parse_dtype  # training/trainer.
 
 
 def build_empty(config: ModelConfig) -> DeepseekV2:
-    """The model with every parameter on the meta device (rotary tables are real)."""
-    with torch.device("meta"):
-        return DeepseekV2(config)
+    """The float model with every parameter on the meta device (rotary tables are real)."""
+    return build_structure(config, None)
 
 
 def read_hf_state_dict(
