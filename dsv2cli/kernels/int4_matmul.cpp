@@ -1,0 +1,227 @@
+// int8 x int4 products of a few rows (decode steps) against group-wise int4 weights.
+//
+//     out[r, o] = step[r] * sum_g scale[e_r, o, g] * sum_{i in g} x[r, i] * (level[e_r, o, i] - 8)     (e_r = ids[r])
+//
+// x holds rows quantized per row (int8 values and a float32 step each). weight is a stack of E matrices
+// [O, I / 2] of packed 4-bit levels (dsv2cli/model/int4.py: per block of 32 inputs, 16 bytes, byte j holds
+// input j in its low nibble and input 16 + j in its high one), scale [E, O, G] float16 one per group of
+// I / G inputs. ids picks each row's matrix (a layer's routed experts), so a decode step reads its K
+// experts where they lie. Each group's sum is int32 and exact; the groups are then summed in float32.
+//
+// As in llama.cpp's Q4_0 x Q8_0 dot product, with AVX2 a 16-byte load unpacks into 32 levels (a shift
+// and a mask), `maddubs` multiplies the unsigned levels with the signed x and `madd` sums pairs into
+// int32. The offset 8 is taken out once per group: 8 * sum(x) over the group is computed once per row of
+// x and subtracted lane by lane. Rows that share a matrix are processed together (each block of output
+// rows read from memory once, reused from L1 for every row); threads split blocks of output rows of every
+// matrix used. Elsewhere a plain loop. Built at run time with the other kernels by dsv2cli/kernels/__init__.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define DSV2_INT4_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;           // inputs per packed block (16 bytes)
+constexpr int64_t kRowsPerBlock = 4;     // output rows whose sums are accumulated together
+constexpr int64_t kRowsPerTask = 32;     // output rows per thread task
+
+#if defined(DSV2_INT4_AVX2)
+inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// 16 bytes of packed levels -> 32 unsigned levels in input order.
+inline __m256i unpack32(const uint8_t* packed, __m256i low_mask) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m256i both = _mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1);
+  return _mm256_and_si256(both, low_mask);
+}
+
+// Per row of x: for each group, 8 * (the group's x values summed in pairs of pairs) as 8 int32 lanes, the
+// lanes that `madd(maddubs(levels, x))` fills, so that subtracting it turns levels into levels - 8.
+void offsets(const int8_t* x, int64_t width, int64_t group, __m256i* out) {
+  const __m256i eights = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < width / group; ++g) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(eights, xv), ones));
+    }
+    out[g] = acc;
+  }
+}
+
+// Sums of `count` (<= kRowsPerBlock) weight rows against one x row.
+void dot_rows(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
+              int64_t groups, int64_t count, int64_t width, float* sums) {
+  const int64_t group = width / groups;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[kRowsPerBlock];
+  for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = _mm256_setzero_ps();
+  if (count == kRowsPerBlock) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i isum[kRowsPerBlock];
+      for (int64_t k = 0; k < kRowsPerBlock; ++k) isum[k] = _mm256_sub_epi32(_mm256_setzero_si256(), offset[g]);
+      for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+        for (int64_t k = 0; k < kRowsPerBlock; ++k) {
+          const uint8_t* w = weight + k * stride + i / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(w + kRowsPerBlock * stride), _MM_HINT_T0);
+          const __m256i levels = unpack32(w, low_mask);
+          isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones));
+        }
+      }
+      for (int64_t k = 0; k < kRowsPerBlock; ++k) {
+        const __m256 d = _mm256_set1_ps(static_cast<float>(scale[k * groups + g]));
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), d, acc[k]);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < count; ++k) {
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), offset[g]);
+        for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+          const __m256i levels = unpack32(weight + k * stride + i / 2, low_mask);
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones));
+        }
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(static_cast<float>(scale[k * groups + g])), acc[k]);
+      }
+    }
+  }
+  for (int64_t k = 0; k < count; ++k) sums[k] = horizontal_sum(acc[k]);
+}
+#else
+void dot_rows(const int8_t* x, const void*, const uint8_t* weight, int64_t stride, const c10::Half* scale, int64_t groups,
+              int64_t count, int64_t width, float* sums) {
+  const int64_t group = width / groups;
+  for (int64_t k = 0; k < count; ++k) {
+    const uint8_t* w = weight + k * stride;
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t isum = 0;
+      for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
+        const uint8_t* block = w + i / 2;
+        for (int64_t j = 0; j < kBlock / 2; ++j) {
+          isum += static_cast<int32_t>(x[i + j]) * (static_cast<int32_t>(block[j] & 0x0F) - 8);
+          isum += static_cast<int32_t>(x[i + kBlock / 2 + j]) * (static_cast<int32_t>(block[j] >> 4) - 8);
+        }
+      }
+      total += static_cast<float>(isum) * static_cast<float>(scale[k * groups + g]);
+    }
+    sums[k] = total;
+  }
+}
+#endif
+
+struct Task {
+  int64_t matrix;  // which of the E matrices
+  int64_t first;   // first output row
+  int64_t begin;   // this matrix's rows of x: order[begin, end)
+  int64_t end;
+};
+
+}  // namespace
+
+// x [R, I] int8, step [R] float32, weight [E, O, I / 2] uint8 (rows contiguous), scale [E, O, G] float16,
+// ids [R] int64 (the matrix of each row; -1: none, its output is 0) or an empty tensor (all rows use
+// matrix 0) -> [R, O] float32.
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& ids) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kChar, "int4_matmul: x must be int8 [R, I]");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte, "int4_matmul: weight must be uint8 [E, O, I / 2]");
+  TORCH_CHECK(x.size(1) % kBlock == 0 && weight.size(2) * 2 == x.size(1) && weight.stride(2) == 1,
+              "int4_matmul: weight [E, O, I / 2] with contiguous rows matching x, I a multiple of 32");
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1) && scale.scalar_type() == at::kHalf,
+              "int4_matmul: scale must be float16 [E, O, G]");
+  const int64_t rows = x.size(0), width = x.size(1), experts = weight.size(0), outputs = weight.size(1), groups = scale.size(2);
+  TORCH_CHECK(groups > 0 && width % groups == 0 && (width / groups) % kBlock == 0, "int4_matmul: group size must be a multiple of 32 dividing I");
+  TORCH_CHECK(step.numel() == rows && step.scalar_type() == at::kFloat, "int4_matmul: step must be float32 [R]");
+  const bool routed = ids.numel() > 0;
+  TORCH_CHECK(!routed || (ids.numel() == rows && ids.scalar_type() == at::kLong), "int4_matmul: ids must be int64 [R] or empty");
+
+  const at::Tensor xs = x.contiguous(), steps = step.contiguous().view({-1}), scales = scale.contiguous();
+  at::Tensor out = at::zeros({rows, outputs}, x.options().dtype(at::kFloat));
+  if (rows == 0 || outputs == 0) return out;
+
+  std::vector<int64_t> matrix_of(rows, 0);
+  if (routed) {
+    const at::Tensor id_values = ids.contiguous();
+    const int64_t* id = id_values.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(id[r] >= -1 && id[r] < experts, "int4_matmul: id out of range");
+      matrix_of[r] = id[r];
+    }
+  }
+  std::vector<int64_t> order, starts(experts + 1, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (matrix_of[r] >= 0) starts[matrix_of[r] + 1] += 1;
+  for (int64_t e = 0; e < experts; ++e) starts[e + 1] += starts[e];
+  order.resize(starts[experts]);
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  for (int64_t r = 0; r < rows; ++r)
+    if (matrix_of[r] >= 0) order[fill[matrix_of[r]]++] = r;
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < experts; ++e) {
+    if (starts[e] == starts[e + 1]) continue;
+    for (int64_t first = 0; first < outputs; first += kRowsPerTask) tasks.push_back({e, first, starts[e], starts[e + 1]});
+  }
+
+  const int8_t* x_data = xs.data_ptr<int8_t>();
+  const uint8_t* w_data = weight.data_ptr<uint8_t>();
+  const float* step_data = steps.data_ptr<float>();
+  const c10::Half* scale_data = scales.data_ptr<c10::Half>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t w_matrix = weight.stride(0), w_row = weight.stride(1);
+
+#if defined(DSV2_INT4_AVX2)
+  std::vector<__m256i> offset(static_cast<size_t>(rows * groups));
+  for (int64_t r = 0; r < rows; ++r) offsets(x_data + r * width, width, width / groups, offset.data() + r * groups);
+  const __m256i* offset_data = offset.data();
+#else
+  const char* offset_data = nullptr;
+#endif
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first_task, int64_t last_task) {
+    float sums[kRowsPerBlock];
+    for (int64_t t = first_task; t < last_task; ++t) {
+      const Task& task = tasks[t];
+      const int64_t last = std::min(outputs, task.first + kRowsPerTask);
+      for (int64_t o = task.first; o < last; o += kRowsPerBlock) {
+        const int64_t count = std::min(kRowsPerBlock, last - o);
+        const uint8_t* w = w_data + task.matrix * w_matrix + o * w_row;
+        const c10::Half* s = scale_data + (task.matrix * outputs + o) * groups;
+        for (int64_t j = task.begin; j < task.end; ++j) {
+          const int64_t r = order[j];
+#if defined(DSV2_INT4_AVX2)
+          dot_rows(x_data + r * width, offset_data + r * groups, w, w_row, s, groups, count, width, sums);
+#else
+          dot_rows(x_data + r * width, offset_data, w, w_row, s, groups, count, width, sums);
+#endif
+          for (int64_t k = 0; k < count; ++k) out_data[r * outputs + o + k] = sums[k] * step_data[r];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(dsv2cli, m) {
+  m.def("int4_matmul(Tensor x, Tensor step, Tensor weight, Tensor scale, Tensor ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv2cli, CPU, m) {
+  m.impl("int4_matmul", &int4_matmul);
+}
