@@ -1,12 +1,13 @@
-"""C++ kernels built on the user's machine: ``torch.ops.dsv2cli.latent_attention`` and ``int8_matmul``.
+"""C++ kernels built on the user's machine: ``torch.ops.dsv2cli.latent_attention``, ``int8_matmul`` and ``int4_matmul``.
 
 ``latent_attention.cpp`` is absorbed MLA attention of one decode step over the latent cache in a
 single pass (flash-decoding on CPU): each cached entry is read once, scored against all heads and
 accumulated with an online softmax, instead of two BLAS calls that each stream (and pack) the
 whole cache. ``int8_matmul.cpp`` is the int8 x int8 product of quantized rows with int8 weights, each
-row through its own matrix of a stack (a layer's routed experts, an MLA layer's heads) picked by id.
+row through its own matrix of a stack (a layer's routed experts, an MLA layer's heads) picked by id;
+``int4_matmul.cpp`` the same for group-wise int4 weights (int32 sums per group, as llama.cpp's Q4_0 x Q8_0).
 
-:func:`load` compiles both with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
+:func:`load` compiles them with ``torch.utils.cpp_extension`` (ninja and a C++ compiler,
 ``-march=native``, the vector flags inductor picks for this CPU) into torch's extension cache the
 first time (about 30 s on 2 cores) and loads them from there afterwards. It returns a :class:`Kernels`
 handle, the same one for every call in a process: the operators, or the reason they are missing. The
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp", "int4_matmul.cpp")]
 _NAME = "dsv2cli_kernels"
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,22 @@ class Kernels:
         """
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         return torch.ops.dsv2cli.int8_matmul(x, step.reshape(-1), weight, scale.float(), empty if ids is None else ids)
+
+    def int4_matmul_supported(self, weight: torch.Tensor) -> bool:
+        """Whether the int4 kernel takes ``weight [..., O, I / 2]``: packed uint8 on CPU, rows contiguous."""
+        return self.available and weight.device.type == "cpu" and weight.dtype == torch.uint8 and weight.stride(-1) == 1
+
+    def int4_matmul(
+        self, x: torch.Tensor, step: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Quantized rows ``x [R, I]`` int8 with steps ``[R, 1]`` against packed int4 ``weight [E, O, I / 2]`` uint8 with
+        ``scale [E, O, G]`` float16 (``dsv2cli/model/int4.py``) -> ``[R, O]`` float32.
+
+        ``step[r] * sum_g scale[e, o, g] * sum_{i in g} x[r, i] * (level[e, o, i] - 8)``, int32 sums per group;
+        ``ids`` as in :meth:`int8_matmul`.
+        """
+        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        return torch.ops.dsv2cli.int4_matmul(x, step.reshape(-1), weight, scale.half(), empty if ids is None else ids)
 
 
 # The handle of a forward that was given no kernels: torch's own operators only.
@@ -157,7 +174,8 @@ def _path_with(directory: str | None) -> Iterator[None]:
 
 
 def _build_and_load() -> None:
-    from torch._inductor import cpu_vec_isa  # inductor's CPU detection, imported only when building
+    # Imported here: inductor and the extension builder take seconds to import, and only a build needs them.
+    from torch._inductor import cpu_vec_isa
     from torch.utils import cpp_extension
 
     isa = cpu_vec_isa.pick_vec_isa()
@@ -175,5 +193,9 @@ def _build_and_load() -> None:
         return query.new_empty(query.shape[0], rank, dtype=torch.float32)
 
     @torch.library.register_fake("dsv2cli::int8_matmul")
+    def _(x, step, weight, scale, ids):
+        return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2cli::int4_matmul")
     def _(x, step, weight, scale, ids):
         return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
