@@ -120,6 +120,7 @@ def test_another_cache_shape_compiles_its_own_graph(compiled):
             token = expected[:, -1:].argmax(-1)
 
 
+@needs_compiler  # the compiled fixture builds a CompiledDecoder
 def test_steps_it_serves(compiled):
     model, decoder = compiled
     assert decoder.serves(model.new_cache(1, 8))
@@ -128,6 +129,7 @@ def test_steps_it_serves(compiled):
     assert [round_capacity(n) for n in (1, CAPACITY_STEP, CAPACITY_STEP + 1)] == [CAPACITY_STEP, CAPACITY_STEP, 2 * CAPACITY_STEP]
 
 
+@needs_compiler  # the compiled fixture builds a CompiledDecoder
 def test_without_a_compiler_it_says_so(compiled, monkeypatch):
     monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
     assert "C++ compiler" in compiled_module.cannot_compile(compiled[0])
