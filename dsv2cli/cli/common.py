@@ -8,7 +8,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,11 +22,6 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class TextOrJson(str, Enum):
-    text = "text"
-    json = "json"
 
 
 def emit_json(document: Any) -> None:

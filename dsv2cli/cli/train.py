@@ -12,7 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dsv2cli.cli.common import TextOrJson, emit_json, err, handle_errors, human_count, out
+from dsv2cli.cli.common import emit_json, err, handle_errors, human_count, out
+from dsv2cli.cli.options import Format, TextOrJson, ThreadsOption
 from dsv2cli.errors import InputError
 from dsv2cli.training.routing import BalanceSettings
 from dsv2cli.training.trainer import StepReport, TrainEvent, TrainResult, TrainSettings, train
@@ -82,7 +83,12 @@ def train_command(
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json (or a directory holding one)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training sequence."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
-    max_steps: int = typer.Option(1000, "--max-steps", help="Steps of the schedule (cosine decay ends here)."),
+    max_steps: int = typer.Option(
+        None,
+        "--max-steps",
+        help="Steps of the schedule (cosine decay ends here). Default 1000; with --resume: move the end of the saved schedule.",
+        show_default=False,
+    ),
     max_time: float = typer.Option(None, "--max-time", help="Stop (and checkpoint) after this many seconds.", show_default=False),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps."),
@@ -114,8 +120,8 @@ def train_command(
     eval_every: int = typer.Option(100, "--eval-every", help="Steps between held-out evaluations."),
     eval_tokens: int = typer.Option(32768, "--eval-tokens", help="Held-out tokens per evaluation."),
     save_every: int = typer.Option(200, "--save-every", help="Steps between checkpoints."),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice).", show_default=False),
-    format: TextOrJson = typer.Option(TextOrJson.text, "--format", "-f", help="text (a table) or json (one document)."),
+    threads: ThreadsOption = None,
+    format: TextOrJson = Format.text,
 ) -> None:
     """Train a DeepSeek-V2 (MLA + DeepSeekMoE) from scratch on local text, with balance losses and token dropping."""
     if threads is not None:
@@ -152,7 +158,7 @@ def train_command(
             held_out=held_out,
             seq_len=seq_len,
             batch_size=batch_size,
-            max_steps=max_steps,
+            max_steps=1000 if max_steps is None else max_steps,
             max_time=max_time,
             lr=lr,
             min_lr_ratio=min_lr_ratio,
@@ -180,8 +186,14 @@ def train_command(
             command=shlex.join(["dsv2", *sys.argv[1:]]),
         )
     with _Display() as display:
-        result = train(settings, on_event=display.on_event, resume=resume is not None, overwrite=overwrite)
-    if format == TextOrJson.json:
+        result = train(
+            settings,
+            on_event=display.on_event,
+            resume=resume is not None,
+            overwrite=overwrite,
+            resume_max_steps=max_steps if resume is not None else None,
+        )
+    if format == Format.json:
         emit_json(result.to_json())
     else:
         _render(result)
