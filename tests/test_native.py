@@ -157,7 +157,7 @@ def test_int8_native_written_before_the_head_was_quantized_still_loads_and_verif
     from dsv2cli.checkpoint.native import expected_tensors
     from dsv2cli.checkpoint.verify import verify_checkpoint
 
-    monkeypatch.setattr(plan, "expected_tensors", lambda config, quantize: expected_tensors(config, quantize, False))
+    monkeypatch.setattr(plan, "expected_tensors", lambda config, quantize, **scheme: expected_tensors(config, quantize, False))
     convert_checkpoint(str(hf), tmp_path / "old", quantize="int8", probe=False)
     monkeypatch.undo()
     model = load_checkpoint(tmp_path / "old")

@@ -1,4 +1,4 @@
-"""`dsv2 convert`: HF <-> native layout, dtype changes and int8, streamed and committed atomically.
+"""`dsv2 convert`: HF <-> native layout, dtype changes, int8 and int4, streamed and committed atomically.
 
 The conversion is a plan (``plan.py``: output files, each an ordered list of output tensors, each made
 of source byte ranges) and one loop that executes it on three threads (``stream.py``), so that peak
@@ -30,6 +30,7 @@ from dsv2cli.checkpoint.writer import WrittenFile, hash_file, write_error, write
 from dsv2cli.commit import Output
 from dsv2cli.errors import InputError, UnsupportedError
 from dsv2cli.model.dtypes import DTYPES
+from dsv2cli.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 TARGETS = ("native", "hf")
 DTYPE_CHOICES = ("keep", *DTYPES)
@@ -56,6 +57,7 @@ class ConvertReport:
     quality: ProbeReport | None = None
     probe_seconds: float = 0.0
     probe_peak_rss_bytes: int | None = None
+    group_size: int | None = None  # int4's inputs per scale
 
     @property
     def throughput_bytes_per_s(self) -> float:
@@ -69,6 +71,7 @@ class ConvertReport:
             "target_layout": self.target_layout,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            **({} if self.group_size is None else {"group_size": self.group_size}),
             "tensors": self.tensors,
             "files": self.files,
             "bytes_read": self.bytes_read,
@@ -116,8 +119,12 @@ def convert_checkpoint(
     probe: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_progress: Progress | None = None,
+    group_size: int | None = None,
 ) -> ConvertReport:
-    """Convert ``source`` into ``output``; see the module docstring. ``probe``: also measure the quality cost."""
+    """Convert ``source`` into ``output``; see the module docstring. ``probe``: also measure the quality cost.
+
+    ``group_size``: inputs per scale of ``quantize="int4"`` (32, 64 or 128; default 32).
+    """
     output = Path(output).expanduser()
     if to not in TARGETS:
         raise InputError(f"unknown target layout '{to}'", hint=f"choose one of {', '.join(TARGETS)}")
@@ -126,7 +133,13 @@ def convert_checkpoint(
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise InputError(f"unknown quantization '{quantize}'", hint=f"choose one of {', '.join(QUANTIZATIONS)}")
     if quantize and to == "hf":
-        raise UnsupportedError("int8 weights have no HF layout", hint="use `to=native` with `quantize=int8`")
+        raise UnsupportedError(f"{quantize} weights have no HF layout", hint=f"use `to=native` with `quantize={quantize}`")
+    if group_size is not None and quantize != "int4":
+        raise InputError("`group_size` applies to `quantize=int4` only", hint="add `quantize=int4` or leave out `group_size`")
+    if quantize == "int4":
+        group_size = group_size or DEFAULT_GROUP_SIZE
+        if group_size not in GROUP_SIZES:
+            raise InputError(f"`group_size` must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     source_dir = resolve_checkpoint(source, what="source")[1]
     _check_overlap(output, source_dir)
     target = Output.claim(output, kind="dir", replace=overwrite, allow_empty=True)
@@ -136,7 +149,7 @@ def convert_checkpoint(
             f"{source_dir} is already quantized ({src.quantization}); dsv2 does not convert quantized checkpoints",
             hint="convert from the floating-point checkpoint it was made from",
         )
-    files, float_dtype = plan_native(src, dtype, quantize) if to == "native" else plan_hf(src, dtype, shard_bytes)
+    files, float_dtype = plan_native(src, dtype, quantize, group_size) if to == "native" else plan_hf(src, dtype, shard_bytes)
     aux = src.aux_files()
     needed = sum(f.nbytes for f in files) + sum(p.stat().st_size for p in aux)
     free = shutil.disk_usage(output.parent).free
@@ -156,7 +169,7 @@ def convert_checkpoint(
     with target.staged() as staging:
         written, write_wait = _write_all(files, aux, staging, float_dtype if dtype != "keep" else None, on_progress)
         if to == "native":
-            written.append(_write_manifest(staging, files, written, float_dtype, quantize))
+            written.append(_write_manifest(staging, files, written, float_dtype, quantize, group_size))
         else:
             written.append(_write_index(staging, files))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the conversion's own, before the probe
@@ -183,6 +196,7 @@ def convert_checkpoint(
         probe_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if probe else None,
         quality=quality,
         probe_seconds=probe_seconds,
+        group_size=group_size,
     )
 
 
@@ -220,13 +234,13 @@ def _copy(path: Path, staging: Path, dtype: str | None) -> None:
 
 
 def _write_manifest(
-    staging: Path, files: list[OutputFile], written: list[WrittenFile], dtype: str, quantize: str | None
+    staging: Path, files: list[OutputFile], written: list[WrittenFile], dtype: str, quantize: str | None, group_size: int | None
 ) -> WrittenFile:
     tensors = {
         t.spec.name: {"file": f.name, "dtype": t.spec.dtype, "shape": list(t.spec.shape)} for f in files for t in f.tensors
     }
     records = {w.name: {"bytes": w.bytes, "sha256": w.sha256} for w in sorted(written, key=lambda w: w.name)}
-    manifest = Manifest(dtype, quantize, tensors, records)
+    manifest = Manifest(dtype, quantize, tensors, records, group_size)
     try:
         return write_text_file(staging / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1) + "\n")
     except OSError as exc:

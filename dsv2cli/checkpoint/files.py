@@ -38,8 +38,8 @@ MODEL_FILES = (
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-# safetensors' names of the dtypes dsv2 stores: the float ones of model.dtypes.DTYPES, and int8.
-TORCH_TO_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8"}
+# safetensors' names of the dtypes dsv2 stores: the float ones of model.dtypes.DTYPES, int8, and packed int4 (uint8).
+TORCH_TO_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8"}
 ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 FLOAT_DTYPES = tuple(TORCH_TO_ST[dtype] for dtype in DTYPES.values())
 _MAX_HEADER = 100 * 1024 * 1024

@@ -115,7 +115,7 @@ def load_checkpoint(
         check_load(directory, dtype, device, plan=share, working=working)
     if is_native(directory):
         manifest = read_manifest(directory)
-        model = build_structure(config, manifest.quantization, has_int8_head(manifest))
+        model = build_structure(config, manifest.quantization, has_int8_head(manifest), manifest.group_size)
         state = read_native_state_dict(directory, manifest, config, dtype, device, share)
     else:
         model = build_empty(config)

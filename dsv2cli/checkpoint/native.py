@@ -5,8 +5,10 @@ A native directory holds ``config.json`` (and tokenizer / generation files), ``e
 ``layers.NN.mlp.experts.gate_up_proj [E, 2I, D]`` and ``down_proj [E, D, I]``), ``head.safetensors``
 (final norm and ``lm_head``), and ``manifest.json``::
 
-    {"format": "dsv2-native", "format_version": 1, "dtype": "bfloat16", "quantization": null | "int8",
+    {"format": "dsv2-native", "format_version": 1, "dtype": "bfloat16", "quantization": null | "int8" | "int4",
      "tensors": {name: {"file", "dtype", "shape"}}, "files": {name: {"bytes", "sha256"}}}
+
+An int4 manifest also records its scheme: ``"group_size": 32`` (inputs per float16 scale; ``model/int4.py``).
 
 Tensor names are dsv2 module names, so loading (``loader.load_checkpoint``) is: build on the meta device,
 map each file (safetensors memory-maps it), ``load_state_dict(assign=True)``. Nothing is copied
@@ -28,13 +30,14 @@ from dsv2cli.config import ModelConfig
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.model.dtypes import DTYPES
+from dsv2cli.model.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES, quantize_int4
 from dsv2cli.model.quantized import quantize_int8
 from dsv2cli.untrusted import Fields, is_int, read_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dsv2-native"
 FORMAT_VERSION = 1
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,16 @@ class Manifest:
     quantization: str | None
     tensors: dict[str, dict]
     files: dict[str, dict]
+    group_size: int | None = None  # int4 only: inputs per scale
 
     def to_json(self) -> dict:
+        scheme = {} if self.group_size is None else {"group_size": self.group_size}
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            **scheme,
             "tensors": self.tensors,
             "files": self.files,
         }
@@ -75,6 +81,7 @@ def read_manifest(directory: Path) -> Manifest:
         fields.str("quantization", default=None, optional=True),
         fields.object("tensors"),
         fields.object("files"),
+        fields.int("group_size", default=None, optional=True),
     )
     for name, entry in manifest.tensors.items():
         tensor = Fields(entry, MANIFEST_NAME, CheckpointError, prefix=f"tensors.{name}.")
@@ -91,6 +98,10 @@ def read_manifest(directory: Path) -> Manifest:
         raise CheckpointError(f"{path}: unknown dtype {manifest.dtype!r}", hint=f"expected one of {', '.join(DTYPES)}")
     if manifest.quantization not in (None, *QUANTIZATIONS):
         raise CheckpointError(f"{path}: unknown quantization {manifest.quantization!r}")
+    if (manifest.quantization == "int4") != (manifest.group_size is not None):
+        raise CheckpointError(f"{path}: group_size belongs to int4 checkpoints, and every int4 checkpoint has one")
+    if manifest.group_size is not None and manifest.group_size not in GROUP_SIZES:
+        raise CheckpointError(f"{path}: int4 group_size {manifest.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     return manifest
 
 
@@ -106,34 +117,38 @@ def file_for(native_name: str, num_layers: int) -> str:
 
 
 def expected_tensors(
-    config: ModelConfig, quantization: str | None, int8_head: bool = True
+    config: ModelConfig, quantization: str | None, int8_head: bool = True, group_size: int | None = None
 ) -> dict[str, tuple[tuple[int, ...], str | None]]:
     """Every tensor a native checkpoint of ``config`` holds: name -> (shape, required dtype or None = any float).
 
-    Built from the model itself on the meta device (after the int8 transform when quantized),
+    Built from the model itself on the meta device (after the int8 or int4 transform when quantized),
     so names can never drift from the modules they are assigned to. ``int8_head=False`` describes
-    int8 checkpoints written before ``lm_head`` was quantized.
+    int8 checkpoints written before ``lm_head`` was quantized; ``group_size``: an int4 checkpoint's.
     """
-    model = build_structure(config, quantization, int8_head)
+    model = build_structure(config, quantization, int8_head, group_size)
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}
     for name, tensor in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if tensor.dtype == torch.int8:
-            expected[name] = (tuple(tensor.shape), "I8")
-        elif quantization and name.endswith("scale"):
-            expected[name] = (tuple(tensor.shape), "F32")
+        if tensor.dtype in (torch.int8, torch.uint8):  # int8, packed int4
+            expected[name] = (tuple(tensor.shape), TORCH_TO_ST[tensor.dtype])
+        elif quantization and name.endswith("scale"):  # float32 for int8, float16 for int4
+            expected[name] = (tuple(tensor.shape), TORCH_TO_ST[tensor.dtype])
         else:
             expected[name] = (tuple(tensor.shape), None)
     return expected
 
 
-def build_structure(config: ModelConfig, quantization: str | None, int8_head: bool = True) -> DeepseekV2:
-    """The model on the meta device, with int8 modules installed for an int8 checkpoint."""
+def build_structure(
+    config: ModelConfig, quantization: str | None, int8_head: bool = True, group_size: int | None = None
+) -> DeepseekV2:
+    """The model on the meta device, with int8 or int4 modules installed for a quantized checkpoint."""
     with torch.device("meta"):
         model = DeepseekV2(config)
     if quantization == "int8":
         quantize_int8(model, quantize_head=int8_head)
+    elif quantization == "int4":
+        quantize_int4(model, group_size or DEFAULT_GROUP_SIZE)
     return model
 
 
@@ -145,7 +160,7 @@ def has_int8_head(manifest: Manifest) -> bool:
 def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) -> list[str]:
     """Problems visible from the headers alone: files, names, shapes and dtypes (no hashing)."""
     problems: list[str] = []
-    expected = expected_tensors(config, manifest.quantization, has_int8_head(manifest))
+    expected = expected_tensors(config, manifest.quantization, has_int8_head(manifest), manifest.group_size)
     stored: dict[str, tuple[str, tuple[int, ...], str]] = {}
     unavailable: set[str] = set()  # their tensors are accounted for by the file's own problem
     for file in sorted({str(t.get("file")) for t in manifest.tensors.values()}):
@@ -165,6 +180,8 @@ def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) ->
         unavailable.discard(file)
         for name, info in header.items():
             stored[name] = (file, info.shape, info.dtype)
+    if manifest.quantization == "int4":
+        _check_int4_scheme(expected, stored, manifest.group_size)
     for name, entry in manifest.tensors.items():
         where = stored.get(name)
         if where is None:
@@ -191,6 +208,32 @@ def header_problems(directory: Path, manifest: Manifest, config: ModelConfig) ->
         elif name not in manifest.tensors:
             problems.append(f"{file}: tensor '{name}' is not listed in {MANIFEST_NAME}")
     return problems
+
+
+def _check_int4_scheme(
+    expected: dict[str, tuple[tuple[int, ...], str | None]],
+    stored: dict[str, tuple[str, tuple[int, ...], str]],
+    group_size: int | None,
+) -> None:
+    """Raise one :class:`CheckpointError` naming the first packed int4 weight or scale whose stored dtype or shape is not
+    the scheme's (int8 data under an int4 manifest, scales of another group size)."""
+    for name, (shape, dtype) in expected.items():
+        if dtype not in ("U8", "F16") or name not in stored:
+            continue
+        file, have_shape, have_dtype = stored[name]
+        if have_dtype != dtype:
+            kind = "int8" if have_dtype == "I8" else have_dtype
+            raise CheckpointError(
+                f"{file}: tensor '{name}' holds {kind} data ({have_dtype} {list(have_shape)}) but {MANIFEST_NAME} says int4 "
+                f"({dtype} {list(shape)})",
+                hint="the manifest does not describe these files; convert the checkpoint again",
+            )
+        if have_shape != shape:
+            what = "scale" if dtype == "F16" else "packed weight"
+            raise CheckpointError(
+                f"{file}: int4 {what} '{name}' has shape {list(have_shape)}; group size {group_size} needs {list(shape)}",
+                hint="the manifest's group_size does not match these files; convert the checkpoint again",
+            )
 
 
 def read_native_state_dict(
@@ -241,15 +284,17 @@ def runtime_dtype(
 ) -> torch.dtype:
     """The dtype a native tensor stored as ``stored`` is computed in, loaded with ``dtype`` (None: as stored).
 
-    int8 weights stay int8; the router is float32 when a dtype is asked for; an int8 checkpoint's scales
-    take the ``activation`` dtype; everything else ``dtype``.
+    int8 and packed int4 weights stay as they are; the router is float32 when a dtype is asked for; an int8
+    checkpoint's scales take the ``activation`` dtype, an int4 one's stay float16 (mapped, as its kernel reads
+    them); everything else ``dtype``.
     """
-    if stored == torch.int8:
-        return torch.int8
+    if stored in (torch.int8, torch.uint8):
+        return stored
     if name.endswith(ROUTER_SUFFIX):
         return torch.float32 if dtype is not None else stored
     if quantized and name.endswith("scale"):
-        return activation  # stored in float32; int8 matmuls take the scale in the activation dtype
+        # int8's are stored in float32 and its matmuls take them in the activation dtype; int4's are float16
+        return stored if stored == torch.float16 else activation
     return dtype or stored
 
 

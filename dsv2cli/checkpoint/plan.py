@@ -27,15 +27,16 @@ ST_NAME = {v: k for k, v in ST_DTYPE.items()}
 class OutputTensor:
     """One tensor to write: its spec and the source ranges whose rows it concatenates.
 
-    ``quantize``: int8 rows, whose scales are kept for the scale tensor; ``scale_of``: the float32
-    scales of that int8 weight (its ``pieces`` are the weight's, read again only if the scales come
-    first in the file).
+    ``quantize``: int8 rows (or packed int4 rows), whose scales are kept for the scale tensor; ``scale_of``:
+    the scales of that weight (its ``pieces`` are the weight's, read again only if the scales come
+    first in the file); ``group_size``: int4's, for the weight and its scales (None for int8).
     """
 
     spec: TensorSpec
     pieces: list[TensorInfo] = field(default_factory=list)
     quantize: bool = False
     scale_of: str | None = None
+    group_size: int | None = None
 
 
 @dataclass
@@ -76,25 +77,28 @@ def _float_dtype(tensors: list[OutputTensor], dtype: str, strict: bool) -> str:
     return ST_NAME[kinds.pop()]
 
 
-def plan_native(src: Source, dtype: str, quantize: str | None) -> tuple[list[OutputFile], str]:
-    """Output files of the native layout: experts stacked, one file per layer (see ``native.py``)."""
+def plan_native(src: Source, dtype: str, quantize: str | None, group_size: int | None = None) -> tuple[list[OutputFile], str]:
+    """Output files of the native layout: experts stacked, one file per layer (see ``native.py``); ``group_size``: int4's."""
     config = src.config
     pieces: dict[str, list[TensorInfo]] = {name: [] for name in native_shapes(config)}
     for hf, info in src.tensors.items():
         expert = expert_slice(hf)
         # HF order is expert-major with gate, up, down per expert: stacking keeps [gate_0, up_0, gate_1, ...].
         pieces[native_name(hf) if expert is None else expert.native_name].append(info)
-    expected = expected_tensors(config, quantize)
+    expected = expected_tensors(config, quantize, group_size=group_size)
     shapes = native_shapes(config)
     groups: dict[str, list[OutputTensor]] = {}
     for name, parts in pieces.items():
         shape = shapes[name]
         group = groups.setdefault(file_for(name, config.num_hidden_layers), [])
-        if expected.get(name, ((), None))[1] == "I8":
+        kind = expected.get(name, ((), None))[1]
+        if kind in ("I8", "U8"):  # int8, or packed int4 with float16 scales per group
             scale = name.removesuffix("weight") + "scale" if name.endswith(".weight") else f"{name}_scale"
             assert scale in expected, scale
-            group.append(OutputTensor(TensorSpec(name, "I8", shape), parts, quantize=True))
-            group.append(OutputTensor(TensorSpec(scale, "F32", shape[:-1]), parts, scale_of=name))
+            groups_of = shape[-1] // expected[scale][0][-1] if kind == "U8" else None
+            group.append(OutputTensor(TensorSpec(name, kind, expected[name][0]), parts, quantize=True, group_size=groups_of))
+            scale_spec = TensorSpec(scale, str(expected[scale][1]), expected[scale][0])
+            group.append(OutputTensor(scale_spec, parts, scale_of=name, group_size=groups_of))
         else:
             group.append(OutputTensor(TensorSpec(name, _target_dtype(name, parts[0].dtype, dtype), shape), parts))
     files = [OutputFile(name, _aligned(tensors)) for name, tensors in groups.items()]

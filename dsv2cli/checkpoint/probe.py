@@ -31,6 +31,7 @@ from dsv2cli.checkpoint.quality import QualityChange, compare_logits
 from dsv2cli.checkpoint.source import open_source
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.model import ForwardOptions
+from dsv2cli.model.int4 import dequantize_groups, quantize_int4
 from dsv2cli.model.norm import RMSNorm
 from dsv2cli.model.quantized import dequantize_rows, quantize_int8
 from dsv2cli.model.rope import RotaryEmbedding
@@ -76,9 +77,11 @@ class LayerwiseWeights:
         self.directory = directory
         self.config = config
         self.quantization: str | None = None
+        self.group_size: int | None = None
         self.files: CheckpointFiles | None = None
         if is_native(directory):
-            self.quantization = read_manifest(directory).quantization
+            manifest = read_manifest(directory)
+            self.quantization, self.group_size = manifest.quantization, manifest.group_size
         else:
             self.files, problems = find_problems(directory, config)
             if problems:
@@ -103,6 +106,8 @@ class LayerwiseWeights:
             quantize_int8(block)
             dtype = next(v.dtype for k, v in state.items() if k.endswith("layernorm.weight"))
             state = {k: v.to(dtype) if k.endswith("scale") else v for k, v in state.items()}
+        elif self.quantization == "int4":
+            quantize_int4(block, self.group_size or 32)  # its float16 scales stay as stored
         block.load_state_dict(state, strict=True, assign=True)
         return block.eval()
 
@@ -115,7 +120,7 @@ def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbed
     positions = torch.arange(tokens.shape[1])[None]
     cos, sin = rotary.cos_sin(positions)
     # int8 blocks run their products as generation does: through dsv2's kernels where they build.
-    options = ForwardOptions(kernels.load()) if weights.quantization == "int8" else ForwardOptions()
+    options = ForwardOptions(kernels.load()) if weights.quantization in ("int8", "int4") else ForwardOptions()
     for index in range(config.num_hidden_layers):
         block = weights.block(index)
         x = block(x, cos, sin, None, None, "absorbed", None, options)
@@ -124,7 +129,9 @@ def _logits(weights: LayerwiseWeights, tokens: torch.Tensor, rotary: RotaryEmbed
     norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     norm.weight = torch.nn.Parameter(head["norm.weight"], requires_grad=False)
     lm_head = embed if config.tie_word_embeddings else head["lm_head.weight"]
-    if "lm_head.scale" in head:
+    if "lm_head.scale" in head and weights.quantization == "int4":
+        lm_head = dequantize_groups(lm_head, head["lm_head.scale"], x.dtype)
+    elif "lm_head.scale" in head:
         lm_head = dequantize_rows(lm_head, head["lm_head.scale"], x.dtype)
     return F.linear(norm(x), lm_head.to(x.dtype)).float()[0]  # [S, V]
 

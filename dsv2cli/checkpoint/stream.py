@@ -26,6 +26,7 @@ from dsv2cli.checkpoint.files import DTYPE_SIZES, ST_TO_TORCH
 from dsv2cli.checkpoint.plan import Begin, End, OutputFile, Read, Step, WriteScales, steps
 from dsv2cli.checkpoint.writer import FileWriterThread, WrittenFile
 from dsv2cli.errors import CheckpointError
+from dsv2cli.model.int4 import quantize_groups
 from dsv2cli.model.quantized import quantize_rows
 
 READ_BYTES = 16 << 20  # one pread, and the size of every buffer in flight
@@ -194,12 +195,17 @@ def _convert(
         out = torch.frombuffer(buffer, dtype=target, count=values.numel()).view_as(values)
         out.copy_(values)
         return _as_bytes(out), partial(outputs.give, buffer)
+    group = step.tensor.group_size  # int4: packed, two values a byte
     buffer = outputs.take(values.numel()) if step.mode == "quantize" else None
-    out = torch.frombuffer(buffer, dtype=torch.int8, count=values.numel()).view_as(values) if buffer is not None else None
+    out = None
+    if buffer is not None:
+        kind, count = (torch.int8, values.numel()) if group is None else (torch.uint8, values.numel() // 2)
+        out = torch.frombuffer(buffer, dtype=kind, count=count).view(step.rows, -1)
     rows = max(1, CONVERT_BYTES // max(1, values[0].nbytes))
     chunk_scales = []
     for first in range(0, step.rows, rows):
-        q, scale = quantize_rows(values[first : first + rows])
+        chunk = values[first : first + rows]
+        q, scale = quantize_rows(chunk) if group is None else quantize_groups(chunk, group)
         if out is not None:
             out[first : first + rows] = q
         chunk_scales.append(scale)

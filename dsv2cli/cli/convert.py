@@ -1,4 +1,4 @@
-"""`dsv2 convert`: HF <-> native layout, dtype changes and int8, with a progress bar by bytes."""
+"""`dsv2 convert`: HF <-> native layout, dtype changes, int8 and int4, with a progress bar by bytes."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EPILOG = (
     "Examples:\n\n"
     "  dsv2 convert deepseek-ai/DeepSeek-V2-Lite ./lite-native\n\n"
     "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int8 --quantize int8 --probe --format json\n\n"
+    "  dsv2 convert ./DeepSeek-V2-Lite ./lite-int4 --quantize int4 --group-size 32\n\n"
     "  dsv2 convert ./lite-native ./lite-hf --to hf --dtype float32\n\n"
     "  dsv2 convert demo ./demo-int8 --quantize int8   (the bundled model)\n\n"
     "SOURCE is a Hub repo id (fetched like `dsv2 download`), a HF-layout directory, a native one or `demo`. "
@@ -44,6 +45,7 @@ class DtypeChoice(str, Enum):
 
 class Quantization(str, Enum):
     int8 = "int8"
+    int4 = "int4"
 
 
 def parse_size(text: str) -> int:
@@ -74,7 +76,13 @@ def convert(
     to: Target = typer.Option(Target.native, "--to", help="native (stacked experts, mapped at load) or hf."),
     dtype: DtypeChoice = typer.Option(DtypeChoice.keep, "--dtype", help="Float dtype of the result; the router stays float32."),
     quantize: Quantization | None = typer.Option(
-        None, "--quantize", help="int8: weight-only, symmetric, per output channel (native only)."
+        None,
+        "--quantize",
+        help="int8: weight-only, symmetric, per output channel; int4: weight-only, symmetric, a float16 scale per "
+        "--group-size inputs (native only).",
+    ),
+    group_size: int | None = typer.Option(
+        None, "--group-size", metavar="32|64|128", help="Inputs per scale for --quantize int4 (default 32)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists (only once the new one is complete)."),
     shard_size: str = typer.Option(
@@ -88,7 +96,7 @@ def convert(
     ),
     format: TextOrJson = Format.text,
 ) -> None:
-    """Convert a checkpoint: HF <-> native layout, another dtype, or int8; streamed, memory-bounded and atomic."""
+    """Convert a checkpoint: HF <-> native layout, another dtype, int8 or int4; streamed, memory-bounded and atomic."""
     with byte_progress("converting") as (on_start, on_bytes):
         report = convert_checkpoint(
             source,
@@ -101,6 +109,7 @@ def convert(
             probe=probe,
             on_start=on_start,
             on_progress=on_bytes,
+            group_size=group_size,
         )
     if format == Format.json:
         emit_json(report.to_json())
@@ -113,7 +122,8 @@ def _render(r: ConvertReport) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("layout", f"{r.source_layout} -> {r.target_layout}")
-    table.add_row("dtype", r.dtype + (f", {r.quantization} weights" if r.quantization else ""))
+    scheme = f" (groups of {r.group_size})" if r.group_size else ""
+    table.add_row("dtype", r.dtype + (f", {r.quantization} weights{scheme}" if r.quantization else ""))
     table.add_row("tensors / files", f"{r.tensors} / {r.files}")
     table.add_row("read / written", f"{human_bytes(r.bytes_read)} / {human_bytes(r.bytes_written)}")
     table.add_row(

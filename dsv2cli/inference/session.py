@@ -18,6 +18,7 @@ from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2, ForwardOptions
 from dsv2cli.model.dtypes import DTYPES
+from dsv2cli.model.int4 import absorb_int4, has_int4
 from dsv2cli.model.quantized import absorb_int8, has_int8
 from dsv2cli.model.transformer import fuse_projections
 
@@ -88,10 +89,10 @@ def configure_cpu(threads: int | None) -> None:
 
 
 def int8_options(model: DeepseekV2) -> ForwardOptions:
-    """The forward options of a loaded ``model``: an int8 model on CPU runs its products through dsv2's kernels
+    """The forward options of a loaded ``model``: an int8 or int4 model on CPU runs its products through dsv2's kernels
     (``dsv2cli/kernels``, built once per machine) where they build, and attends through them too; other models
     run torch's operators (:func:`with_attention_kernel` adds the attention kernel)."""
-    if model.embed_tokens.weight.device.type != "cpu" or not has_int8(model):
+    if model.embed_tokens.weight.device.type != "cpu" or not (has_int8(model) or has_int4(model)):
         return ForwardOptions()
     return ForwardOptions(kernels.load())
 
@@ -169,4 +170,5 @@ def load_for_generation(
     model = fuse_projections(load_checkpoint(directory, torch_dtype, torch_device, checked=True))
     options = int8_options(model)
     absorb_int8(model, options.kernels)
+    absorb_int4(model, options.kernels)
     return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), torch_device, torch_dtype, options)

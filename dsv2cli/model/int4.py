@@ -43,11 +43,11 @@ _OFFSET = 8  # level q stands for q - 8
 def check_group_size(group_size: int, width: int, name: str) -> None:
     """Raise :class:`UnsupportedError` naming ``name`` unless ``group_size`` is one of :data:`GROUP_SIZES` and divides ``width``."""
     if group_size not in GROUP_SIZES:
-        raise UnsupportedError(f"int4 group size {group_size} is not supported", hint="group_size is 32, 64 or 128")
+        raise UnsupportedError(f"`group_size` must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if width % group_size:
         raise UnsupportedError(
             f"int4 group size {group_size} does not divide the input dimension {width} of {name}",
-            hint="choose a group size that divides every input dimension (32 always does for released DeepSeek-V2 shapes)",
+            hint="choose a `group_size` that divides every input dimension (32 does for every released DeepSeek-V2 shape)",
         )
 
 
