@@ -95,6 +95,12 @@ def _render(r: ModelInfo) -> None:
         f"{per_token:,} elements = {c.kv_cache_elements_per_token_per_layer} x {c.num_hidden_layers} layers; "
         f"{human_bytes(per_token * 2)} in bfloat16",
     )
+    if r.decode_bytes:
+        table.add_row(
+            "weights read / token",
+            ", ".join(f"{human_bytes(n)} {label}" for label, n in r.decode_bytes.items())
+            + (" (a decode step; int4 in groups of 32)" if "int4" in r.decode_bytes else " (a decode step)"),
+        )
     out.print(table)
     if c.extra:
         out.print(f"[dim]config keys kept but not used: {', '.join(sorted(c.extra))}[/]")

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from dsv2cli.checkpoint.loader import load_checkpoint
+from dsv2cli.checkpoint.native import is_native, read_manifest
 from dsv2cli.config import ModelConfig, load_config
-from dsv2cli.errors import CheckpointError
+from dsv2cli.errors import CheckpointError, UnsupportedError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.parallel.group import ParallelGroup
 from dsv2cli.parallel.layers import parallelize
@@ -42,6 +43,12 @@ def load_sharded(
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     config = config or load_config(directory)
+    if is_native(directory) and read_manifest(directory).quantization == "int4":
+        # Splitting packed int4 rows and their group scales between ranks is not written yet.
+        raise UnsupportedError(
+            f"{directory} holds int4 weights, which multi-process (torchrun) runs do not split",
+            hint="run it in one process (without torchrun), or convert the float source with `quantize=int8` for torchrun",
+        )
     return load_checkpoint(
         directory,
         dtype,
