@@ -42,7 +42,7 @@ def load(model: str | None, group: ParallelGroup | None, device: str, dtype: str
     """The whole model in one process; this rank's shard under torchrun (each rank's memory shown on stderr)."""
     if group is None:
         return load_for_generation(model, device, dtype, threads, progress=LoadStatus())
-    loaded, shards = load_model(model, group, device, dtype, threads, progress=LoadStatus())
-    for line in shards.lines() if shards is not None else []:
+    loaded, shards = load_model(model, group, dtype, threads)  # the group chose the device when it started
+    for line in shards.lines():
         err.print(f"[dim]{line}[/]", soft_wrap=True)
     return loaded

@@ -1,9 +1,9 @@
-"""Loading a model for a command: one process as before, or this rank's shard under torchrun."""
+"""Loading this rank's shard of a model for a command run under torchrun (one process loads with ``inference.session``)."""
 
 from __future__ import annotations
 
 from dsv2cli.checkpoint.resolve import resolve_checkpoint
-from dsv2cli.inference.session import LoadedModel, LoadProgress, choose_dtype, configure_cpu, int8_options, load_for_generation
+from dsv2cli.inference.session import LoadedModel, choose_dtype, configure_cpu, int8_options
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.model.transformer import fuse_projections
@@ -14,21 +14,16 @@ from dsv2cli.parallel.memory import ShardReport, gather_report
 
 def load_model(
     spec: str | None,
-    group: ParallelGroup | None,
-    device: str = "auto",
+    group: ParallelGroup,
     dtype: str = "auto",
     threads: int | None = None,
-    progress: LoadProgress | None = None,
-) -> tuple[LoadedModel, ShardReport | None]:
-    """The whole model without a group; with one, this rank's shard and every rank's memory numbers.
+) -> tuple[LoadedModel, ShardReport]:
+    """This rank's shard (on the group's device) and every rank's memory numbers.
 
-    Under a group every rank loads, then all check together (:func:`agree`): a rank that failed (a
-    missing file, no memory) makes every rank raise the same error instead of leaving the others
-    waiting in their first collective.
+    Every rank loads, then all check together (:func:`agree`): a rank that failed (a missing file,
+    no memory) makes every rank raise the same error instead of leaving the others waiting in their
+    first collective.
     """
-    if group is None:
-        return load_for_generation(spec, device, dtype, threads, progress=progress), None
-
     # Every rank must compute in one dtype, and "auto" may depend on the memory free at that moment: rank 0 decides.
     torch_dtype = from_main_rank(group, lambda: choose_dtype(dtype, group.device, resolve_checkpoint(spec)[1]))
 
