@@ -24,9 +24,14 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__F16C__)
+// DSV2_INT4_PORTABLE forces the plain loop and DSV2_INT4_NAMESPACE renames the operator's namespace, so that
+// tests/test_int4.py can build the fallback beside the loaded kernels and compare the two.
+#if defined(__AVX2__) && defined(__F16C__) && !defined(DSV2_INT4_PORTABLE)
 #include <immintrin.h>
 #define DSV2_INT4_AVX2 1
+#endif
+#ifndef DSV2_INT4_NAMESPACE
+#define DSV2_INT4_NAMESPACE dsv2cli
 #endif
 
 namespace {
@@ -218,10 +223,10 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(dsv2cli, m) {
+TORCH_LIBRARY_FRAGMENT(DSV2_INT4_NAMESPACE, m) {
   m.def("int4_matmul(Tensor x, Tensor step, Tensor weight, Tensor scale, Tensor ids) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dsv2cli, CPU, m) {
+TORCH_LIBRARY_IMPL(DSV2_INT4_NAMESPACE, CPU, m) {
   m.impl("int4_matmul", &int4_matmul);
 }
