@@ -8,10 +8,11 @@
 // I / G inputs. ids picks each row's matrix (a layer's routed experts), so a decode step reads its K
 // experts where they lie. Each group's sum is int32 and exact; the groups are then summed in float32.
 //
-// As in llama.cpp's Q4_0 x Q8_0 dot product, with AVX2 a 16-byte load unpacks into 32 levels (a shift
-// and a mask), `maddubs` multiplies the unsigned levels with the signed x and `madd` sums pairs into
-// int32. The offset 8 is taken out once per group: 8 * sum(x) over the group is computed once per row of
-// x and subtracted lane by lane. Rows that share a matrix are processed together (each block of output
+// As in llama.cpp's Q4_0 x Q8_0 dot product, with AVX2 `maddubs` multiplies unsigned levels with the signed
+// x and `madd` sums pairs into int32. A 32-byte load holds 64 levels: one mask gives the low nibbles, a shift
+// and a mask the high ones, and each row of x is laid out once per call so that those meet their inputs
+// (`prepare`). The offset 8 is taken out once per group: 8 * sum(x) is computed once per row of x and
+// subtracted lane by lane. Rows that share a matrix are processed together (each block of output
 // rows read from memory once, reused from L1 for every row); threads split blocks of output rows of every
 // matrix used. Elsewhere a plain loop. Built at run time with the other kernels by dsv2cli/kernels/__init__.py.
 
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 // DSV2_INT4_PORTABLE forces the plain loop and DSV2_INT4_NAMESPACE renames the operator's namespace, so that
@@ -48,66 +50,138 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
-// 16 bytes of packed levels -> 32 unsigned levels in input order.
-inline __m256i unpack32(const uint8_t* packed, __m256i low_mask) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
-  const __m256i both = _mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1);
-  return _mm256_and_si256(both, low_mask);
+// A row of x laid out for 32-byte weight loads. 32 bytes of packed levels are two blocks: their low nibbles are
+// inputs 0-15 and 32-47 of a chunk of 64, their high nibbles inputs 16-31 and 48-63. So per chunk the row is
+// stored as those 32 values (`low`) then the other 32 (`high`): a load, a mask and a shift give the levels that
+// meet each. `offset`: 8 * x summed into the int32 lanes `madd(maddubs(levels, x))` fills, per chunk (group size
+// 32: lanes 0-3 belong to the chunk's first group, 4-7 to its second) or per group (larger groups), so that
+// subtracting it turns levels into levels - 8. A tail of 32 inputs (I = 64n + 32, group size 32) keeps input order.
+struct Prepared {
+  std::vector<int8_t> arranged;   // [R, I]
+  std::vector<__m256i> offset;    // [R, units]
+  int64_t units = 0;
+};
+
+inline __m256i sum_pairs(__m256i low_levels, __m256i x_low, __m256i high_levels, __m256i x_high, __m256i ones) {
+  // Each maddubs lane is at most 2 * 15 * 127, so two of them add up in int16 without saturating.
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(low_levels, x_low), _mm256_maddubs_epi16(high_levels, x_high)), ones);
 }
 
-// Per row of x: for each group, 8 * (the group's x values summed in pairs of pairs) as 8 int32 lanes, the
-// lanes that `madd(maddubs(levels, x))` fills, so that subtracting it turns levels into levels - 8.
-void offsets(const int8_t* x, int64_t width, int64_t group, __m256i* out) {
+Prepared prepare(const int8_t* x, int64_t rows, int64_t width, int64_t group) {
+  Prepared p;
+  const int64_t chunks = width / 64, tail = width % 64;
+  p.units = group == 32 ? chunks + (tail ? 1 : 0) : width / group;
+  p.arranged.resize(static_cast<size_t>(rows * width));
+  p.offset.resize(static_cast<size_t>(rows * p.units));
   const __m256i eights = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < width / group; ++g) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(eights, xv), ones));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* in = x + r * width;
+    int8_t* out = p.arranged.data() + r * width;
+    __m256i* offset = p.offset.data() + r * p.units;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* chunk = in + 64 * c;
+      int8_t* to = out + 64 * c;
+      std::copy(chunk, chunk + 16, to);
+      std::copy(chunk + 32, chunk + 48, to + 16);
+      std::copy(chunk + 16, chunk + 32, to + 32);
+      std::copy(chunk + 48, chunk + 64, to + 48);
+      const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(to));
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(to + 32));
+      const __m256i eight_x = sum_pairs(eights, low, eights, high, ones);
+      if (group == 32) {
+        offset[c] = eight_x;
+      } else {
+        const int64_t g = 64 * c / group;
+        offset[g] = (64 * c) % group == 0 ? eight_x : _mm256_add_epi32(offset[g], eight_x);
+      }
     }
-    out[g] = acc;
+    if (tail) {
+      std::copy(in + 64 * chunks, in + width, out + 64 * chunks);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + 64 * chunks));
+      offset[chunks] = _mm256_madd_epi16(_mm256_maddubs_epi16(eights, xv), ones);
+    }
   }
+  return p;
 }
 
-// Sums of `count` (<= kRowsPerBlock) weight rows against one x row.
-void dot_rows(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
-              int64_t groups, int64_t count, int64_t width, float* sums) {
-  const int64_t group = width / groups;
+// Scales of groups g and g + 1 of a row as [d_g x 4, d_g+1 x 4] (the lanes of a chunk with group size 32).
+inline __m256 two_scales(const c10::Half* scale, __m256i spread) {
+  int32_t raw;
+  std::memcpy(&raw, scale, sizeof(raw));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(raw))), spread);
+}
+
+inline float scale_value(const c10::Half* scale) {
+  uint16_t raw;
+  std::memcpy(&raw, scale, sizeof(raw));
+  return _cvtsh_ss(raw);
+}
+
+// Sums of Rows weight rows (a block) against one prepared x row: out[k] = sum_g d[k, g] * sum_{i in g} x_i (q_ki - 8).
+template <int Rows>
+void dot_block(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
+               int64_t groups, int64_t width, float* sums) {
+  const int64_t group = width / groups, chunks = width / 64;
   const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[kRowsPerBlock];
-  for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = _mm256_setzero_ps();
-  if (count == kRowsPerBlock) {
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256i isum[kRowsPerBlock];
-      for (int64_t k = 0; k < kRowsPerBlock; ++k) isum[k] = _mm256_sub_epi32(_mm256_setzero_si256(), offset[g]);
-      for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-        for (int64_t k = 0; k < kRowsPerBlock; ++k) {
-          const uint8_t* w = weight + k * stride + i / 2;
-          _mm_prefetch(reinterpret_cast<const char*>(w + kRowsPerBlock * stride), _MM_HINT_T0);
-          const __m256i levels = unpack32(w, low_mask);
-          isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones));
-        }
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[Rows];
+  for (int k = 0; k < Rows; ++k) acc[k] = _mm256_setzero_ps();
+  if (group == 32) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c));
+      const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c + 32));
+      for (int k = 0; k < Rows; ++k) {
+        const uint8_t* w = weight + k * stride + 32 * c;
+        if (c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + Rows * stride), _MM_HINT_T0);
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+        const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+        const __m256i sums32 = _mm256_sub_epi32(sum_pairs(low, x_low, high, x_high, ones), offset[c]);
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), two_scales(scale + k * groups + 2 * c, spread), acc[k]);
       }
-      for (int64_t k = 0; k < kRowsPerBlock; ++k) {
-        const __m256 d = _mm256_set1_ps(static_cast<float>(scale[k * groups + g]));
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), d, acc[k]);
+    }
+    if (width % 64) {  // one block of 32 in input order, its lanes all in the last group
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * chunks));
+      for (int k = 0; k < Rows; ++k) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + k * stride + 32 * chunks));
+        const __m256i levels = _mm256_and_si256(
+            _mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low_mask);
+        const __m256i sums32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones), offset[chunks]);
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), _mm256_set1_ps(scale_value(scale + k * groups + groups - 1)), acc[k]);
       }
     }
   } else {
-    for (int64_t k = 0; k < count; ++k) {
-      for (int64_t g = 0; g < groups; ++g) {
-        __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), offset[g]);
-        for (int64_t i = g * group; i < (g + 1) * group; i += kBlock) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-          const __m256i levels = unpack32(weight + k * stride + i / 2, low_mask);
-          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones));
+    const int64_t per_group = group / 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i isum[Rows];
+      for (int k = 0; k < Rows; ++k) isum[k] = _mm256_setzero_si256();
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c));
+        const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c + 32));
+        for (int k = 0; k < Rows; ++k) {
+          const uint8_t* w = weight + k * stride + 32 * c;
+          if (c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + Rows * stride), _MM_HINT_T0);
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+          const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+          isum[k] = _mm256_add_epi32(isum[k], sum_pairs(low, x_low, high, x_high, ones));
         }
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(static_cast<float>(scale[k * groups + g])), acc[k]);
+      }
+      for (int k = 0; k < Rows; ++k) {
+        const __m256 d = _mm256_set1_ps(scale_value(scale + k * groups + g));
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[k], offset[g])), d, acc[k]);
       }
     }
   }
-  for (int64_t k = 0; k < count; ++k) sums[k] = horizontal_sum(acc[k]);
+  for (int k = 0; k < Rows; ++k) sums[k] = horizontal_sum(acc[k]);
+}
+
+void dot_rows(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
+              int64_t groups, int64_t count, int64_t width, float* sums) {
+  switch (count) {
+    case 4: return dot_block<4>(x, offset, weight, stride, scale, groups, width, sums);
+    case 3: return dot_block<3>(x, offset, weight, stride, scale, groups, width, sums);
+    case 2: return dot_block<2>(x, offset, weight, stride, scale, groups, width, sums);
+    default: return dot_block<1>(x, offset, weight, stride, scale, groups, width, sums);
+  }
 }
 #else
 void dot_rows(const int8_t* x, const void*, const uint8_t* weight, int64_t stride, const c10::Half* scale, int64_t groups,
@@ -152,7 +226,8 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   TORCH_CHECK(scale.dim() == 3 && scale.size(0) == weight.size(0) && scale.size(1) == weight.size(1) && scale.scalar_type() == at::kHalf,
               "int4_matmul: scale must be float16 [E, O, G]");
   const int64_t rows = x.size(0), width = x.size(1), experts = weight.size(0), outputs = weight.size(1), groups = scale.size(2);
-  TORCH_CHECK(groups > 0 && width % groups == 0 && (width / groups) % kBlock == 0, "int4_matmul: group size must be a multiple of 32 dividing I");
+  TORCH_CHECK(groups > 0 && width % groups == 0 && (width / groups == kBlock || (width / groups) % 64 == 0),
+              "int4_matmul: the group size must be 32 or a multiple of 64 dividing I");
   TORCH_CHECK(step.numel() == rows && step.scalar_type() == at::kFloat, "int4_matmul: step must be float32 [R]");
   const bool routed = ids.numel() > 0;
   TORCH_CHECK(!routed || (ids.numel() == rows && ids.scalar_type() == at::kLong), "int4_matmul: ids must be int64 [R] or empty");
@@ -192,10 +267,12 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   const int64_t w_matrix = weight.stride(0), w_row = weight.stride(1);
 
 #if defined(DSV2_INT4_AVX2)
-  std::vector<__m256i> offset(static_cast<size_t>(rows * groups));
-  for (int64_t r = 0; r < rows; ++r) offsets(x_data + r * width, width, width / groups, offset.data() + r * groups);
-  const __m256i* offset_data = offset.data();
+  const Prepared prepared = prepare(x_data, rows, width, width / groups);
+  const int8_t* row_data = prepared.arranged.data();
+  const __m256i* offset_data = prepared.offset.data();
+  const int64_t units = prepared.units;
 #else
+  const int8_t* row_data = x_data;
   const char* offset_data = nullptr;
 #endif
 
@@ -211,9 +288,9 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
         for (int64_t j = task.begin; j < task.end; ++j) {
           const int64_t r = order[j];
 #if defined(DSV2_INT4_AVX2)
-          dot_rows(x_data + r * width, offset_data + r * groups, w, w_row, s, groups, count, width, sums);
+          dot_rows(row_data + r * width, offset_data + r * units, w, w_row, s, groups, count, width, sums);
 #else
-          dot_rows(x_data + r * width, offset_data, w, w_row, s, groups, count, width, sums);
+          dot_rows(row_data + r * width, offset_data, w, w_row, s, groups, count, width, sums);
 #endif
           for (int64_t k = 0; k < count; ++k) out_data[r * outputs + o + k] = sums[k] * step_data[r];
         }
