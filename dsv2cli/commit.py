@@ -180,7 +180,7 @@ class Output:
                 full = " and is not empty" if allow_empty and stat.S_ISDIR(current.mode) else ""
                 raise InputError(
                     f"{what} {path} already exists{full}",
-                    hint=hint or f"choose another {what}, or pass --overwrite to replace it",
+                    hint=hint or f"choose another {what}, or pass `overwrite` to replace it",
                 )
             if kind == "dir" and not (stat.S_ISDIR(current.mode) or stat.S_ISLNK(current.mode)):
                 raise InputError(f"{what} {path} exists and is not a directory", hint=f"choose another {what}")
@@ -233,6 +233,7 @@ class Output:
             _remove_quietly(self.staging)
             raise _os_error(self, f"could not move the result into place at {self.path}", exc) from None
         self.expected = identity(self.path)  # the next commit (a later checkpoint) replaces what this one wrote
+        self.only_if_empty = False  # OUTPUT now holds this command's own result, which a later commit replaces
 
     def _place(self) -> None:
         """Rename the staging path to an absent OUTPUT, never over something that appeared meanwhile."""
@@ -304,7 +305,7 @@ def _os_error(output: Output, doing: str, exc: OSError) -> InputError:
     return InputError(f"{doing}: {reason}", hint=f"choose another {output.what}")
 
 
-def write_file(path: str | Path, data: bytes, what: str = "--output") -> Path:
+def write_file(path: str | Path, data: bytes, what: str = "`output`") -> Path:
     """Write ``data`` to the file ``path`` through :class:`Output` (replacing a file that was there)."""
     output = Output.claim(path, kind="file", replace=True, what=what)
     with output.staged() as staging:

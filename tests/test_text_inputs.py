@@ -81,5 +81,5 @@ def test_text_needs_a_tokenizer_and_files_must_exist(tmp_path):
     empty_dir.mkdir()
     with pytest.raises(InputError, match="no text found"):
         read_sequences([empty_dir], None, 320, seq_len=8)
-    with pytest.raises(InputError, match="--seq-len"):
+    with pytest.raises(InputError, match="`seq_len`"):
         read_sequences([path], None, 320, seq_len=0)

@@ -53,9 +53,9 @@ def read_sequences(
 ) -> SequenceSet:
     """Tokenise ``inputs`` (files, directories or globs) into sequences of at most ``seq_len`` tokens."""
     if seq_len < 1:
-        raise InputError(f"--seq-len must be at least 1, got {seq_len}")
+        raise InputError(f"`seq_len` must be at least 1, got {seq_len}")
     if max_tokens is not None and max_tokens < 1:
-        raise InputError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise InputError(f"`max_tokens` must be at least 1, got {max_tokens}")
     if not inputs:
         raise InputError("no input given", hint="pass text files, directories or .jsonl files")
     collector = _Collector(seq_len, max_tokens)

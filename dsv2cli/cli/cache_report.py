@@ -83,7 +83,7 @@ def cache_report(
     if measure and format == Format.csv:
         raise InputError("--measure results do not fit the CSV table", hint="use --format json or markdown")
     pyplot = None if plot is None else pyplot_for(plot)
-    plot_file = None if plot is None else Output.claim(plot, kind="file", replace=True, what="--plot")
+    plot_file = None if plot is None else Output.claim(plot, kind="file", replace=True, what="`plot`")
     resolved = resolve_config(model)
     config = resolved.config
     report = build_cache_report(

@@ -148,7 +148,7 @@ def read_trainer_state(output: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(
             f"{output} has no resumable trainer state ({TRAINER_DIR}/{STATE_FILE})",
-            hint="--resume takes an output directory written by `dsv2 train`",
+            hint="`resume` takes an output directory written by dsv2 train",
         )
     where = f"{TRAINER_DIR}/{STATE_FILE} of {output}"
     fields = Fields(read_json(path, CheckpointError), where, CheckpointError)
@@ -189,5 +189,5 @@ def restore_training(output: Path, model: DeepseekV2, optimizer: torch.optim.Opt
     except Exception as exc:  # safetensors, torch and our own checks: all mean a damaged checkpoint
         raise CheckpointError(
             f"the trainer checkpoint in {trainer} cannot be restored: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            hint="it is damaged or from another run; start a new run with --out",
+            hint="it is damaged or from another run; start a new run with another `out`",
         ) from None

@@ -60,12 +60,12 @@ def load_corpus(
 ) -> CorpusSplit:
     """Read the text files and hold out ``held_out_fraction`` of them (at least one) for evaluation."""
     if not 0.0 < held_out_fraction < 1.0:
-        raise InputError(f"--held-out must be between 0 and 1 (exclusive), got {held_out_fraction}")
+        raise InputError(f"`held_out` must be between 0 and 1 (exclusive), got {held_out_fraction}")
     files, skipped = read_text_files(inputs, include, exclude)
     if len(files) < 2:
         raise InputError(
             f"found {len(files)} usable text file(s) in {', '.join(inputs)} (need at least 2: one to train on, one held out)",
-            hint="pass files, directories or globs of UTF-8 text; check --include / --exclude",
+            hint="pass files, directories or globs of UTF-8 text; check `include` / `exclude`",
         )
     order = sorted(files, key=lambda f: str(f.path))
     random.Random(seed).shuffle(order)
@@ -94,8 +94,8 @@ def batch_indices(num_rows: int, batch_size: int, step: int, seed: int) -> torch
     per_epoch = num_rows // batch_size
     if per_epoch == 0:
         raise InputError(
-            f"the training text gives only {num_rows} sequences, fewer than --batch-size {batch_size}",
-            hint="add text, or lower --batch-size / --seq-len",
+            f"the training text gives only {num_rows} sequences, fewer than `batch_size` {batch_size}",
+            hint="add text, or lower `batch_size` / `seq_len`",
         )
     epoch, position = divmod(step, per_epoch)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

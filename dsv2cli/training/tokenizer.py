@@ -33,7 +33,7 @@ MIN_VOCAB = 256 + 2  # every byte plus the two special tokens
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with ``vocab_size`` entries (BOS = 0, EOS = 1, then the 256 bytes, then merges)."""
     if vocab_size < MIN_VOCAB:
-        raise InputError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + BOS + EOS), got {vocab_size}")
+        raise InputError(f"`vocab_size` must be at least {MIN_VOCAB} (256 bytes + BOS + EOS), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     # Whitespace runs, words and punctuation runs are separate pieces (no GPT-2 style " word" tokens), so a
     # prompt ending in a space ("def ") is tokenised exactly as it appears inside training text.
