@@ -163,6 +163,17 @@ def test_an_empty_output_directory_filled_mid_run_is_left_alone(tmp_path):
     assert _tree(output) == {"theirs.txt": b"theirs"}
 
 
+def test_an_empty_output_directory_takes_every_later_commit(tmp_path):
+    # dsv2 train --out EMPTY_DIR checkpoints again and again into the directory it filled itself.
+    output = tmp_path / "out"
+    output.mkdir()
+    target = Output.claim(output, allow_empty=True)
+    for step in (1, 2, 3):
+        with target.staged() as staging:
+            (staging / "state.json").write_text(f'{{"step": {step}}}')
+    assert _tree(output) == {"state.json": b'{"step": 3}'}
+
+
 def test_overwritten_output_replaced_by_another_mid_run_is_left_alone(tmp_path):
     output = tmp_path / "out"
     _old(output)
