@@ -127,8 +127,8 @@ def test_query_chunking_gives_the_same_logits(monkeypatch):
 
 def test_fused_projections_give_the_same_logits_and_keep_the_state_dict(tmp_path):
     from dsv2cli.checkpoint.loader import load_hf_checkpoint
-    from dsv2cli.model.transformer import fuse_projections
     from dsv2cli.model.quantized import quantize_int8
+    from dsv2cli.model.transformer import fuse_projections
     from tests.helpers import reference_model, save_reference
 
     save_reference(reference_model(), tmp_path)
