@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 import dsv2cli
 from dsv2cli.checkpoint.loader import load_checkpoint
-from dsv2cli.errors import InputError
+from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.presets import preset_config
 from dsv2cli.training.data import batch_indices, evaluation_rows, pack, unigram_cross_entropy
@@ -135,6 +136,20 @@ def test_resume_is_bit_identical(tmp_path):
         load_file(str(tmp_path / "whole" / "trainer" / "optimizer.safetensors")).keys()
         == load_file(str(tmp_path / "parts" / "trainer" / "optimizer.safetensors")).keys()
     )
+
+
+def test_resume_can_move_the_end_of_the_schedule(tmp_path):
+    # A run slower than planned: resumed with a nearer end, it still decays to the floor, and the new end is saved.
+    train(settings(tmp_path / "run", max_steps=12, stop_after=3))
+    resumed = train(TrainSettings(inputs=[], output=str(tmp_path / "run")), resume=True, resume_max_steps=6)
+    assert resumed.resumed_from == 3 and resumed.steps == resumed.max_steps == 6 and resumed.stopped_by == "max_steps"
+    saved = json.loads((tmp_path / "run" / "training.json").read_text())["settings"]
+    assert saved["max_steps"] == 6
+    assert learning_rate(5, TrainSettings(**{**saved, "balance": BalanceSettings()})) == pytest.approx(
+        3e-3 * 0.1 + 3e-3 * 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    )
+    with pytest.raises(CheckpointError, match="past max_steps"):
+        train(TrainSettings(inputs=[], output=str(tmp_path / "run")), resume=True, resume_max_steps=5)
 
 
 def test_refuses_to_overwrite_and_to_resume_changed_text(tmp_path):

@@ -83,7 +83,12 @@ def train_command(
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json (or a directory holding one)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training sequence."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
-    max_steps: int = typer.Option(1000, "--max-steps", help="Steps of the schedule (cosine decay ends here)."),
+    max_steps: int = typer.Option(
+        None,
+        "--max-steps",
+        help="Steps of the schedule (cosine decay ends here). Default 1000; with --resume: move the end of the saved schedule.",
+        show_default=False,
+    ),
     max_time: float = typer.Option(None, "--max-time", help="Stop (and checkpoint) after this many seconds.", show_default=False),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     warmup_steps: int = typer.Option(100, "--warmup-steps", help="Linear warm-up steps."),
@@ -153,7 +158,7 @@ def train_command(
             held_out=held_out,
             seq_len=seq_len,
             batch_size=batch_size,
-            max_steps=max_steps,
+            max_steps=1000 if max_steps is None else max_steps,
             max_time=max_time,
             lr=lr,
             min_lr_ratio=min_lr_ratio,
@@ -181,7 +186,13 @@ def train_command(
             command=shlex.join(["dsv2", *sys.argv[1:]]),
         )
     with _Display() as display:
-        result = train(settings, on_event=display.on_event, resume=resume is not None, overwrite=overwrite)
+        result = train(
+            settings,
+            on_event=display.on_event,
+            resume=resume is not None,
+            overwrite=overwrite,
+            resume_max_steps=max_steps if resume is not None else None,
+        )
     if format == Format.json:
         emit_json(result.to_json())
     else:

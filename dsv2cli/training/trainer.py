@@ -281,11 +281,14 @@ def train(
     on_event: Callable[[TrainEvent], None] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    resume_max_steps: int | None = None,
 ) -> TrainResult:
     """Train (or continue training) and return the final numbers; the output directory is checkpointed on the way.
 
     An existing non-empty output directory is refused unless ``resume`` (continue it) or ``overwrite``
-    (replace it at the first checkpoint).
+    (replace it at the first checkpoint). ``resume_max_steps`` moves a resumed run's end (where the cosine
+    decay ends) so that a run slower than planned still anneals; the learning rate follows the new schedule
+    from the resumed step on.
     """
     emit = on_event or (lambda event: None)
     output = Path(settings.output)
@@ -294,6 +297,8 @@ def train(
         resumed_state = checkpointing.read_trainer_state(output)
         saved = TrainSettings.from_json(resumed_state["settings"], f"{checkpointing.TRAINER_DIR}/{checkpointing.STATE_FILE}")
         settings = dataclasses.replace(saved, output=str(output), max_time=settings.max_time, stop_after=settings.stop_after)
+        if resume_max_steps is not None:
+            settings = dataclasses.replace(settings, max_steps=resume_max_steps)
         if resumed_state["step"] > settings.max_steps:
             raise CheckpointError(f"{output}: the saved step {resumed_state['step']} is past max_steps {settings.max_steps}")
     validate(settings)
