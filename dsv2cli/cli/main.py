@@ -9,6 +9,7 @@ from dsv2cli.cli import cache_report, generate, info
 from dsv2cli.cli import convert as convert_cmd
 from dsv2cli.cli import download as download_cmd
 from dsv2cli.cli import expert_stats as expert_stats_cmd
+from dsv2cli.cli import serve as serve_cmd
 from dsv2cli.cli import train as train_cmd
 from dsv2cli.cli import verify as verify_cmd
 
@@ -44,6 +45,7 @@ app.command("expert-stats", epilog=expert_stats_cmd.EPILOG)(expert_stats_cmd.exp
 app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)
 app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
 app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
+app.command("serve", epilog=serve_cmd.EPILOG)(serve_cmd.serve)
 
 
 def main() -> None:

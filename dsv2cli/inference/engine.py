@@ -112,7 +112,7 @@ class TokenEvent:
     finished: str | None
 
 
-class _RowText:
+class RowText:
     """Incremental text of one row, holding back what might be the start of a stop string."""
 
     def __init__(self, decoder: StreamDecoder, stop: tuple[str, ...]) -> None:
@@ -224,7 +224,7 @@ class Generation:
             seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)
             for row, r in enumerate(self.requests):
                 seen[row, torch.tensor(r.prompt_token_ids, device=device)] = True
-        texts = [_RowText(self.tokenizer.stream_decoder(), options.stop) if self.tokenizer else None for _ in range(rows)]
+        texts = [RowText(self.tokenizer.stream_decoder(), options.stop) if self.tokenizer else None for _ in range(rows)]
         eos = set() if options.ignore_eos else set(options.eos_token_ids)
         active = list(range(rows))
 

@@ -63,6 +63,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_frequency_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's penalties on ``logits [B, V]`` from ``counts [B, V]``, how often each token was generated so far:
+    ``logits - frequency * count - presence * (count > 0)``."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    return logits - frequency * counts.to(logits.dtype) - presence * (counts > 0).to(logits.dtype)
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p (nucleus) and min-p on ``logits [B, V]``; removed entries become -inf."""
     logits = logits / params.temperature if params.temperature > 0 else logits.clone()

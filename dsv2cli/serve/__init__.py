@@ -1,0 +1,6 @@
+"""`dsv2 serve`'s core: an OpenAI-compatible HTTP server with continuous batching over the latent cache.
+
+``protocol.py`` (request checks, response documents, errors), ``batch.py`` (rows joining and leaving one
+latent cache), ``prefix_cache.py`` (earlier prompts' latent entries by blocks), ``scheduler.py`` (the thread
+that owns the model), ``metrics.py`` (Prometheus), ``app.py`` (FastAPI endpoints, uvicorn).
+"""

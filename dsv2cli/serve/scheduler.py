@@ -1,0 +1,224 @@
+"""Continuous batching: one thread owns the model, admits waiting requests between steps and decodes them together.
+
+Each turn of the loop: drop rows whose clients left, admit waiting requests while fewer than ``max_concurrent``
+rows decode (each prompt is prefilled alone, after whatever the prefix cache holds of it, and its first token
+chosen), then run one decode step of the whole batch and hand each row its token. A request leaves the batch
+at the step that finishes it. Prefills run between steps, so a long prompt delays the other rows' next token
+by its prefill (there is no chunked prefill).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dsv2cli.checkpoint.fit import InsufficientMemoryError, MemoryNeed, require, working_bytes
+from dsv2cli.errors import DSV2Error
+from dsv2cli.inference.compiled import CompiledDecoder
+from dsv2cli.inference.session import LoadedModel
+from dsv2cli.model import ForwardOptions
+from dsv2cli.serve.batch import Done, Failed, Row, RunningBatch, ServeRequest, TokenOut
+from dsv2cli.serve.metrics import Metrics
+from dsv2cli.serve.prefix_cache import PrefixCache
+from dsv2cli.serve.protocol import APIError
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_concurrent: int = 8  # rows decoding together
+    max_queue: int = 64  # requests waiting for a row; more are answered 429
+    max_prompt_tokens: int | None = None  # None: the model's context
+    prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent", "max_queue"):
+            if getattr(self, name) < 1:
+                raise DSV2Error(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise DSV2Error(f"`max_prompt_tokens` must be at least 1, got {self.max_prompt_tokens}")
+        if self.prefix_cache_bytes < 0:
+            raise DSV2Error(f"`prefix_cache_bytes` must be >= 0, got {self.prefix_cache_bytes}")
+
+
+class Scheduler:
+    """The thread that owns the model: :meth:`submit` queues a request, :meth:`start` / :meth:`stop` run the loop."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        forward: ForwardOptions,
+        decoder: CompiledDecoder | None,
+        limits: Limits,
+        metrics: Metrics,
+        cache_dtype: torch.dtype | None = None,
+        routing_hook: Callable | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.limits = limits
+        self.metrics = metrics
+        self.cache_dtype = cache_dtype or loaded.dtype
+        self.batch = RunningBatch(loaded.model, forward, decoder, cache_dtype)
+        self.prefix = PrefixCache(limits.prefix_cache_bytes) if limits.prefix_cache_bytes > 0 else None
+        self.waiting: deque[ServeRequest] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.failure: str | None = None  # why the loop died, if it did
+        self.prompt_tokens = 0
+        self.thread = threading.Thread(target=self._run, name="dsv2-scheduler", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failure is None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, end waiting ones (503) and running ones (``cancelled``), and join the thread."""
+        with self.cond:
+            self.stopping = True
+            while self.waiting:
+                self.waiting.popleft().emit(Failed(503, "the server is shutting down"))
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """503 when one request's cache and activations alone would not fit in memory."""
+        config, device = self.loaded.model.config, self.loaded.device
+        working = working_bytes(config, self.cache_dtype, 1, prompt_tokens, prompt_tokens + max_tokens, slack=0)
+        try:
+            require(MemoryNeed(0, 0, working), f"a request of {prompt_tokens} + {max_tokens} tokens", hint="", device=device)
+        except InsufficientMemoryError as exc:
+            raise APIError(503, f"{exc.message}; ask for fewer tokens", type="server_error", code="insufficient_memory") from None
+
+    def submit(self, request: ServeRequest) -> None:
+        """Queue ``request``; 429 (with Retry-After) over the queue limit, 503 while shutting down."""
+        with self.cond:
+            for gone in [r for r in self.waiting if r.cancelled.is_set()]:  # clients that left while waiting
+                self.waiting.remove(gone)
+                self._cancelled_waiting(gone)
+            if self.stopping or self.failure is not None:
+                raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
+            if len(self.waiting) >= self.limits.max_queue:
+                raise APIError(
+                    429,
+                    f"{len(self.waiting)} requests are waiting already (max_queue); retry shortly",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
+            self.waiting.append(request)
+            self.metrics.queue.set(len(self.waiting))
+            self.cond.notify()
+
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException:  # a bug: answer everyone, keep the server up to say so (/health turns 503)
+            self.failure = traceback.format_exc()
+            for row in self.batch.live:
+                row.request.emit(Failed(500, "the scheduler failed; see the server's log"))
+            with self.cond:
+                while self.waiting:
+                    self.waiting.popleft().emit(Failed(500, "the scheduler failed; see the server's log"))
+            raise
+        for row in self.batch.live:
+            self._end(row, "cancelled")
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.batch.live:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                admitted = []
+                while self.waiting and len(self.batch.live) + len(admitted) < self.limits.max_concurrent:
+                    admitted.append(self.waiting.popleft())
+                self.metrics.queue.set(len(self.waiting))
+            for request in admitted:
+                self._admit(request)
+            for row in self.batch.live:
+                if row.request.cancelled.is_set():
+                    self._end(row, "cancelled")
+            if self.batch.live:
+                self._step()
+            self.metrics.running.set(len(self.batch.live))
+            self.metrics.cache_bytes.set(self.batch.cache_bytes())
+
+    def _admit(self, request: ServeRequest) -> None:
+        if request.cancelled.is_set():
+            self._cancelled_waiting(request)
+            return
+        model = self.loaded.model
+        row = Row(request, self.loaded.tokenizer, model.config.vocab_size, self.loaded.eos_token_ids)
+        tokens = request.prompt_token_ids
+        try:
+            prefix = self.prefix.lookup(tokens) if self.prefix is not None else None
+            logits, entries = self.batch.prefill(tokens, prefix)
+        except (DSV2Error, torch.OutOfMemoryError) as exc:
+            request.emit(Failed(503, f"the prompt could not run: {exc}"))
+            return
+        row.cached_tokens = 0 if prefix is None else prefix.shape[1]
+        self.metrics.prompt_tokens.inc(len(tokens))
+        self.metrics.cached_tokens.inc(row.cached_tokens)
+        self.prompt_tokens += len(tokens)
+        if self.prefix is not None:
+            self.prefix.insert(tokens, entries)
+        event = row.take(logits)
+        self._deliver(row, event)
+        if event.finished is None:
+            self.batch.add(row, entries)
+
+    def _step(self) -> None:
+        rows = list(self.batch.rows)
+        logits = self.batch.step()
+        self.metrics.step_rows.observe(sum(row is not None for row in rows))
+        finished = []
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            event = row.take(logits[i])
+            self._deliver(row, event)
+            if event.finished is not None:
+                finished.append(row)
+        for row in finished:
+            if self.prefix is not None:  # the prompt and the answer: a chat's next turn starts with both
+                written = row.request.prompt_token_ids + row.token_ids[:-1]
+                self.prefix.insert(written, self.batch.entries_of(row))
+            self.batch.remove(row)
+
+    def _deliver(self, row: Row, event: TokenOut) -> None:
+        now = time.perf_counter()
+        if row.generated == 1:
+            self.metrics.ttft.observe(now - row.request.submitted)
+        else:
+            self.metrics.itl.observe(now - row.last_token_at)
+        row.last_token_at = now
+        self.metrics.generated_tokens.inc()
+        row.request.emit(event)
+        if event.finished is not None:
+            self.metrics.finished.labels(event.finished).inc()
+            request = row.request
+            request.emit(Done(event.finished, len(request.prompt_token_ids), row.generated, row.cached_tokens))
+
+    def _cancelled_waiting(self, request: ServeRequest) -> None:
+        request.emit(Done("cancelled", len(request.prompt_token_ids), 0, 0))
+        self.metrics.finished.labels("cancelled").inc()
+
+    def _end(self, row: Row, reason: str) -> None:
+        request = row.request
+        request.emit(Done(reason, len(request.prompt_token_ids), row.generated, row.cached_tokens))
+        self.metrics.finished.labels(reason).inc()
+        self.batch.remove(row)

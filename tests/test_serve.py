@@ -1,0 +1,326 @@
+"""`dsv2 serve`: the server on a loopback port, driven by the official openai client and by raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import openai
+import pytest
+import uvicorn
+
+from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
+from dsv2cli.inference.session import load_for_generation
+from dsv2cli.serve.app import HTTPSettings, create_app
+from dsv2cli.serve.metrics import Metrics
+from dsv2cli.serve.scheduler import Limits, Scheduler
+from tests.helpers import one_thread_per_module, reference_model, save_reference, save_tokenizer  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve")
+    save_reference(reference_model(vocab_size=320), directory)
+    save_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_for_generation(str(model_dir), "cpu", "float32", read_weights=False)
+
+
+@contextmanager
+def serving(loaded, limits=Limits(), api_key=None, decoder=None):
+    """A server on 127.0.0.1 in a thread; yields its base URL (``http://127.0.0.1:PORT``)."""
+    scheduler = Scheduler(loaded, loaded.options, decoder, limits, Metrics())
+    app = create_app(scheduler, HTTPSettings(api_key=api_key, max_body_bytes=1 << 16))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def client(url, key="none"):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(url, method, path, body=None, headers=None):
+    """(status, headers, parsed JSON or text) of one plain HTTP request."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    text = response.read().decode()
+    headers = {name.lower(): value for name, value in response.getheaders()}
+    conn.close()
+    try:
+        return response.status, headers, json.loads(text)
+    except ValueError:
+        return response.status, headers, text
+
+
+def metric(url, name):
+    """The sum of a Prometheus sample's values over its labels."""
+    _, _, text = raw(url, "GET", "/metrics")
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+PROMPTS = ["def add(a, b):", "for item in items:", "The quick brown fox", "class Stack:", "User: hello", "print(", "x", "def"]
+
+
+def test_chat_and_completions_through_openai(loaded):
+    with serving(loaded) as url:
+        api = client(url)
+        assert [m.id for m in api.models.list().data] == [loaded.name]
+        messages = [{"role": "user", "content": "hello there"}]
+        whole = api.chat.completions.create(model=loaded.name, messages=messages, max_tokens=8, temperature=0)
+        choice = whole.choices[0]
+        assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+        assert whole.usage.completion_tokens <= 8 and whole.usage.prompt_tokens > 3
+        assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+        chunks = list(
+            api.chat.completions.create(
+                model=loaded.name,
+                messages=messages,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == choice.message.content
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+        done = api.completions.create(model=loaded.name, prompt="def add(a, b):", max_tokens=6, temperature=0, logprobs=2)
+        logprobs = done.choices[0].logprobs
+        assert len(logprobs.tokens) == done.usage.completion_tokens == len(logprobs.token_logprobs)
+        assert all(
+            len(top) == 2 and max(top.values()) >= lp - 1e-5
+            for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True)
+        )
+        streamed = "".join(
+            c.choices[0].text
+            for c in api.completions.create(model=loaded.name, prompt="def add(a, b):", max_tokens=6, temperature=0, stream=True)
+        )
+        assert streamed == done.choices[0].text
+        sampled = [
+            api.completions.create(
+                model=loaded.name,
+                prompt="x",
+                max_tokens=6,
+                temperature=1.0,
+                seed=7,
+                extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1},
+                frequency_penalty=0.5,
+            )
+            .choices[0]
+            .text
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]
+
+
+def test_output_is_what_generate_gives(loaded):
+    prompt = loaded.tokenizer.encode("for item in items:")
+    options = GenerationOptions(max_new_tokens=12, ignore_eos=True, forward=loaded.options)
+    expected = Generation(loaded.model, [GenerationRequest(prompt)], options, loaded.tokenizer).run()[0]
+    with serving(loaded) as url:
+        status, _, doc = raw(
+            url,
+            "POST",
+            "/v1/completions",
+            {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0},
+        )
+    assert status == 200, doc
+    assert doc["choices"][0]["text"] == expected.text
+    assert doc["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs, abs=1e-4)
+
+
+def test_concurrent_greedy_requests_match_running_alone(loaded):
+    """16 clients at once, 4 rows decoding: requests join and leave the batch between steps."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 3 + (5 * i) % 17) for i in range(16)]
+
+    def ask(url, job):
+        prompt, max_tokens = job
+        answer = client(url).completions.create(
+            model=loaded.name, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return answer.choices[0].text, answer.usage.completion_tokens
+
+    with serving(loaded, Limits(max_concurrent=4, prefix_cache_bytes=0)) as url:
+        alone = [ask(url, job) for job in jobs]
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda job: ask(url, job), jobs))
+        assert metric(url, "dsv2_batch_rows_sum") > metric(url, "dsv2_batch_rows_count")  # steps did run several rows
+    assert together == alone
+    assert [n for _, n in alone] == [n for _, n in jobs]
+
+
+def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(loaded):
+    long_prompt = list(range(2, 260))
+    cases = [
+        (b"{not json", 400, None),
+        (b'{"prompt": "x", "temperature": NaN}', 400, None),
+        (b"[1, 2]", 400, None),
+        ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"prompt": long_prompt}, 400, "prompt"),
+        ({"prompt": [1, 99999]}, 400, "prompt"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "x" * 70000}, 413, None),
+    ]
+    with serving(loaded) as url:
+        for body, status, param in cases:
+            got, _, doc = raw(url, "POST", "/v1/completions", body)
+            assert got == status, (body, doc)
+            assert set(doc["error"]) == {"message", "type", "param", "code"}, doc
+            assert doc["error"]["param"] == param, (body, doc)
+        got, _, doc = raw(url, "POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
+        assert got == 400 and "messages" in doc["error"]["param"]
+        got, _, doc = raw(url, "GET", "/v1/nothing")
+        assert got == 404 and "error" in doc
+        with pytest.raises(openai.BadRequestError):
+            client(url).chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "x"}], max_tokens=-1)
+        got, _, doc = raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})
+        assert got == 200 and doc["usage"]["completion_tokens"] <= 3
+        assert raw(url, "GET", "/health")[0] == 200
+
+
+def test_api_key(loaded, monkeypatch):
+    with serving(loaded, api_key="s3cret") as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert raw(url, "POST", "/v1/completions", {"prompt": "x"})[0] == 401
+        assert client(url, "s3cret").completions.create(model=loaded.name, prompt="x", max_tokens=2).usage.completion_tokens <= 2
+        assert raw(url, "GET", "/health")[0] == 200  # /health and /metrics stay open
+
+
+def _stream_lines(url, body):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    return conn, response
+
+
+def test_queue_limit_and_disconnect(loaded):
+    long = {"prompt": "x", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with serving(loaded, Limits(max_concurrent=1, max_queue=1)) as url:
+        first, response = _stream_lines(url, long)
+        assert response.readline().startswith(b"data:")  # running: the one row is taken
+        second, _ = _stream_lines(url, long)  # waits in the queue
+        status, headers, doc = raw(url, "POST", "/v1/completions", long)
+        assert status == 429 and headers["retry-after"] == "1" and doc["error"]["code"] == "queue_full"
+        first.close()  # the client goes away mid-stream: its row is freed at the next step
+        second.close()  # and this one leaves the queue
+        deadline = time.monotonic() + 20
+        while metric(url, "dsv2_finished_requests_total") < 2:
+            assert time.monotonic() < deadline, "the disconnects were not noticed"
+            time.sleep(0.05)
+        _, _, text = raw(url, "GET", "/metrics")
+        assert 'dsv2_finished_requests_total{reason="cancelled"} 2.0' in text
+        status, _, doc = raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 200, doc
+
+
+def test_prefix_cache_reuses_a_chats_first_turn(loaded):
+    first = [{"role": "system", "content": "You are terse. " * 6}, {"role": "user", "content": "def add(a, b):"}]
+
+    def two_turns(url):
+        api = client(url)
+        one = api.chat.completions.create(model=loaded.name, messages=first, max_tokens=10, temperature=0)
+        second = [
+            *first,
+            {"role": "assistant", "content": one.choices[0].message.content},
+            {"role": "user", "content": "for item"},
+        ]
+        two = api.chat.completions.create(model=loaded.name, messages=second, max_tokens=10, temperature=0)
+        return one, two
+
+    with serving(loaded, Limits(prefix_cache_bytes=0)) as url:
+        plain = two_turns(url)
+    with serving(loaded, Limits(prefix_cache_bytes=1 << 24)) as url:
+        cached = two_turns(url)
+        assert metric(url, "dsv2_prompt_cached_tokens_total") == cached[1].usage.prompt_tokens_details.cached_tokens
+        assert metric(url, "dsv2_prefix_cache_bytes") > 0
+    assert plain[1].usage.prompt_tokens_details.cached_tokens == 0
+    assert cached[1].usage.prompt_tokens_details.cached_tokens >= 16
+    assert [m.choices[0].message.content for m in cached] == [m.choices[0].message.content for m in plain]
+
+
+def test_cli_serves_and_exits_0_on_sigterm(model_dir):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "DSV2_API_KEY": "k"}
+    args = [
+        sys.executable,
+        "-m",
+        "dsv2cli",
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--no-compile",
+        "--no-attention-kernel",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+        while True:
+            try:
+                if raw(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (
+                process.stderr.read().decode() if process.poll() is not None else "no start"
+            )
+            time.sleep(0.2)
+        assert raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer k"})[0] == 200
+        assert raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 401
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
