@@ -396,3 +396,21 @@ def test_torchrun_refuses_int4_before_reading(native):
 
     with pytest.raises(UnsupportedError, match="int4 weights, which multi-process"):
         load_sharded(native, group=None)  # type: ignore[arg-type]  # refused before the group is used
+
+
+@needs_kernels(have_kernels, reason=KERNELS)
+def test_int4_on_the_demo_stays_within_the_issues_quality_bound():
+    """docs/convert.md states the cost on the bundled demo (groups of 32): -0.0016 nats and 95.7 % top-1 over 255
+    tokens; held here to the issue's bound, 0.05 nats and 90 %, over 128 eager decode steps."""
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
+    from dsv2cli.inference.quality import teacher_forced_decode_change
+    from dsv2cli.inference.tokenizer import TextTokenizer
+
+    demo = bundled_model_dir()
+    assert demo is not None
+    tokens = torch.tensor([TextTokenizer.from_directory(demo).encode((demo / "sample.txt").read_text())[:128]])
+    reference = load_hf_checkpoint(demo)
+    int4 = absorb_int4(fuse_projections(quantize_int4(load_hf_checkpoint(demo), 32)), kernels.load())
+    quality = teacher_forced_decode_change(reference, int4, tokens, options=ForwardOptions(kernels.load()))
+    assert quality.tokens == 127
+    assert abs(quality.log_likelihood_change) <= 0.05 and quality.top1_agreement >= 0.9
