@@ -24,7 +24,7 @@ from dsv2cli.errors import DSV2Error
 from dsv2cli.inference.inputs import read_input_file
 from dsv2cli.inference.tokenizer import read_special_tokens
 from dsv2cli.training import checkpointing
-from dsv2cli.training.trainer import TrainSettings
+from dsv2cli.training.settings import TrainSettings
 from tests.helpers import one_error_line, one_thread_per_module, reference_model, save_reference  # noqa: F401
 
 runner = CliRunner()

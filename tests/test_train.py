@@ -16,7 +16,8 @@ from dsv2cli.model import DeepseekV2
 from dsv2cli.presets import preset_config
 from dsv2cli.training.data import batch_indices, evaluation_rows, pack, unigram_cross_entropy
 from dsv2cli.training.routing import BalanceSettings, TrainingRoutingHook
-from dsv2cli.training.trainer import TrainSettings, learning_rate, train
+from dsv2cli.training.settings import TrainSettings, learning_rate
+from dsv2cli.training.trainer import train
 from tests.helpers import assert_close_relative
 
 # Real text: this package's own model sources.

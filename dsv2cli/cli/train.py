@@ -16,7 +16,8 @@ from dsv2cli.cli.common import emit_json, err, handle_errors, human_count, out
 from dsv2cli.cli.options import Format, TextOrJson, ThreadsOption
 from dsv2cli.errors import InputError
 from dsv2cli.training.routing import BalanceSettings
-from dsv2cli.training.trainer import StepReport, TrainEvent, TrainResult, TrainSettings, train
+from dsv2cli.training.settings import TrainSettings
+from dsv2cli.training.trainer import StepReport, TrainEvent, TrainResult, train
 
 EPILOG = (
     "Examples:\n\n"
