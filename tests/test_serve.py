@@ -18,12 +18,21 @@ import openai
 import pytest
 import uvicorn
 
+from dsv2cli import kernels
+from dsv2cli.inference.compiled import CompiledDecoder, compiler_available
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
 from dsv2cli.inference.session import load_for_generation
 from dsv2cli.serve.app import HTTPSettings, create_app
 from dsv2cli.serve.metrics import Metrics
 from dsv2cli.serve.scheduler import Limits, Scheduler
-from tests.helpers import one_thread_per_module, reference_model, save_reference, save_tokenizer  # noqa: F401
+from tests.helpers import (  # noqa: F401
+    needs_kernels,
+    one_thread_per_module,
+    reference_model,
+    save_reference,
+    save_tokenizer,
+    skip_without_kernels,
+)
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +333,68 @@ def test_cli_serves_and_exits_0_on_sigterm(model_dir):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_expert_distribution_record(loaded):
+    with serving(loaded, Limits(max_concurrent=2)) as url:
+        assert raw(url, "POST", "/dump_expert_distribution_record")[0] == 400
+        assert raw(url, "POST", "/start_expert_distribution_record")[0] == 200
+        prompt = [5, 6, 7, 8]
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        with ThreadPoolExecutor(3) as pool:  # three requests, two rows: idle rows must not count
+            answers = list(pool.map(lambda _: raw(url, "POST", "/v1/completions", body), range(3)))
+        assert all(status == 200 for status, _, _ in answers)
+        assert raw(url, "POST", "/stop_expert_distribution_record")[0] == 200
+        raw(url, "POST", "/v1/completions", body)  # not recorded
+        status, _, doc = raw(url, "POST", "/dump_expert_distribution_record")
+        assert status == 200 and doc["layers"] == loaded.model.config.moe_layer_indices
+        assert doc["tokens"] == 3 * (len(prompt) + 6 - 1)  # each prompt once, then 5 steps
+        assert all(sum(counts) == doc["tokens"] * doc["top_k"] for counts in doc["loads"])
+        assert metric(url, "dsv2_expert_load") == sum(map(sum, doc["loads"]))
+
+
+def test_stop_strings_and_a_request_that_cannot_fit(loaded, monkeypatch):
+    from dsv2cli.checkpoint.fit import InsufficientMemoryError
+    from dsv2cli.serve import scheduler as scheduler_module
+
+    with serving(loaded) as url:
+        api = client(url)
+        full = api.completions.create(model=loaded.name, prompt="def add(a, b):", max_tokens=12, temperature=0)
+        text = full.choices[0].text
+        cut = text[len(text) // 2 :][:2]
+        if cut.strip():
+            stopped = api.completions.create(model=loaded.name, prompt="def add(a, b):", max_tokens=12, temperature=0, stop=[cut])
+            assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[: text.index(cut)]
+
+        def refuse(*args, **kwargs):
+            raise InsufficientMemoryError("a request needs 9 GB; 1 GB available")
+
+        monkeypatch.setattr(scheduler_module, "require", refuse)
+        status, _, doc = raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4})
+        assert status == 503 and doc["error"]["code"] == "insufficient_memory"
+        monkeypatch.undo()
+        assert raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 4})[0] == 200
+
+
+@needs_kernels(compiler_available(), reason="compiled steps need a C++ compiler")
+@pytest.mark.slow  # compiles two batch shapes (tens of seconds on two busy cores)
+def test_compiled_steps_serve_the_eager_tokens(loaded):
+    if not kernels.load().available:
+        skip_without_kernels("compiled steps need dsv2's kernels")
+    jobs = [([5, 6, 7], 9), ([8, 9, 10, 11, 12], 4), ([3], 7)]
+
+    def ask_all(url):
+        body = {"temperature": 0, "ignore_eos": True, "logprobs": 0}
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(
+                pool.map(lambda job: raw(url, "POST", "/v1/completions", {**body, "prompt": job[0], "max_tokens": job[1]}), jobs)
+            )
+        return [doc["choices"][0]["logprobs"] for _, _, doc in answers]
+
+    with serving(loaded, Limits(max_concurrent=2)) as url:
+        eager = ask_all(url)
+    with serving(loaded, Limits(max_concurrent=2), decoder=CompiledDecoder(loaded.model)) as url:
+        compiled = ask_all(url)
+    assert [d["tokens"] for d in compiled] == [d["tokens"] for d in eager]
+    for got, want in zip(compiled, eager, strict=True):
+        assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-3)

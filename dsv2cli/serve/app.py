@@ -132,7 +132,30 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
             metrics.prefix_bytes.set(prefix.bytes)
             if scheduler.prompt_tokens:
                 metrics.prefix_hit_rate.set(prefix.hit_tokens / scheduler.prompt_tokens)
+        loads = scheduler.expert_loads()
+        if loads is not None:
+            metrics.set_expert_loads(loads)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/start_expert_distribution_record")
+    async def start_expert_record(request: Request) -> JSONResponse:
+        authorize(request)
+        scheduler.start_recording()
+        return JSONResponse({"status": "recording"})
+
+    @app.post("/stop_expert_distribution_record")
+    async def stop_expert_record(request: Request) -> JSONResponse:
+        authorize(request)
+        scheduler.stop_recording()
+        return JSONResponse({"status": "stopped"})
+
+    @app.post("/dump_expert_distribution_record")
+    async def dump_expert_record(request: Request) -> JSONResponse:
+        authorize(request)
+        document = scheduler.expert_loads()
+        if document is None:
+            raise APIError(400, "nothing was recorded; POST /start_expert_distribution_record first")
+        return JSONResponse(document)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -26,6 +26,7 @@ from dsv2cli.inference.sampling import SamplingParams, apply_frequency_penalties
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2, ForwardOptions
 from dsv2cli.model.cache import LatentKVCache
+from dsv2cli.serve.experts import ExpertRecorder
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class RunningBatch:
         self.cache_dtype = cache_dtype
         self.rows: list[Row | None] = []
         self.cache: LatentKVCache | None = None
+        self.recorder: ExpertRecorder | None = None  # set while expert loads are recorded (steps then run eagerly)
 
     @property
     def live(self) -> list[Row]:
@@ -171,7 +173,10 @@ class RunningBatch:
             cache.advance(known)
         new = torch.tensor([tokens[known:]], device=cache.entries.device)
         attention = prefill_attention("absorbed", len(tokens) - known)
-        logits = self.model(new, cache=cache, attention=attention, last_only=True, options=self.forward)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.next_forward(None)
+        logits = self.model(new, cache=cache, attention=attention, routing_hook=recorder, last_only=True, options=self.forward)
         return logits[0, -1], cache.entries[:, 0]
 
     def remove(self, row: Row) -> None:
@@ -203,10 +208,13 @@ class RunningBatch:
         """One decode step of every row: writes each row's pending token, returns the next logits ``[B, V]``."""
         assert self.cache is not None
         tokens = torch.tensor([[row.pending if row is not None else 0] for row in self.rows], device=self.cache.pad.device)
-        if self.decoder is not None and self.decoder.serves(self.cache):
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.next_forward(torch.tensor([row is not None for row in self.rows]))
+        if self.decoder is not None and self.decoder.serves(self.cache, recorder):
             logits = self.decoder.step(tokens, self.cache)
         else:
-            logits = self.model(tokens, cache=self.cache, attention="absorbed", options=self.forward)
+            logits = self.model(tokens, cache=self.cache, attention="absorbed", routing_hook=recorder, options=self.forward)
         return logits[:, -1]
 
     def _row_count(self, rows: int) -> int:

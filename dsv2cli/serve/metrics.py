@@ -34,9 +34,18 @@ class Metrics:
             "dsv2_inter_token_latency_seconds", "Between two tokens of one request.", buckets=ITL_BUCKETS, registry=r
         )
         self.step_rows = Histogram("dsv2_batch_rows", "Live rows per decode step.", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.expert_tokens = Counter(
-            "dsv2_expert_tokens", "Tokens routed to each expert while recording.", ["layer", "expert"], registry=r
+        self.expert_load = Gauge(
+            "dsv2_expert_load",
+            "Tokens routed to each expert of each MoE layer by the current (or last) expert record.",
+            ["layer", "expert"],
+            registry=r,
         )
+
+    def set_expert_loads(self, document: dict) -> None:
+        """``/metrics`` shows the loads of :meth:`ExpertRecorder.document` ``document``."""
+        for layer, counts in zip(document["layers"], document["loads"], strict=True):
+            for expert, count in enumerate(counts):
+                self.expert_load.labels(str(layer), str(expert)).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.session import LoadedModel
 from dsv2cli.model import ForwardOptions
 from dsv2cli.serve.batch import Done, Failed, Row, RunningBatch, ServeRequest, TokenOut
+from dsv2cli.serve.experts import ExpertRecorder
 from dsv2cli.serve.metrics import Metrics
 from dsv2cli.serve.prefix_cache import PrefixCache
 from dsv2cli.serve.protocol import APIError
@@ -70,6 +72,7 @@ class Scheduler:
         self.stopping = False
         self.failure: str | None = None  # why the loop died, if it did
         self.prompt_tokens = 0
+        self.recorder: ExpertRecorder | None = None
         self.thread = threading.Thread(target=self._run, name="dsv2-scheduler", daemon=True)
 
     @property
@@ -118,8 +121,17 @@ class Scheduler:
             self.metrics.queue.set(len(self.waiting))
             self.cond.notify()
 
-    def queue_length(self) -> int:
-        return len(self.waiting)
+    def start_recording(self) -> None:
+        """Count expert loads from the next forward on (a new record; steps run eagerly meanwhile)."""
+        self.recorder = ExpertRecorder(self.loaded.model.config)
+        self.batch.recorder = self.recorder
+
+    def stop_recording(self) -> None:
+        self.batch.recorder = None
+
+    def expert_loads(self) -> dict[str, Any] | None:
+        """The current (or last) record's document; None when nothing was recorded."""
+        return self.recorder.document() if self.recorder is not None else None
 
     def _run(self) -> None:
         try:
