@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dsv2cli.checkpoint.fit import InsufficientMemoryError, MemoryNeed, require, working_bytes
-from dsv2cli.errors import DSV2Error
+from dsv2cli.errors import DSV2Error, InputError
 from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.session import LoadedModel
 from dsv2cli.model import ForwardOptions
@@ -41,11 +41,11 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("max_concurrent", "max_queue"):
             if getattr(self, name) < 1:
-                raise DSV2Error(f"`{name}` must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise DSV2Error(f"`max_prompt_tokens` must be at least 1, got {self.max_prompt_tokens}")
+            raise InputError(f"`max_prompt_tokens` must be at least 1, got {self.max_prompt_tokens}")
         if self.prefix_cache_bytes < 0:
-            raise DSV2Error(f"`prefix_cache_bytes` must be >= 0, got {self.prefix_cache_bytes}")
+            raise InputError(f"`prefix_cache_bytes` must be >= 0, got {self.prefix_cache_bytes}")
 
 
 class Scheduler:
@@ -165,7 +165,10 @@ class Scheduler:
                 if row.request.cancelled.is_set():
                     self._end(row, "cancelled")
             if self.batch.live:
-                self._step()
+                try:
+                    self._step()
+                except RuntimeError as exc:  # the allocator (out of memory) or an operator: end these rows, keep serving
+                    self._fail_batch(f"the batch's step failed: {exc}")
             self.metrics.running.set(len(self.batch.live))
             self.metrics.cache_bytes.set(self.batch.cache_bytes())
 
@@ -179,7 +182,7 @@ class Scheduler:
         try:
             prefix = self.prefix.lookup(tokens) if self.prefix is not None else None
             logits, entries = self.batch.prefill(tokens, prefix)
-        except (DSV2Error, torch.OutOfMemoryError) as exc:
+        except (DSV2Error, RuntimeError) as exc:  # RuntimeError: the allocator could not give the prompt's cache
             request.emit(Failed(503, f"the prompt could not run: {exc}"))
             return
         row.cached_tokens = 0 if prefix is None else prefix.shape[1]
@@ -191,7 +194,10 @@ class Scheduler:
         event = row.take(logits)
         self._deliver(row, event)
         if event.finished is None:
-            self.batch.add(row, entries)
+            try:
+                self.batch.add(row, entries)  # a new layout allocates the whole batch's cache
+            except RuntimeError as exc:
+                request.emit(Failed(503, f"the request does not fit beside the running ones: {exc}"))
 
     def _step(self) -> None:
         rows = list(self.batch.rows)
@@ -224,6 +230,12 @@ class Scheduler:
             self.metrics.finished.labels(event.finished).inc()
             request = row.request
             request.emit(Done(event.finished, len(request.prompt_token_ids), row.generated, row.cached_tokens))
+
+    def _fail_batch(self, message: str) -> None:
+        for row in self.batch.live:
+            row.request.emit(Failed(503, message))
+            self.metrics.finished.labels("error").inc()
+        self.batch.rows, self.batch.cache = [], None
 
     def _cancelled_waiting(self, request: ServeRequest) -> None:
         request.emit(Done("cancelled", len(request.prompt_token_ids), 0, 0))
