@@ -25,7 +25,7 @@ from typing import Any
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import ConfigError, InputError
 
-DTYPE_BITS: dict[str, int] = {"float32": 32, "bfloat16": 16, "float16": 16, "fp8": 8, "int8": 8}
+DTYPE_BITS: dict[str, int] = {"float32": 32, "bfloat16": 16, "float16": 16, "fp8": 8, "int8": 8, "int4": 4}
 SCHEME_KINDS = ("mla", "mla-expanded", "mha", "gqa", "mqa")
 DEFAULT_GQA_GROUPS = (8, 4, 2)
 DEFAULT_CONTEXTS = (4096, 32768, 131072)
@@ -47,7 +47,7 @@ class Precision:
 
 
 def precision(dtype: str | None = None, bits: float | None = None, default: str = "bfloat16") -> Precision:
-    """``dtype`` (float32, bfloat16, float16, fp8, int8) or ``bits`` (fractional allowed), not both."""
+    """``dtype`` (float32, bfloat16, float16, fp8, int8, int4) or ``bits`` (fractional allowed), not both."""
     if dtype is not None and bits is not None:
         raise InputError("give a dtype or a number of bits, not both")
     if bits is not None:

@@ -51,11 +51,15 @@ def cache_report(
         None, "--context", "-c", help="Tokens per sequence, e.g. 4096 or 128k (repeatable; default 4k, 32k, 128k)."
     ),
     # The cache's precision, which may be fp8 or int8: not the compute dtype of the shared --dtype option.
-    dtype: str = typer.Option(None, "--dtype", help="Cache precision: float32, bfloat16 (default), float16, fp8, int8."),
+    dtype: str = typer.Option(None, "--dtype", help="Cache precision: float32, bfloat16 (default), float16, fp8, int8, int4."),
     kv_bits: float = typer.Option(None, "--kv-bits", help="Average bits per cached element of a quantised cache (e.g. 6)."),
     memory: str = typer.Option(None, "--memory", help="Memory budget, e.g. 80GiB: max tokens and sequences per scheme."),
     minus_weights: bool = typer.Option(False, "--minus-weights", help="Subtract the model's weights from --memory."),
-    weight_dtype: str = typer.Option("bfloat16", "--weight-dtype", help="Weight precision for --minus-weights."),
+    weight_dtype: str = typer.Option(
+        "bfloat16",
+        "--weight-dtype",
+        help="Weight precision for --minus-weights (int4: 4 bits a parameter; dsv2 info gives an int4 checkpoint's exact size).",
+    ),
     baseline: str = typer.Option(
         None, "--baseline", help="Compare with another model: deepseek-67b, a dsv2 preset, or a (Llama-style) config.json."
     ),
