@@ -202,6 +202,11 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(loaded):
         ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+        ({"prompt": "x", "stop": [1]}, 400, "stop"),
+        ({"prompt": "x", "seed": -1}, 400, "seed"),
+        ({"prompt": "x", "temperature": 1e-9}, 400, None),
+        ({"prompt": []}, 400, "prompt"),
         ({"prompt": 5}, 400, "prompt"),
         ({"prompt": long_prompt}, 400, "prompt"),
         ({"prompt": [1, 99999]}, 400, "prompt"),
@@ -398,3 +403,21 @@ def test_compiled_steps_serve_the_eager_tokens(loaded):
     assert [d["tokens"] for d in compiled] == [d["tokens"] for d in eager]
     for got, want in zip(compiled, eager, strict=True):
         assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-3)
+
+
+def test_cli_help_and_bad_options():
+    from typer.testing import CliRunner
+
+    from dsv2cli.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--max-concurrent" in result.output and "Examples:" in result.output
+    for args, words in (
+        (["--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--kv-cache-dtype", "int3"], "--kv-cache-dtype"),
+        (["demo", "--model", "demo"], "not both"),
+    ):
+        result = runner.invoke(app, ["serve", *args])
+        assert result.exit_code == 1 and words in result.stderr, result.output

@@ -129,8 +129,16 @@ def validate(kind: type[_Strict], document: dict[str, Any]) -> Any:
         return kind.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("function-", "list[", "str")))
+        param = ".".join(str(part) for part in first["loc"] if not _is_type_tag(part))
         raise APIError(400, f"'{param}': {first['msg']}", param=param or None) from None
+
+
+# What pydantic puts in an error's location for the member of a union it tried (``('prompt', 'list[int]', 0)``).
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[-("))
 
 
 def new_id(prefix: str) -> str:
