@@ -345,6 +345,19 @@ def test_generate_and_info_read_an_int4_checkpoint(native):
     assert read["int4"] < 0.6 * read["int8"] < read["bfloat16"]
 
 
+def test_expert_stats_and_cache_report_measure_run_an_int4_checkpoint(native, tmp_path):
+    text = tmp_path / "ids.jsonl"
+    text.write_text("\n".join(json.dumps({"prompt_token_ids": [(7 * i + j) % 160 for j in range(40)]}) for i in range(5)))
+    result = runner.invoke(app, ["expert-stats", str(text), "-m", str(native), "--threads", "1", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tokens"] > 0
+    args = ["cache-report", str(native), "--measure", "--measure-context", "16", "--decode-steps", "2", "--dtype", "float32"]
+    result = runner.invoke(app, [*args, "-f", "json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)["measured"]
+    assert measured["weights"] == "checkpoint" and all(row["matches"] for row in measured["rows"])
+
+
 def test_group_size_not_dividing_a_dimension_is_one_error_naming_the_tensor(tmp_path):
     hf24 = save_reference(reference_model(seed=3), tmp_path / "hf24")  # q_lora_rank 24
     result = runner.invoke(app, ["convert", str(hf24), str(tmp_path / "out"), "--quantize", "int4"])
