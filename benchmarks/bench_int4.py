@@ -1,4 +1,9 @@
-"""int4 against int8 weights, side by side: decode steps and a prefill of the same random model.
+"""int4 against int8 weights, side by side: the kernels on V2-Lite's experts, then decode steps and a prefill.
+
+First the products alone: one MoE layer of a decode step of DeepSeek-V2-Lite (6 of 64 experts, ``gate_up
+[2816, 2048]`` and ``down [2048, 1408]``, the token quantized to int8), by dsv2's int8 kernel and its int4
+kernel, on ``--kernel-layers`` stacks of experts cycled through so that the weights come from memory (553 MB
+of int8 and 311 MB of int4 each); printed as time per layer and GB/s of weights read. Then the model:
 
 The model is DeepSeek-V2-Lite's shape cut to ``--layers`` layers (default 2: one dense, one MoE with 64
 experts top-6; vocabulary 102400, so the head weighs as much as in the full model), random weights in float32,
@@ -29,10 +34,37 @@ from dsv2cli.analysis.kv_measure import random_model  # noqa: E402
 from dsv2cli.config import ModelConfig  # noqa: E402
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity  # noqa: E402
 from dsv2cli.model import DeepseekV2, ForwardOptions  # noqa: E402
-from dsv2cli.model.int4 import absorb_int4, quantize_int4  # noqa: E402
-from dsv2cli.model.quantized import absorb_int8, quantize_int8  # noqa: E402
+from dsv2cli.model.int4 import absorb_int4, quantize_groups, quantize_int4  # noqa: E402
+from dsv2cli.model.quantized import absorb_int8, quantize_activation, quantize_int8, quantize_rows  # noqa: E402
 from dsv2cli.model.transformer import fuse_projections  # noqa: E402
 from dsv2cli.presets import preset_config  # noqa: E402
+
+EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 64, 6, 2048, 1408
+
+
+def kernel_seconds(handle: kernels.Kernels, layers: int, group_size: int, rounds: int, steps: int) -> dict[str, float]:
+    """Best seconds per MoE layer of one decode token (6 experts' gate_up and down), int8 and int4, interleaved."""
+    torch.manual_seed(0)
+    stacks = []
+    for _ in range(layers):
+        gate_up = torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN) * 0.02
+        down = torch.randn(EXPERTS, HIDDEN, INTERMEDIATE) * 0.02
+        int8 = (quantize_rows(gate_up), quantize_rows(down))
+        stacks.append({"int8": int8, "int4": (quantize_groups(gate_up, group_size), quantize_groups(down, group_size))})
+    token, hidden = torch.randn(1, HIDDEN), torch.randn(TOP_K, INTERMEDIATE)
+    choices = [torch.randperm(EXPERTS)[:TOP_K] for _ in range(steps)]
+    products = {"int8": handle.int8_matmul, "int4": handle.int4_matmul}
+    best = {kind: float("inf") for kind in products}
+    for _ in range(rounds):
+        for kind, product in products.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                (gate_up_q, gate_up_s), (down_q, down_s) = stacks[i % layers][kind]
+                values, step = quantize_activation(token)
+                product(values.expand(TOP_K, -1), step.expand(TOP_K, -1), gate_up_q, gate_up_s, choices[i])
+                product(*quantize_activation(hidden), down_q, down_s, choices[i])
+            best[kind] = min(best[kind], (time.perf_counter() - start) / steps)
+    return best
 
 
 def build(config: ModelConfig, kind: str, group_size: int, options: ForwardOptions) -> DeepseekV2:
@@ -85,12 +117,27 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128, help="tokens before the decode steps")
     parser.add_argument("--prefill", type=int, default=256, help="tokens of the timed prefill (0: none)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time compiled steps")
+    parser.add_argument("--kernel-layers", type=int, default=3, help="expert stacks for the kernels alone (0: skip them)")
+    parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True, help="time the model's steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     handle = kernels.load()
     if not handle.available:
         sys.exit(f"dsv2's kernels do not build here: {handle.error}")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?"
+    )
+    if args.kernel_layers:
+        seconds = kernel_seconds(handle, args.kernel_layers, args.group_size, args.rounds, 4 * args.steps)
+        weights = TOP_K * 3 * HIDDEN * INTERMEDIATE
+        read = {"int8": weights * (1 + 4 / HIDDEN), "int4": weights * (0.5 + 2 / args.group_size)}
+        print(f"V2-Lite experts of one MoE layer, one token, {args.threads} threads, {cpu} (best of {args.rounds})")
+        for kind, value in seconds.items():
+            print(f"  {kind} kernel: {value * 1e3:7.3f} ms per layer, {read[kind] / value / 1e9:5.1f} GB/s of weights")
+        print(f"  int8/int4 time: {seconds['int8'] / seconds['int4']:.2f}x")
+    if not args.model:
+        return
     options = ForwardOptions(handle)
     config = preset_config("deepseek-v2-lite").replace(num_hidden_layers=args.layers)
     models = {kind: build(config, kind, args.group_size, options) for kind in ("int8", "int4")}
@@ -113,9 +160,6 @@ def main() -> None:
             for kind, model in models.items():
                 best[name, kind] = min(best[name, kind], measure(model, decoders[kind]))
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?"
-    )
     print(f"V2-Lite shape, {args.layers} layers, int4 groups of {args.group_size}, {args.threads} threads, {cpu}")
     print(f"{'':40} {'int8':>9} {'int4':>9} {'int8/int4':>10}")
     for name in measures:
