@@ -421,3 +421,22 @@ def test_cli_help_and_bad_options():
     ):
         result = runner.invoke(app, ["serve", *args])
         assert result.exit_code == 1 and words in result.stderr, result.output
+
+
+def test_prefix_cache_blocks_and_lru():
+    import torch
+
+    from dsv2cli.serve.prefix_cache import PrefixCache
+
+    block = 2 * 4 * 3 * 4  # [L=2, 4 tokens, 3 values] of float32
+    cache = PrefixCache(max_bytes=3 * block, block_tokens=4)
+    entries = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)
+    tokens = list(range(10))
+    cache.insert(tokens, entries)  # two whole blocks
+    assert cache.bytes == 2 * block
+    assert cache.lookup(tokens[:8]) is not None and cache.lookup(tokens[:8]).shape == (2, 4, 3)  # one token must stay
+    assert torch.equal(cache.lookup(tokens + [99]), entries[:, :8])
+    assert cache.lookup([5, *tokens]) is None  # a block is valid only after the same earlier tokens
+    cache.insert([7] * 8, torch.ones(2, 8, 3))  # over the budget: the least recently used block leaves
+    assert cache.bytes <= 3 * block
+    assert cache.lookup(tokens + [99]).shape[1] == 4  # the prefix's first block outlived its second

@@ -176,7 +176,7 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
             text = await asyncio.to_thread(chat_prompt, tokenizer, body.chat_messages())
         except DSV2Error as exc:
             raise APIError(400, exc.message, param="messages") from None
-        ids = tokenizer.encode(text, add_bos=False)
+        ids = await asyncio.to_thread(tokenizer.encode, text, False)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
@@ -193,7 +193,7 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
                 raise APIError(400, "this checkpoint has no tokenizer; give the prompt as token ids", param="prompt")
             if not prompt:
                 raise APIError(400, "the prompt is empty", param="prompt")
-            ids = tokenizer.encode(prompt)
+            ids = await asyncio.to_thread(tokenizer.encode, prompt)  # megabytes of text take a while: off the event loop
         else:
             vocab = loaded.model.config.vocab_size
             if any(not 0 <= t < vocab for t in prompt):

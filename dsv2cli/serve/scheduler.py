@@ -134,6 +134,7 @@ class Scheduler:
         return self.recorder.document() if self.recorder is not None else None
 
     def _run(self) -> None:
+        torch.set_flush_denormal(True)  # per thread (the MXCSR register): session.configure_cpu set it for the main one
         try:
             with torch.inference_mode():
                 self._loop()
