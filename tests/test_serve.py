@@ -240,12 +240,11 @@ def test_api_key(loaded, monkeypatch):
         assert raw(url, "GET", "/health")[0] == 200  # /health and /metrics stay open
 
 
-def _stream_lines(url, body):
+def _stream_lines(url, body, headers=None):
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    conn.request(
-        "POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}), headers=headers)
     response = conn.getresponse()
     assert response.status == 200
     return conn, response
@@ -332,7 +331,14 @@ def test_cli_serves_and_exits_0_on_sigterm(model_dir):
             time.sleep(0.2)
         assert raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer k"})[0] == 200
         assert raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 401
-        process.send_signal(signal.SIGTERM)
+        body = {"prompt": "x", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+        conn, response = _stream_lines(url, body, {"Authorization": "Bearer k"})
+        events = [response.readline() for _ in range(5)]
+        process.send_signal(signal.SIGTERM)  # stops accepting; the stream in flight may finish within the grace period
+        events += list(response)
+        conn.close()
+        data = [line for line in events if line.startswith(b"data:")]
+        assert data[-1].strip() == b"data: [DONE]" and len(data) == 240 + 1
         assert process.wait(30) == 0, process.stderr.read().decode()
     finally:
         if process.poll() is None:

@@ -80,6 +80,6 @@ def serve(
         err.print(f"[dim]note: decoding eagerly: {eager_reason}[/]", soft_wrap=True)
     cache_dtype = None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype)
     scheduler = Scheduler(loaded, forward, decoder, limits, Metrics(), cache_dtype)
-    app = create_app(scheduler, HTTPSettings(api_key=api_key or os.environ.get(API_KEY_ENV) or None))
+    app = create_app(scheduler, HTTPSettings(api_key=api_key or os.environ.get(API_KEY_ENV) or None, grace_period=grace_period))
     err.print(f"[dim]serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)[/]", soft_wrap=True)
     run_server(app, host, port, grace_period)

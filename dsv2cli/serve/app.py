@@ -52,6 +52,7 @@ DISCONNECT_POLL_S = 0.25
 class HTTPSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
+    grace_period: float = 10.0  # seconds a stream may go on after shutdown starts (uvicorn's own timeout is longer)
 
 
 class _ClientGone(Exception):
@@ -257,7 +258,9 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
         answer = _Answer(kind, loaded.name, logprobs, token_text)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return EventSourceResponse(_stream(answer, queue, job, include_usage), sep="\n")
+            # At shutdown, sse-starlette cancels streams at once unless given a grace period: in-flight answers may finish.
+            grace = max(0.0, settings.grace_period - 0.5)
+            return EventSourceResponse(_stream(answer, queue, job, include_usage), sep="\n", shutdown_grace_period=grace)
         try:
             while True:
                 event = await _next_event(queue, request, job)

@@ -79,18 +79,25 @@ class ServeRequest:
 class Row:
     """A request's decoding state: its sampler's state, its text, the token the next step feeds."""
 
-    def __init__(self, request: ServeRequest, tokenizer: TextTokenizer | None, vocab: int, eos: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        request: ServeRequest,
+        tokenizer: TextTokenizer | None,
+        vocab: int,
+        eos: tuple[int, ...],
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.request = request
         self.eos = set() if request.ignore_eos else set(eos)
         sampling = request.sampling
         self.generators = row_generators(sampling.seed, [0])
         self.seen: torch.Tensor | None = None  # [1, V]
         if sampling.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab, dtype=torch.bool)
-            self.seen[0, torch.tensor(request.prompt_token_ids)] = True
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(request.prompt_token_ids, device=device)] = True
         self.counts: torch.Tensor | None = None  # [1, V] tokens generated so far
         if request.frequency_penalty or request.presence_penalty:
-            self.counts = torch.zeros(1, vocab)
+            self.counts = torch.zeros(1, vocab, device=device)
         self.text = RowText(tokenizer.stream_decoder(), request.stop) if tokenizer is not None else None
         self.generated = 0
         self.token_ids: list[int] = []

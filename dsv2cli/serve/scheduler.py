@@ -178,7 +178,7 @@ class Scheduler:
             self._cancelled_waiting(request)
             return
         model = self.loaded.model
-        row = Row(request, self.loaded.tokenizer, model.config.vocab_size, self.loaded.eos_token_ids)
+        row = Row(request, self.loaded.tokenizer, model.config.vocab_size, self.loaded.eos_token_ids, self.loaded.device)
         tokens = request.prompt_token_ids
         try:
             prefix = self.prefix.lookup(tokens) if self.prefix is not None else None
