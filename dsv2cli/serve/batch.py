@@ -191,7 +191,7 @@ class RunningBatch:
         live = len(self.live)
         if live == 0:
             self.rows, self.cache = [], None
-        elif len(self.rows) > 2 * self._row_count(live):
+        elif len(self.rows) > 2 * self.row_count(live):
             self._lay_out([])  # mostly idle rows: compact them away
 
     def add(self, row: Row, entries: torch.Tensor) -> None:
@@ -224,7 +224,7 @@ class RunningBatch:
             logits = self.model(tokens, cache=self.cache, attention="absorbed", routing_hook=recorder, options=self.forward)
         return logits[:, -1]
 
-    def _row_count(self, rows: int) -> int:
+    def row_count(self, rows: int) -> int:
         """Rows to allocate for ``rows`` requests: a power of two when steps are compiled (fewer graphs)."""
         return 1 << (rows - 1).bit_length() if self.decoder is not None else rows
 
@@ -240,7 +240,7 @@ class RunningBatch:
         everything += incoming
         length = max(entries.shape[1] for _, entries in everything)
         capacity = round_capacity(max(length + row.remaining_steps for row, _ in everything))
-        rows = self._row_count(len(everything))
+        rows = self.row_count(len(everything))
         cache = self.model.new_cache(rows, capacity, pad=[length] * rows, dtype=self.cache_dtype)
         for i, (_, entries) in enumerate(everything):
             cache.entries[:, i, length - entries.shape[1] : length] = entries

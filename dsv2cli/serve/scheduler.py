@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from dsv2cli.checkpoint.fit import InsufficientMemoryError, MemoryNeed, require, working_bytes
+from dsv2cli.checkpoint.fit import InsufficientMemoryError, MemoryNeed, fit_of, require, working_bytes
 from dsv2cli.errors import DSV2Error, InputError
-from dsv2cli.inference.compiled import CompiledDecoder
+from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.inference.session import LoadedModel
 from dsv2cli.model import ForwardOptions
 from dsv2cli.serve.batch import Done, Failed, Row, RunningBatch, ServeRequest, TokenOut
@@ -156,11 +156,7 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopping:
                     return
-                admitted = []
-                while self.waiting and len(self.batch.live) + len(admitted) < self.limits.max_concurrent:
-                    admitted.append(self.waiting.popleft())
-                self.metrics.queue.set(len(self.waiting))
-            for request in admitted:
+            while (request := self._next_admitted()) is not None:
                 self._admit(request)
             for row in self.batch.live:
                 if row.request.cancelled.is_set():
@@ -172,6 +168,28 @@ class Scheduler:
                     self._fail_batch(f"the batch's step failed: {exc}")
             self.metrics.running.set(len(self.batch.live))
             self.metrics.cache_bytes.set(self.batch.cache_bytes())
+
+    def _next_admitted(self) -> ServeRequest | None:
+        """The first waiting request, when a row is free and its cache fits in memory beside the running rows."""
+        with self.cond:
+            if self.stopping or not self.waiting or len(self.batch.live) >= self.limits.max_concurrent:
+                return None
+            request = self.waiting[0]
+            if self.batch.live and not self._fits_beside_batch(request):
+                return None  # it waits for rows to leave (alone it fitted when it came)
+            self.waiting.popleft()
+            self.metrics.queue.set(len(self.waiting))
+            return request
+
+    def _fits_beside_batch(self, request: ServeRequest) -> bool:
+        """Whether the batch laid out anew with ``request`` in it (the larger case) fits in what memory is left."""
+        batch, config = self.batch, self.loaded.model.config
+        prompt = len(request.prompt_token_ids)
+        rows = batch.row_count(len(batch.live) + 1)
+        length = max(batch.cache.length if batch.cache is not None else 0, prompt)
+        capacity = round_capacity(max([length + request.max_tokens] + [length + row.remaining_steps for row in batch.live]))
+        need = working_bytes(config, self.cache_dtype, rows, prompt, capacity, slack=0)
+        return fit_of(MemoryNeed(0, 0, need), self.loaded.device).fits
 
     def _admit(self, request: ServeRequest) -> None:
         if request.cancelled.is_set():
