@@ -446,3 +446,24 @@ def test_prefix_cache_blocks_and_lru():
     cache.insert([7] * 8, torch.ones(2, 8, 3))  # over the budget: the least recently used block leaves
     assert cache.bytes <= 3 * block
     assert cache.lookup(tokens + [99]).shape[1] == 4  # the prefix's first block outlived its second
+
+
+@needs_kernels(compiler_available(), reason="int8 checkpoints run through dsv2's kernels")
+def test_int8_checkpoint_batches_like_it_runs_alone(model_dir, tmp_path):
+    if not kernels.load().available:
+        skip_without_kernels("int8 checkpoints run through dsv2's kernels")
+    from dsv2cli.checkpoint.convert import convert_checkpoint
+
+    convert_checkpoint(str(model_dir), tmp_path / "int8", quantize="int8", probe=False)
+    loaded = load_for_generation(str(tmp_path / "int8"), "cpu", "float32", read_weights=False)
+    jobs = [(PROMPTS[i], 4 + 3 * i) for i in range(6)]
+
+    def ask(url, job):
+        body = {"prompt": job[0], "max_tokens": job[1], "temperature": 0, "ignore_eos": True}
+        return raw(url, "POST", "/v1/completions", body)[2]["choices"][0]["text"]
+
+    with serving(loaded, Limits(max_concurrent=3)) as url:
+        alone = [ask(url, job) for job in jobs]
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda job: ask(url, job), jobs))
+    assert together == alone
