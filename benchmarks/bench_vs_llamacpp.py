@@ -4,10 +4,11 @@ Builds llama.cpp from the PyPI sdist of llama-cpp-python (its ``vendor/llama.cpp
 ``llama-bench``, ``convert_hf_to_gguf.py``) once into a cache directory, takes ``--checkpoint`` (the
 figures to publish: the full-size DeepSeek-V2-Lite-shaped checkpoint of ``benchmarks/full_size.py``)
 or writes a small random one (the ``bench-300m`` preset, whose weights fit this CPU's cache), converts
-it to GGUF and to a dsv2 int8 checkpoint, then measures in the same run:
+it to GGUF (Q4_0 through ``llama-quantize`` from a bf16 GGUF, llama.cpp's documented path) and to dsv2 int8
+and int4 checkpoints, then measures in the same run:
 
 * decode tokens/s after 128 / 1024 / 4096 tokens of context, and prefill tokens/s of 512 tokens,
-  for llama.cpp (``llama-bench -d``) at F32 and Q8_0 and for dsv2 at float32, bfloat16 and int8, with
+  for llama.cpp (``llama-bench -d``) at F32, Q8_0 and Q4_0 and for dsv2 at float32, bfloat16, int8 and int4, with
   the default flags of ``dsv2 generate`` (compiled decode steps), eagerly (``--no-compile``: ``-eager``
   modes) and with a bfloat16 latent cache (``--kv-cache-dtype bfloat16``: ``-bf16cache`` modes);
 * ``--batch`` sequences (8) decoding together, against one;
@@ -25,6 +26,7 @@ times, interleaved, and keeps its best: shared machines only ever slow a run dow
 
     python benchmarks/bench_vs_llamacpp.py                      # ~12 minutes after the first build
     python benchmarks/bench_vs_llamacpp.py --checkpoint /data/lite-bf16 --precisions int8 int8-eager --skip-quality
+    python benchmarks/bench_vs_llamacpp.py --checkpoint /data/lite-bf16 --precisions int4 int8 --skip-quality --rounds 1
     python benchmarks/bench_vs_llamacpp.py --contexts 128 --steps 8 --skip-llamacpp
     python benchmarks/bench_vs_llamacpp.py --cache-dir /tmp/llamacpp --threads 4
 
@@ -70,13 +72,15 @@ DSV2_MODES = (
     "float32",
     "bfloat16",
     "int8",
+    "int4",
     "float32-eager",
     "bfloat16-eager",
     "int8-eager",
     "float32-bf16cache",
     "int8-bf16cache",
 )
-LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0"}  # dsv2 precision -> GGUF type compared with it
+LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0", "int4": "q4_0"}  # dsv2 precision -> GGUF type compared with it
+QUANTIZED_GGUF = {"q4_0": "Q4_0"}  # GGUF types llama-quantize makes from a bf16 GGUF (the converter writes the others)
 
 
 def log(message: str) -> None:
@@ -170,6 +174,19 @@ def llama_bench_binary(source: Path, jobs: int) -> Path:
     return binary
 
 
+def llama_quantize_binary(source: Path, jobs: int) -> Path:
+    """Build ``llama-quantize`` in the same build as ``llama-bench`` unless it is there."""
+    binary = source / "build" / "bin" / "llama-quantize"
+    if not binary.is_file():
+        log("building llama-quantize ...")
+        subprocess.run(
+            ["cmake", "--build", str(source / "build"), "--target", "llama-quantize", "-j", str(jobs)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return binary
+
+
 def converter(source: Path, cache: Path) -> Path:
     """A copy of ``convert_hf_to_gguf.py`` (and its ``conversion`` package) that accepts any pre-tokenizer."""
     copy = cache / "converter"
@@ -193,6 +210,15 @@ def converter(source: Path, cache: Path) -> Path:
 def to_gguf(script: Path, source: Path, checkpoint: Path, outtype: str) -> Path:
     out = checkpoint.parent / f"{checkpoint.name}-{outtype}.gguf"
     if out.is_file():
+        return out
+    if outtype in QUANTIZED_GGUF:  # llama.cpp's documented path: the converter to bf16, then llama-quantize
+        bf16 = to_gguf(script, source, checkpoint, "bf16")
+        log(f"llama-quantize to {QUANTIZED_GGUF[outtype]} ...")
+        partial = out.with_suffix(".partial")
+        quantize = llama_quantize_binary(source, max(1, os.cpu_count() or 1))
+        subprocess.run([str(quantize), str(bf16), str(partial), QUANTIZED_GGUF[outtype]], check=True, capture_output=True)
+        partial.rename(out)
+        bf16.unlink()  # made here only as the quantizer's input; as large as the checkpoint
         return out
     log(f"converting to GGUF {outtype} ...")
     env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
@@ -244,8 +270,8 @@ def run_dsv2(checkpoint: Path, mode: str, threads: int, contexts: list[int], ste
 
     precision, compiled, cache_dtype = parse_mode(mode)
     torch.manual_seed(0)
-    if precision == "int8":
-        loaded = load_for_generation(str(int8_directory(checkpoint)), "cpu", "float32", threads)
+    if precision in ("int8", "int4"):
+        loaded = load_for_generation(str(quantized_directory(checkpoint, precision)), "cpu", "float32", threads)
     else:
         loaded = load_for_generation(str(checkpoint), "cpu", precision, threads)
     model = loaded.model
@@ -298,21 +324,21 @@ def engine_files(job: list[str] | Path, checkpoint: Path) -> list[Path]:
     if isinstance(job, Path):
         return [job]
     precision = parse_mode(job[job.index("--worker") + 1])[0]
-    directory = int8_directory(checkpoint) if precision == "int8" else checkpoint
+    directory = quantized_directory(checkpoint, precision) if precision in ("int8", "int4") else checkpoint
     return sorted(directory.glob("*.safetensors"))
 
 
-def int8_directory(checkpoint: Path) -> Path:
-    return checkpoint.parent / f"{checkpoint.name}-dsv2-int8"
+def quantized_directory(checkpoint: Path, precision: str) -> Path:
+    return checkpoint.parent / f"{checkpoint.name}-dsv2-{precision}"
 
 
-def make_dsv2_int8(checkpoint: Path) -> None:
-    """``dsv2 convert --quantize int8`` of the checkpoint, beside it."""
+def make_dsv2_quantized(checkpoint: Path, precision: str) -> None:
+    """``dsv2 convert --quantize int8|int4`` of the checkpoint, beside it."""
     from dsv2cli.checkpoint.convert import convert_checkpoint
 
-    if not (int8_directory(checkpoint) / "manifest.json").is_file():
-        log("converting to a dsv2 int8 checkpoint ...")
-        convert_checkpoint(str(checkpoint), int8_directory(checkpoint), quantize="int8", probe=False)
+    if not (quantized_directory(checkpoint, precision) / "manifest.json").is_file():
+        log(f"converting to a dsv2 {precision} checkpoint ...")
+        convert_checkpoint(str(checkpoint), quantized_directory(checkpoint, precision), quantize=precision, probe=False)
 
 
 def write_checkpoint(checkpoint: Path) -> None:
@@ -343,7 +369,8 @@ def active_bytes(config: ModelConfig, precision: str) -> float:
     kv_b = layers * config.kv_lora_rank * config.num_attention_heads * (config.qk_nope_head_dim + config.v_head_dim)
     router = moe_layers * (config.n_routed_experts or 0) * config.hidden_size
     float_values = kv_b + router
-    return (params - float_values) * 1 + float_values * 4
+    per_value = 1 if precision == "int8" else 0.5 + 2 / 32  # int4: a nibble, and a float16 scale per 32 values
+    return (params - float_values) * per_value + float_values * 4
 
 
 def bytes_per_token(config: ModelConfig, mode: str, context: int, with_cache: bool) -> float:
@@ -372,6 +399,8 @@ def print_report(
         ("dsv2 int8", "dsv2:int8"),
         ("dsv2 int8 eager", "dsv2:int8-eager"),
         ("dsv2 int8, bf16 cache", "dsv2:int8-bf16cache"),
+        ("llama.cpp Q4_0", "llama:q4_0"),
+        ("dsv2 int4", "dsv2:int4"),
     ]
     columns = [(label, key) for label, key in columns if key in results]
     ratios = [
@@ -381,6 +410,8 @@ def print_report(
         ("int8 ratio", "dsv2:int8", "llama:q8_0"),
         ("int8 eager ratio", "dsv2:int8-eager", "llama:q8_0"),
         ("int8 bf16 cache ratio", "dsv2:int8-bf16cache", "llama:q8_0"),
+        ("int4 ratio", "dsv2:int4", "llama:q4_0"),
+        ("dsv2 int4 / int8", "dsv2:int4", "dsv2:int8"),
     ]
     ratios = [r for r in ratios if r[1] in results and r[2] in results]
     lines = [
@@ -416,7 +447,7 @@ def print_report(
             )
     print(
         "\nratio = dsv2 tokens/s / llama.cpp tokens/s at the same precision, dsv2 with default flags unless the column "
-        "says eager (targets: int8 decode >= 1.5, prefill >= 3.5, 8 sequences >= 4x one)\n"
+        "says eager (targets: int8 decode >= 1.5, prefill >= 3.5, 8 sequences >= 4x one; int4 decode >= 1.5 x Q4_0 and >= 1.6 x dsv2 int8)\n"
     )
     for title, with_cache in (("weights", False), ("weights + latent cache", True)):
         print(
@@ -493,15 +524,17 @@ def decode_quality(directory: Path, tokens: torch.Tensor, mode: str) -> dict:
     from dsv2cli.inference.compiled import CompiledDecoder
     from dsv2cli.inference.quality import teacher_forced_decode_change
     from dsv2cli.model import ForwardOptions
+    from dsv2cli.model.int4 import quantize_int4
     from dsv2cli.model.quantized import quantize_int8
     from dsv2cli.model.transformer import fuse_projections
 
     precision, compiled, cache_dtype = parse_mode(mode)
     reference = load_checkpoint(directory, torch.float32)
     candidate = load_checkpoint(directory, torch.float32)
-    candidate = fuse_projections(quantize_int8(candidate) if precision == "int8" else candidate)
+    quantize = {"int8": quantize_int8, "int4": quantize_int4}.get(precision)
+    candidate = fuse_projections(quantize(candidate) if quantize else candidate)
     decoder = CompiledDecoder(candidate) if compiled else None
-    options = ForwardOptions(kernels.load(), attention_kernel=False) if precision == "int8" else ForwardOptions()
+    options = ForwardOptions(kernels.load(), attention_kernel=False) if precision in ("int8", "int4") else ForwardOptions()
     return teacher_forced_decode_change(reference, candidate, tokens, decoder, cache_dtype, options).to_json()
 
 
@@ -552,8 +585,9 @@ def main() -> None:
             for precision, outtype in LLAMA_PRECISIONS.items():
                 if any(parse_mode(mode)[0] == precision for mode in args.precisions):
                     jobs.append((f"llama:{outtype}", to_gguf(script, source, checkpoint, outtype)))
-        if any(parse_mode(mode)[0] == "int8" for mode in args.precisions):
-            make_dsv2_int8(checkpoint)
+        for precision in ("int8", "int4"):
+            if any(parse_mode(mode)[0] == precision for mode in args.precisions):
+                make_dsv2_quantized(checkpoint, precision)
         for precision in args.precisions:
             command = [
                 sys.executable,
@@ -593,7 +627,7 @@ def main() -> None:
         checked = [
             mode
             for mode in args.precisions
-            if not args.skip_quality and (parse_mode(mode)[0] == "int8" or parse_mode(mode)[2] is not None)
+            if not args.skip_quality and (parse_mode(mode)[0] in ("int8", "int4") or parse_mode(mode)[2] is not None)
         ]
         if checked:
             log("decode quality against float32 ...")

@@ -29,7 +29,7 @@ from dsv2cli.cli.torchrun import load, on_main_rank, run_seed, torchrun_group
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder
 from dsv2cli.inference.conversation import Conversation
-from dsv2cli.inference.engine import GenerationOptions, GenerationRequest, GenerationResult, TokenEvent
+from dsv2cli.inference.engine import GenerationOptions, GenerationRequest, GenerationResult, TokenEvent, check_requests
 from dsv2cli.inference.generate import GenerateRun, GenerateSettings, choose_decoder, choose_forward, generate_batches
 from dsv2cli.inference.inputs import PromptInput, parse_token_ids, read_input_file, to_requests
 from dsv2cli.inference.session import LoadedModel
@@ -154,13 +154,15 @@ def generate(
         loading = "dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."
         forward = choose_forward(loaded, attention_kernel, loading=lambda: err.status(loading))
         decoder, eager_reason = choose_decoder(loaded, compile if group is None else False, forward, compiling=_compiling)
-        if eager_reason is not None:
-            err.print(f"[dim]note: decoding eagerly: {eager_reason}[/]", soft_wrap=True)
         options = settings.options(loaded, run_seed(group, seed), forward)
+        requests = [] if interactive else to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
+        if requests:
+            check_requests(loaded.model.config, requests, options, loaded.tokenizer)
+        if eager_reason is not None:  # after every check of the options and prompts: an error stays one line
+            err.print(f"[dim]note: decoding eagerly: {eager_reason}[/]", soft_wrap=True)
         if interactive:
             _interactive(Conversation(loaded, options, system, decoder), group)
             return
-        requests = to_requests(inputs, loaded.tokenizer, chat=chat, system=system)
         _generate(loaded, requests, options, format, batch_size, decoder)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv2cli.checkpoint.fit import MemoryNeed, require, working_bytes
+from dsv2cli.config import ModelConfig
 from dsv2cli.errors import InputError
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
 from dsv2cli.inference.sampling import SamplingParams, choose_tokens, row_generators
@@ -139,6 +140,33 @@ class RowText:
         return delta
 
 
+def check_requests(
+    config: ModelConfig, requests: list[GenerationRequest], options: GenerationOptions, tokenizer: TextTokenizer | None
+) -> None:
+    """What :class:`Generation` refuses, checked before any work: prompts that are empty, do not fit the context or hold
+    ids outside the vocabulary, no tokens to generate, stop strings without a tokenizer."""
+    if not requests:
+        raise InputError("no prompts to generate from")
+    context = config.max_position_embeddings
+    for r in requests:
+        if not r.prompt_token_ids:
+            raise InputError(f"prompt {r.index + 1} is empty")
+        if len(r.prompt_token_ids) >= context:
+            raise InputError(
+                f"prompt {r.index + 1} has {len(r.prompt_token_ids)} tokens; the model's context is {context}",
+                hint="shorten the prompt",
+            )
+        bad = [t for t in r.prompt_token_ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise InputError(f"prompt {r.index + 1} has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
+    if options.max_new_tokens < 1:
+        raise InputError(f"`max_new_tokens` must be at least 1, got {options.max_new_tokens}")
+    if tokenizer is None and options.stop:
+        raise InputError(
+            "stop strings need a tokenizer, and this checkpoint has none", hint="use token-id prompts without `stop`"
+        )
+
+
 class Generation:
     """A batch being generated: iterate for :class:`TokenEvent` s, then read ``results``.
 
@@ -153,28 +181,8 @@ class Generation:
         tokenizer: TextTokenizer | None = None,
         decoder: CompiledDecoder | None = None,
     ) -> None:
-        if not requests:
-            raise InputError("no prompts to generate from")
+        check_requests(model.config, requests, options, tokenizer)
         context = model.config.max_position_embeddings
-        for r in requests:
-            if not r.prompt_token_ids:
-                raise InputError(f"prompt {r.index + 1} is empty")
-            if len(r.prompt_token_ids) >= context:
-                raise InputError(
-                    f"prompt {r.index + 1} has {len(r.prompt_token_ids)} tokens; the model's context is {context}",
-                    hint="shorten the prompt",
-                )
-            bad = [t for t in r.prompt_token_ids if not 0 <= t < model.config.vocab_size]
-            if bad:
-                raise InputError(
-                    f"prompt {r.index + 1} has token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {bad[:5]}"
-                )
-        if options.max_new_tokens < 1:
-            raise InputError(f"`max_new_tokens` must be at least 1, got {options.max_new_tokens}")
-        if tokenizer is None and options.stop:
-            raise InputError(
-                "stop strings need a tokenizer, and this checkpoint has none", hint="use token-id prompts without `stop`"
-            )
         self.model = model
         self.requests = requests
         self.options = options

@@ -51,7 +51,7 @@ def default_sampling(
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    """What the user asked for; ``batch_size`` and ``seed`` are checked here, before any model loads."""
+    """What the user asked for; ``max_new_tokens``, ``batch_size`` and ``seed`` are checked here, before any model loads."""
 
     max_new_tokens: int = 128
     temperature: float | None = None  # None: the checkpoint's generation_config, else greedy
@@ -67,6 +67,8 @@ class GenerateSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise InputError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.seed is not None and not 0 <= self.seed < 1 << 63:
