@@ -197,6 +197,9 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(loaded):
         (b"{not json", 400, None),
         (b'{"prompt": "x", "temperature": NaN}', 400, None),
         (b"[1, 2]", 400, None),
+        (b'{"prompt": "\\ud800"}', 400, None),
+        (b'{"prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
+        (b"[" * 100000 + b"]" * 100000, 413, None),
         ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
         ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens"),
@@ -224,6 +227,10 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(loaded):
         assert got == 400 and "messages" in doc["error"]["param"]
         got, _, doc = raw(url, "GET", "/v1/nothing")
         assert got == 404 and "error" in doc
+        got, _, doc = raw(url, "GET", "/v1/completions")
+        assert got == 405 and doc["error"]["code"] == "method_not_allowed"
+        got, _, doc = raw(url, "POST", "/v1/completions", b"[" * 10000 + b"]" * 10000)
+        assert got == 400 and "error" in doc
         with pytest.raises(openai.BadRequestError):
             client(url).chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "x"}], max_tokens=-1)
         got, _, doc = raw(url, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3})

@@ -82,7 +82,8 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return await api_error(request, APIError(exc.status_code, str(exc.detail), code="not_found"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return await api_error(request, APIError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -50,6 +50,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise APIError(400, "the request body must be a JSON object")
+    try:  # JSON's "\ud800" decodes to a lone surrogate, which no tokenizer can take
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"the request holds text that is not valid Unicode (a lone surrogate: {exc.reason})") from None
     return document
 
 
