@@ -145,6 +145,20 @@ def test_kernel_matches_float64_sums_of_the_same_values(group):
         )
 
 
+@needs_kernels(have_kernels, reason=KERNELS)
+def test_a_rows_result_does_not_depend_on_the_other_rows():
+    """Rows sharing a matrix go through the kernel two at a time (each load of levels unpacked once for both)."""
+    torch.manual_seed(4)
+    handle = kernels.load()
+    packed, scale = quantize_groups(torch.randn(3, 36, 256), 32)
+    values, step = quantize_activation(torch.randn(9, 256))
+    ids = torch.tensor([0, 2, 0, 0, 1, 2, 0, 1, 0])
+    together = handle.int4_matmul(values, step, packed, scale, ids)
+    for r in range(9):
+        alone = handle.int4_matmul(values[r : r + 1], step[r : r + 1], packed, scale, ids[r : r + 1])
+        assert torch.equal(alone[0], together[r])
+
+
 @pytest.mark.slow  # builds the portable loop beside the loaded kernels (~30 s on 2 cores)
 @needs_kernels(have_kernels, reason=KERNELS)
 def test_portable_fallback_matches_the_vector_path(tmp_path):

@@ -174,6 +174,34 @@ void dot_block(const int8_t* x, const __m256i* offset, const uint8_t* weight, in
   for (int k = 0; k < Rows; ++k) sums[k] = horizontal_sum(acc[k]);
 }
 
+// Two rows of x against two weight rows (group size 32, I a multiple of 64): each load of levels is unpacked, and
+// its scales spread, once for both rows of x (prefills and decode batches have several rows per matrix).
+void dot_pair(const int8_t* x0, const int8_t* x1, const __m256i* offset0, const __m256i* offset1, const uint8_t* weight,
+              int64_t stride, const c10::Half* scale, int64_t groups, int64_t width, float* sums0, float* sums1) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc0[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < width / 64; ++c) {
+    const __m256i x0_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + 64 * c));
+    const __m256i x0_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + 64 * c + 32));
+    const __m256i x1_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + 64 * c));
+    const __m256i x1_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + 64 * c + 32));
+    for (int k = 0; k < 2; ++k) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + k * stride + 32 * c));
+      const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+      const __m256 d = two_scales(scale + k * groups + 2 * c, spread);
+      const __m256i sums_0 = _mm256_sub_epi32(sum_pairs(low, x0_low, high, x0_high, ones), offset0[c]);
+      acc0[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_0), d, acc0[k]);
+      const __m256i sums_1 = _mm256_sub_epi32(sum_pairs(low, x1_low, high, x1_high, ones), offset1[c]);
+      acc1[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_1), d, acc1[k]);
+    }
+  }
+  for (int k = 0; k < 2; ++k) {
+    sums0[k] = horizontal_sum(acc0[k]);
+    sums1[k] = horizontal_sum(acc1[k]);
+  }
+}
+
 void dot_rows(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
               int64_t groups, int64_t count, int64_t width, float* sums) {
   switch (count) {
@@ -271,6 +299,7 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   const int8_t* row_data = prepared.arranged.data();
   const __m256i* offset_data = prepared.offset.data();
   const int64_t units = prepared.units;
+  const bool pairs = width / groups == kBlock && width % 64 == 0;  // dot_pair's case
 #else
   const int8_t* row_data = x_data;
   const char* offset_data = nullptr;
@@ -288,6 +317,19 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
         for (int64_t j = task.begin; j < task.end; ++j) {
           const int64_t r = order[j];
 #if defined(DSV2_INT4_AVX2)
+          if (pairs && j + 1 < task.end && count % 2 == 0) {  // two rows of x at once
+            const int64_t r1 = order[j + 1];
+            float sums1[kRowsPerBlock];
+            for (int64_t k = 0; k < count; k += 2)
+              dot_pair(row_data + r * width, row_data + r1 * width, offset_data + r * units, offset_data + r1 * units,
+                       w + k * w_row, w_row, s + k * groups, groups, width, sums + k, sums1 + k);
+            for (int64_t k = 0; k < count; ++k) {
+              out_data[r * outputs + o + k] = sums[k] * step_data[r];
+              out_data[r1 * outputs + o + k] = sums1[k] * step_data[r1];
+            }
+            ++j;
+            continue;
+          }
           dot_rows(row_data + r * width, offset_data + r * units, w, w_row, s, groups, count, width, sums);
 #else
           dot_rows(row_data + r * width, offset_data, w, w_row, s, groups, count, width, sums);
