@@ -1,6 +1,7 @@
 """`dsv2 serve`'s core: an OpenAI-compatible HTTP server with continuous batching over the latent cache.
 
-``protocol.py`` (request checks, response documents, errors), ``batch.py`` (rows joining and leaving one
-latent cache), ``prefix_cache.py`` (earlier prompts' latent entries by blocks), ``scheduler.py`` (the thread
-that owns the model), ``metrics.py`` (Prometheus), ``app.py`` (FastAPI endpoints, uvicorn).
+``protocol.py`` (request checks, errors), ``answers.py`` (response and chunk documents), ``batch.py`` (rows
+joining and leaving one latent cache), ``prefix_cache.py`` (earlier prompts' latent entries by blocks),
+``scheduler.py`` (the thread that owns the model), ``experts.py`` (expert-load records), ``metrics.py``
+(Prometheus), ``app.py`` (FastAPI endpoints, uvicorn).
 """

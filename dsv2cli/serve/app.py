@@ -29,17 +29,15 @@ from starlette.exceptions import HTTPException
 from dsv2cli.errors import DSV2Error
 from dsv2cli.inference.generate import default_sampling
 from dsv2cli.inference.inputs import chat_prompt
+from dsv2cli.serve.answers import Answer
 from dsv2cli.serve.batch import Done, Failed, ServeRequest, TokenOut
 from dsv2cli.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
     SamplingFields,
-    finish_reason,
-    new_id,
     now,
     parse_json,
-    usage,
     validate,
 )
 from dsv2cli.serve.scheduler import Scheduler
@@ -256,7 +254,7 @@ def create_app(scheduler: Scheduler, settings: HTTPSettings) -> FastAPI:
         )
         scheduler.submit(job)
         metrics.requests.labels(request.url.path, "200").inc()
-        answer = _Answer(kind, loaded.name, logprobs, token_text)
+        answer = Answer(kind, loaded.name, logprobs, token_text)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             # At shutdown, sse-starlette cancels streams at once unless given a grace period: in-flight answers may finish.
@@ -289,7 +287,7 @@ async def _next_event(queue: asyncio.Queue, request: Request, job: ServeRequest)
                 raise _ClientGone from None
 
 
-async def _stream(answer: _Answer, queue: asyncio.Queue, job: ServeRequest, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(answer: Answer, queue: asyncio.Queue, job: ServeRequest, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events of one request; a client that goes away cancels this, which frees its row."""
     try:
         if answer.kind == "chat":
@@ -307,93 +305,6 @@ async def _stream(answer: _Answer, queue: asyncio.Queue, job: ServeRequest, incl
         yield "[DONE]"
     finally:
         job.cancel()
-
-
-class _Answer:
-    """One request's answer as OpenAI's documents: a whole ``chat.completion`` / ``text_completion``, or chunks."""
-
-    def __init__(self, kind: str, model: str, logprobs: bool, token_text: Any) -> None:
-        self.kind, self.model, self.logprobs, self.token_text = kind, model, logprobs, token_text
-        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        self.created = now()
-        self.text: list[str] = []
-        self.events: list[TokenOut] = []
-        self.finish: str | None = None
-
-    def add(self, event: TokenOut) -> None:
-        self.text.append(event.text)
-        self.events.append(event)
-        self.finish = event.finished
-
-    def _chat_logprobs(self, events: list[TokenOut]) -> dict[str, Any]:
-        def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = self.token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]} for e in events]}
-
-    def _text_logprobs(self, events: list[TokenOut], offset: int) -> dict[str, Any]:
-        tokens = [self.token_text(e.token_id) for e in events]
-        offsets = []
-        for e in events:
-            offsets.append(offset)
-            offset += len(e.text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in events],
-            "text_offset": offsets,
-        }
-
-    def _logprobs(self, events: list[TokenOut], offset: int = 0) -> dict[str, Any] | None:
-        if not self.logprobs:
-            return None
-        return self._chat_logprobs(events) if self.kind == "chat" else self._text_logprobs(events, offset)
-
-    def whole(self, done: Done) -> dict[str, Any]:
-        text = "".join(self.text)
-        reason = finish_reason(self.finish or done.finish_reason)
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": self._logprobs(self.events)}
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(self.events)}
-            kind = "text_completion"
-        choice["finish_reason"] = reason
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens),
-        }
-
-    def chunk(self, delta: dict[str, Any] | str, logprobs: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": reason}
-            kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
-
-    def token_chunk(self, event: TokenOut) -> dict[str, Any]:
-        offset = sum(len(t) for t in self.text)
-        self.add(event)
-        delta: dict[str, Any] | str = {"content": event.text} if self.kind == "chat" else event.text
-        return self.chunk(delta, self._logprobs([event], offset), finish_reason(event.finished))
-
-    def usage_chunk(self, done: Done) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens),
-        }
 
 
 def run_server(app: FastAPI, host: str, port: int, grace_period: float, sock: socket.socket | None = None) -> None:

@@ -15,6 +15,7 @@ powers of two and capacities multiples of ``CAPACITY_STEP``, so a few graphs ser
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Event
 
@@ -62,7 +63,7 @@ class ServeRequest:
 
     prompt_token_ids: list[int]
     max_tokens: int
-    emit: object  # Callable[[TokenOut | Done | Failed], None]
+    emit: Callable[[TokenOut | Done | Failed], None]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0

@@ -13,7 +13,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +58,6 @@ class Scheduler:
         limits: Limits,
         metrics: Metrics,
         cache_dtype: torch.dtype | None = None,
-        routing_hook: Callable | None = None,
     ) -> None:
         self.loaded = loaded
         self.limits = limits
