@@ -257,7 +257,16 @@ def _stream_lines(url, body, headers=None):
     return conn, response
 
 
-def test_queue_limit_and_disconnect(loaded):
+def test_queue_limit_and_disconnect(loaded, monkeypatch):
+    from dsv2cli.serve.batch import RunningBatch
+
+    step = RunningBatch.step
+
+    def slow_step(self):  # 240 steps take at least 4.8 s however fast the machine: the row stays taken meanwhile
+        time.sleep(0.02)
+        return step(self)
+
+    monkeypatch.setattr(RunningBatch, "step", slow_step)
     long = {"prompt": "x", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     with serving(loaded, Limits(max_concurrent=1, max_queue=1)) as url:
         first, response = _stream_lines(url, long)
