@@ -31,12 +31,12 @@ EPILOG = (
 
 @handle_errors
 def serve(
-    model_argument: str = typer.Argument(None, metavar="[MODEL]", help="Checkpoint directory, Hub repo id, or 'demo'."),
+    model_argument: str = typer.Argument(None, metavar="MODEL", help="Checkpoint directory, Hub repo id, or 'demo'."),
     model: ModelOption = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: str = typer.Option(
-        None, "--api-key", envvar=API_KEY_ENV, help=f"Require 'Authorization: Bearer KEY' on /v1 (env {API_KEY_ENV})."
+        None, "--api-key", envvar=API_KEY_ENV, help="Require 'Authorization: Bearer KEY' on /v1 and the expert-record endpoints."
     ),
     max_concurrent: int = typer.Option(8, "--max-concurrent", help="Most requests decoding together (rows of the batch)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a row; more get HTTP 429."),
