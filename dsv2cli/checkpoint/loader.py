@@ -26,7 +26,6 @@ from dsv2cli.checkpoint.share import Share
 from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError
 from dsv2cli.model import DeepseekV2
-from dsv2cli.model.dtypes import parse_dtype as parse_dtype  # training/trainer.py still imports it from here
 
 
 def build_empty(config: ModelConfig) -> DeepseekV2:

@@ -22,11 +22,11 @@ from torch.nn import functional as F
 
 from dsv2cli.analysis.balance import max_over_mean
 from dsv2cli.analysis.token_drop import protected_sequences
-from dsv2cli.checkpoint.loader import parse_dtype
 from dsv2cli.commit import Output
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2
+from dsv2cli.model.dtypes import parse_dtype
 from dsv2cli.training import checkpointing
 from dsv2cli.training.data import CorpusSplit, TextFile, batch_indices, evaluation_rows, load_corpus, pack, unigram_cross_entropy
 from dsv2cli.training.routing import TrainingRoutingHook
