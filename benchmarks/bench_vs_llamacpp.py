@@ -563,6 +563,12 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=DSV2_MODES, default=list(DSV2_MODES), help="dsv2 modes to measure")
     parser.add_argument("--skip-llamacpp", action="store_true", help="measure dsv2 only")
     parser.add_argument(
+        "--llama-precisions",
+        nargs="+",
+        choices=list(LLAMA_PRECISIONS),
+        help="the precisions llama.cpp runs at (default: every one of --precisions it has; each needs its GGUF file)",
+    )
+    parser.add_argument(
         "--skip-quality", action="store_true", help="no decode-quality check (it loads the model in float32: 63 GB for V2-Lite)"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -583,7 +589,8 @@ def main() -> None:
             binary = llama_bench_binary(source, max(1, os.cpu_count() or 1))
             script = converter(source, args.cache_dir)
             for precision, outtype in LLAMA_PRECISIONS.items():
-                if any(parse_mode(mode)[0] == precision for mode in args.precisions):
+                wanted = args.llama_precisions is None or precision in args.llama_precisions
+                if wanted and any(parse_mode(mode)[0] == precision for mode in args.precisions):
                     jobs.append((f"llama:{outtype}", to_gguf(script, source, checkpoint, outtype)))
         for precision in ("int8", "int4"):
             if any(parse_mode(mode)[0] == precision for mode in args.precisions):
