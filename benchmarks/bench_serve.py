@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -48,7 +49,8 @@ def server(args: argparse.Namespace, *extra: str):
         command += ["--model", args.model]
     if args.no_compile:
         command.append("--no-compile")
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # the server's log (a pipe nobody reads would fill up and stall it)
+    process = subprocess.Popen(command, cwd=ROOT, stderr=log, text=True)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -58,12 +60,19 @@ def server(args: argparse.Namespace, *extra: str):
             except OSError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {process.stderr.read()[-2000:]}")
+                raise SystemExit(f"the server did not start: {_tail(log)}")
             time.sleep(0.2)
         yield port
+    except OSError:
+        raise SystemExit(f"the server stopped answering (exit status {process.poll()}): {_tail(log)}") from None
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+def _tail(log, size: int = 3000) -> str:
+    log.seek(0)
+    return log.read()[-size:]
 
 
 def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
