@@ -1,4 +1,4 @@
-"""Loss of a saved model on a text, next to the entropy of the text's own token frequencies.
+"""Loss of a saved model on a text, next to the entropy of the text's own token frequencies; whether code compiles.
 
 The unigram entropy is the best any model that ignores context could do on that very text, so a
 loss well below it means the model uses the context.
@@ -48,3 +48,21 @@ def evaluate_text(directory: Path, text: str, seq_len: int, batch_size: int = 8)
     probs = counts[counts > 0] / targets.numel()
     loss = total / targets.numel()
     return TextEvaluation(targets.numel(), loss, math.exp(loss), float(-(probs * probs.log()).sum()))
+
+
+def first_statement_compiles(header: str, continuation: str) -> bool:
+    """Whether a ``def``/``class`` header and the start of its generated body compile with Python's ``compile()``.
+
+    The header plus the longest prefix of the continuation's complete lines (at least one non-blank body
+    line) is tried; a line cut off by the token limit is never counted.
+    """
+    lines = [line for line in (header + continuation).splitlines(keepends=True) if line.endswith("\n")]
+    for k in range(len(lines), 1, -1):
+        if not any(line.strip() for line in lines[1:k]):
+            continue
+        try:
+            compile("".join(lines[:k]), "<generated>", "exec")
+        except (SyntaxError, ValueError):
+            continue
+        return True
+    return False
