@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp", "int4_matmul.cpp")]
+_HEADERS = [Path(__file__).with_name("stacked_rows.h")]  # included by the sources
 _NAME = "dsv2cli_kernels"
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,9 @@ def _build_and_load() -> None:
         raise RuntimeError("the kernels are written for x86 CPUs with AVX2 or AVX-512")
     _clear_stale_lock(Path(cpp_extension._get_build_directory(_NAME, verbose=False)))
     flags = ["-O3", "-march=native", "-fopenmp", *(f"-D{macro}" for macro in isa.build_macro()), *isa.build_arch_flags().split()]
+    # torch rebuilds when the sources or the flags change; the headers' digest in a flag makes their changes count too
+    headers = hashlib.sha256(b"".join(header.read_bytes() for header in _HEADERS)).hexdigest()[:16]
+    flags.append(f"-DDSV2_HEADERS_DIGEST={headers}")
     with _path_with(_ninja_directory()):
         cpp_extension.load(
             _NAME, [str(source) for source in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False

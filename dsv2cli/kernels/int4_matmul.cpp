@@ -21,6 +21,12 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "stacked_rows.h"
+
+using dsv2cli::StackedRows;
+using dsv2cli::Task;
+using dsv2cli::stacked_rows;
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -234,12 +240,6 @@ void dot_rows(const int8_t* x, const void*, const uint8_t* weight, int64_t strid
 }
 #endif
 
-struct Task {
-  int64_t matrix;  // which of the E matrices
-  int64_t first;   // first output row
-  int64_t begin;   // this matrix's rows of x: order[begin, end)
-  int64_t end;
-};
 
 }  // namespace
 
@@ -264,28 +264,9 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   at::Tensor out = at::zeros({rows, outputs}, x.options().dtype(at::kFloat));
   if (rows == 0 || outputs == 0) return out;
 
-  std::vector<int64_t> matrix_of(rows, 0);
-  if (routed) {
-    const at::Tensor id_values = ids.contiguous();
-    const int64_t* id = id_values.data_ptr<int64_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      TORCH_CHECK(id[r] >= -1 && id[r] < experts, "int4_matmul: id out of range");
-      matrix_of[r] = id[r];
-    }
-  }
-  std::vector<int64_t> order, starts(experts + 1, 0);
-  for (int64_t r = 0; r < rows; ++r)
-    if (matrix_of[r] >= 0) starts[matrix_of[r] + 1] += 1;
-  for (int64_t e = 0; e < experts; ++e) starts[e + 1] += starts[e];
-  order.resize(starts[experts]);
-  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-  for (int64_t r = 0; r < rows; ++r)
-    if (matrix_of[r] >= 0) order[fill[matrix_of[r]]++] = r;
-  std::vector<Task> tasks;
-  for (int64_t e = 0; e < experts; ++e) {
-    if (starts[e] == starts[e + 1]) continue;
-    for (int64_t first = 0; first < outputs; first += kRowsPerTask) tasks.push_back({e, first, starts[e], starts[e + 1]});
-  }
+  const StackedRows grouped = stacked_rows(ids, rows, experts, outputs, kRowsPerTask, "int4_matmul");
+  const std::vector<int64_t>& order = grouped.order;
+  const std::vector<Task>& tasks = grouped.tasks;
 
   const int8_t* x_data = xs.data_ptr<int8_t>();
   const uint8_t* w_data = weight.data_ptr<uint8_t>();
