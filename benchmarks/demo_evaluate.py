@@ -33,7 +33,7 @@ from dsv2cli.inference.inputs import PromptInput, to_requests
 from dsv2cli.inference.session import load_for_generation
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.training.data import pack
-from dsv2cli.training.evaluate import evaluate_text, first_statement_compiles
+from dsv2cli.training.evaluate import evaluate_text, first_statement_compiles, summed_loss
 
 # Ten function signatures and class headers; tests/test_train_demo.py uses the same list.
 SIGNATURES = (
@@ -82,11 +82,7 @@ def held_out_loss(model_dir: Path, package_dir: Path, seq_len: int, batch_size: 
     docs = [tokenizer.encode(text, add_bos=False) for text in texts]
     rows = pack(docs, seq_len, tokenizer.bos_id, tokenizer.eos_id)  # [R, S+1]
     model = load_checkpoint(model_dir)
-    total = 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        logits = model(batch[:, :-1])
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    total = summed_loss(model, rows, batch_size)
     targets = rows[:, 1:].reshape(-1)
     counts = torch.bincount(targets).double()
     probs = counts[counts > 0] / targets.numel()

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from dsv2cli.checkpoint.loader import load_checkpoint
 from dsv2cli.errors import InputError
 from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.model import DeepseekV2
 from dsv2cli.training.data import pack
 
 
@@ -31,6 +32,17 @@ class TextEvaluation:
 
 
 @torch.no_grad()
+def summed_loss(model: DeepseekV2, rows: torch.Tensor, batch_size: int = 8) -> float:
+    """Next-token cross-entropy summed over every target of packed ``rows [R, S+1]``, ``batch_size`` rows at a time."""
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        logits = model(batch[:, :-1])
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    return total
+
+
+@torch.no_grad()
 def evaluate_text(directory: Path, text: str, seq_len: int, batch_size: int = 8) -> TextEvaluation:
     """Pack ``BOS text EOS`` into rows of ``seq_len + 1`` like training does and score every row (float32)."""
     tokenizer = TextTokenizer.from_path(directory)
@@ -38,11 +50,7 @@ def evaluate_text(directory: Path, text: str, seq_len: int, batch_size: int = 8)
     if len(rows) == 0:
         raise InputError(f"the text is shorter than one sequence of {seq_len} tokens")
     model = load_checkpoint(directory)
-    total = 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        logits = model(batch[:, :-1])
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    total = summed_loss(model, rows, batch_size)
     targets = rows[:, 1:].reshape(-1)
     counts = torch.bincount(targets).double()
     probs = counts[counts > 0] / targets.numel()
