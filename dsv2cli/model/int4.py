@@ -98,16 +98,19 @@ def through_int4_kernel(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels)
     return int8_rows(x) and kernels.int4_matmul_supported(weight)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+def int4_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, kernels: Kernels, amax: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x [..., I] @ W^T`` with ``W`` the dequantized int4 weight -> ``[..., O]`` in x's dtype.
 
     Rows on CPU through the kernel as :func:`through_int4_kernel` says (each row quantized to int8 with one step,
     int32 sums per group); other rows (more than a decode step's on CPUs with AVX512-BF16, no kernels, other
-    devices) against the weight dequantized to x's dtype.
+    devices) against the weight dequantized to x's dtype. ``amax``: as in ``quantized.int8_linear`` (the rows'
+    largest ``|x|`` when ``x`` is one rank's share of their columns).
     """
     if through_int4_kernel(x, packed, kernels):
         rows = x.reshape(-1, x.shape[-1])
-        out = kernels.int4_matmul(*quantize_activation(rows), packed[None], scale[None])
+        out = kernels.int4_matmul(*quantize_activation(rows, amax), packed[None], scale[None])
         return cast(out, x.dtype).reshape(*x.shape[:-1], packed.shape[0])
     return F.linear(x, dequantize_groups(packed, scale, x.dtype))
 
