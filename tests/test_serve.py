@@ -17,8 +17,10 @@ from contextlib import contextmanager
 import openai
 import pytest
 import uvicorn
+from typer.testing import CliRunner
 
 from dsv2cli import kernels
+from dsv2cli.cli.main import app as cli_app
 from dsv2cli.inference.compiled import CompiledDecoder, compiler_available
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
 from dsv2cli.inference.session import load_for_generation
@@ -378,6 +380,40 @@ def test_expert_distribution_record(loaded):
         assert doc["tokens"] == 3 * (len(prompt) + 6 - 1)  # each prompt once, then 5 steps
         assert all(sum(counts) == doc["tokens"] * doc["top_k"] for counts in doc["loads"])
         assert metric(url, "dsv2_expert_load") == sum(map(sum, doc["loads"]))
+
+
+def test_expert_stats_reads_the_dump_as_its_own_loads(loaded, tmp_path):
+    """Record through the endpoints, dump to a file, and `dsv2 expert-stats --loads` reports the server's counts."""
+    with serving(loaded) as url:
+        assert raw(url, "POST", "/start_expert_distribution_record")[0] == 200
+        for prompt in ("def add(a, b):", "class Stack:"):
+            body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+            assert raw(url, "POST", "/v1/completions", body)[0] == 200
+        assert raw(url, "POST", "/stop_expert_distribution_record")[0] == 200
+        status, _, doc = raw(url, "POST", "/dump_expert_distribution_record")
+        _, _, exposition = raw(url, "GET", "/metrics")
+    assert status == 200
+    gauges = {}  # the server's counts as /metrics exposes them: (layer, expert) -> tokens
+    for line in exposition.splitlines():
+        if line.startswith("dsv2_expert_load{"):
+            labels = dict(part.split("=") for part in line[line.index("{") + 1 : line.index("}")].split(","))
+            gauges[int(labels["layer"].strip('"')), int(labels["expert"].strip('"'))] = round(float(line.split()[-1]))
+    dump, again = tmp_path / "dump.json", tmp_path / "again.json"
+    dump.write_text(json.dumps(doc))
+    result = CliRunner().invoke(cli_app, ["expert-stats", "--loads", str(dump), "-f", "json", "--save-loads", str(again)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["model"], report["tokens"], report["top_k"]) == (
+        loaded.name,
+        doc["tokens"],
+        loaded.model.config.num_experts_per_tok,
+    )
+    assert [layer["layer"] for layer in report["layers"]] == loaded.model.config.moe_layer_indices
+    for layer in report["layers"]:
+        assert layer["counts"] == [gauges[layer["layer"], e] for e in range(report["n_routed_experts"])]
+        assert sum(layer["counts"]) == report["tokens"] * report["top_k"]
+    assert [layer["counts"] for layer in report["layers"]] == doc["loads"]
+    assert json.loads(again.read_text()) == doc  # expert-stats' own loads file is the dump
 
 
 def test_stop_strings_and_a_request_that_cannot_fit(loaded, monkeypatch):

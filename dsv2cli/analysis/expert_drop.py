@@ -40,8 +40,8 @@ class DropCounts:
     order: str | None  # "probs" or "position" for the expert policy; the device policy drops by affinity
     dropped: int = 0
     assignments: int = 0
-    tokens_hit: int = 0  # tokens with at least one routed assignment dropped
-    tokens_lost: int = 0  # tokens with all routed assignments dropped
+    tokens_hit: int | None = 0  # tokens with at least one routed assignment dropped (None: unknown, from loads alone)
+    tokens_lost: int | None = 0  # tokens with all routed assignments dropped (None: unknown)
     tokens: int = 0
 
     @property
@@ -49,18 +49,18 @@ class DropCounts:
         return self.dropped / max(self.assignments, 1)
 
     @property
-    def token_drop_rate(self) -> float:
-        return self.tokens_hit / max(self.tokens, 1)
+    def token_drop_rate(self) -> float | None:
+        return None if self.tokens_hit is None else self.tokens_hit / max(self.tokens, 1)
 
     @property
-    def full_drop_rate(self) -> float:
-        return self.tokens_lost / max(self.tokens, 1)
+    def full_drop_rate(self) -> float | None:
+        return None if self.tokens_lost is None else self.tokens_lost / max(self.tokens, 1)
 
     def add(self, other: DropCounts) -> None:
         self.dropped += other.dropped
         self.assignments += other.assignments
-        self.tokens_hit += other.tokens_hit
-        self.tokens_lost += other.tokens_lost
+        self.tokens_hit = None if self.tokens_hit is None or other.tokens_hit is None else self.tokens_hit + other.tokens_hit
+        self.tokens_lost = None if self.tokens_lost is None or other.tokens_lost is None else self.tokens_lost + other.tokens_lost
         self.tokens += other.tokens
 
     def to_json(self) -> dict[str, object]:
@@ -172,6 +172,39 @@ def simulate_drops(
         )
         for factor, (n_dropped, hit, lost) in zip(capacity_factors, totals.T.tolist(), strict=True)
     ]
+
+
+def drops_of_loads(
+    loads: torch.Tensor, tokens: int, top_k: int, policy: str, capacity_factors: list[float], order: str = "probs"
+) -> list[DropCounts]:
+    """Drop counts of one layer from its loads alone, all ``tokens`` being one drop batch.
+
+    ``loads`` are the assignments per expert ``[E]`` (policy ``expert``) or per device ``[D]`` (``device``).
+    Each expert or device drops what exceeds its capacity, whichever assignments those are, so the
+    dropped count is exact (that of :func:`simulate_drops` with one batch); which tokens lose them is
+    not known (``tokens_hit`` and ``tokens_lost`` are None).
+    """
+    if policy not in DROP_POLICIES:
+        raise ValueError(f"unknown drop policy {policy!r}")
+    capacity_of = device_capacity if policy == "device" else expert_capacity
+    assignments = round(float(loads.double().sum()))
+    result = []
+    for factor in capacity_factors:
+        capacity = capacity_of(tokens, top_k, loads.numel(), factor)
+        dropped = round(float((loads.double() - capacity).clamp_min(0).sum()))
+        result.append(
+            DropCounts(
+                policy,
+                factor,
+                order if policy == "expert" else None,
+                dropped=dropped,
+                assignments=assignments,
+                tokens_hit=None,
+                tokens_lost=None,
+                tokens=tokens,
+            )
+        )
+    return result
 
 
 def _by_affinity(affinity: torch.Tensor) -> torch.Tensor:

@@ -40,14 +40,7 @@ def write_text(target: Output, text: str) -> None:
 
 
 def _loads_json(report: ExpertStatsReport, target: Output) -> None:
-    doc = {
-        "layers": [layer.layer for layer in report.layers],
-        "n_routed_experts": report.n_routed_experts,
-        "tokens": report.tokens,
-        "top_k": report.top_k,
-        "loads": report.load_matrix(),
-    }
-    write_text(target, json.dumps(doc) + "\n")
+    write_text(target, json.dumps(report.expert_loads().to_json()) + "\n")
 
 
 def _loads_csv(report: ExpertStatsReport, target: Output) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from dsv2cli.analysis.balance import coefficient_of_variation, max_over_mean
 from dsv2cli.analysis.expert_drop import DropCounts
+from dsv2cli.analysis.expert_loads import ExpertLoads
 from dsv2cli.analysis.placement import PlacementPlan, balancedness
 
 
@@ -56,9 +57,9 @@ class LayerStats:
     layer: int
     counts: list[int]
     metrics: LoadMetrics
-    expert_balance: float  # paper's Σ f·P, mean over sequences
-    device_balance: float
-    communication_balance: float
+    expert_balance: float | None  # paper's Σ f·P, mean over sequences (None from loads alone: it needs the affinities)
+    device_balance: float | None
+    communication_balance: float | None
     device_loads: list[float]
     device_balancedness: float
     drop: list[DropCounts]
@@ -69,8 +70,9 @@ class LayerStats:
         total = sum(self.counts)
         return [c / total for c in self.counts]
 
-    def metric(self, name: str) -> float:
-        return float(getattr(self.metrics, name)) if hasattr(self.metrics, name) else float(getattr(self, name))
+    def metric(self, name: str) -> float | None:
+        value = getattr(self.metrics, name) if hasattr(self.metrics, name) else getattr(self, name)
+        return None if value is None else float(value)
 
 
 # Metrics summarised across layers, and whether a higher value is worse.
@@ -118,6 +120,16 @@ def summarise(values: list[float], layers: list[int], higher_is_worse: bool) -> 
     )
 
 
+def summarise_layers(layers: list[LayerStats]) -> dict[str, Summary]:
+    """Every metric of :data:`SUMMARY_METRICS` across ``layers``; those a report lacks (None) are left out."""
+    summary = {}
+    for metric, worse in SUMMARY_METRICS.items():
+        values = [layer.metric(metric) for layer in layers]
+        if all(v is not None for v in values):
+            summary[metric] = summarise([v for v in values if v is not None], [layer.layer for layer in layers], worse)
+    return summary
+
+
 @dataclass(frozen=True)
 class ApplyDropResult:
     """Next-token loss over the same tokens with and without dropping actually applied."""
@@ -143,7 +155,7 @@ class ApplyDropResult:
 @dataclass
 class ExpertStatsReport:
     model: str
-    sequences: int
+    sequences: int | None  # None for a report of a loads file
     tokens: int
     truncated: bool
     top_k: int
@@ -162,6 +174,10 @@ class ExpertStatsReport:
     apply: ApplyDropResult | None = None
     plan: PlacementPlan | None = None
     summary: dict[str, Summary] = field(default_factory=dict)
+    n_group: int = 1  # the router's groups, kept with the loads (they set the default devices)
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    loads_file: str | None = None  # the loads file the report was made from (no model run)
 
     @property
     def tokens_per_second(self) -> float:
@@ -170,6 +186,21 @@ class ExpertStatsReport:
     def load_matrix(self) -> list[list[int]]:
         """``[moe_layers, n_routed_experts]`` counts: what DeepSeek's EPLB takes as ``weight``."""
         return [layer.counts for layer in self.layers]
+
+    def expert_loads(self) -> ExpertLoads:
+        """The loads with what reading them back needs: the ``--save-loads`` JSON document."""
+        return ExpertLoads(
+            model=self.model,
+            layers=[layer.layer for layer in self.layers],
+            loads=self.load_matrix(),
+            tokens=self.tokens,
+            top_k=self.top_k,
+            n_routed_experts=self.n_routed_experts,
+            n_shared_experts=self.n_shared_experts,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            topk_method=self.topk_method,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -181,6 +212,10 @@ class ExpertStatsReport:
             "n_routed_experts": self.n_routed_experts,
             "n_shared_experts": self.n_shared_experts,
             "shared_expert_tokens": self.tokens,  # shared experts process every token in every MoE layer
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "topk_method": self.topk_method,
+            "loads_file": self.loads_file,
             "devices": self.devices,
             "max_devices_per_token": self.max_devices,
             "placement": self.placement,

@@ -27,15 +27,23 @@ from dsv2cli.analysis.balance import (
     expert_balance,
     expert_counts,
 )
-from dsv2cli.analysis.expert_drop import DROP_POLICIES, DropCounts, DropHook, drop_batches, forward_groups, simulate_drops
+from dsv2cli.analysis.expert_drop import (
+    DROP_POLICIES,
+    DropCounts,
+    DropHook,
+    drop_batches,
+    drops_of_loads,
+    forward_groups,
+    simulate_drops,
+)
+from dsv2cli.analysis.expert_loads import ExpertLoads
 from dsv2cli.analysis.expert_report import (
-    SUMMARY_METRICS,
     ApplyDropResult,
     ExpertStatsReport,
     LayerStats,
     TopToken,
     load_metrics,
-    summarise,
+    summarise_layers,
 )
 from dsv2cli.analysis.placement import (
     Placement,
@@ -224,14 +232,88 @@ def collect_expert_stats(
         layers=layers,
         drop_overall=list(overall.values()),
         seconds=seconds,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        topk_method=config.topk_method,
     )
-    report.summary = {
-        metric: summarise([layer.metric(metric) for layer in layers], moe_layers, worse)
-        for metric, worse in SUMMARY_METRICS.items()
-    }
+    report.summary = summarise_layers(layers)
     if options.apply_drop is not None:
         assert base_loss is not None
         report.apply = _apply_drop(model, inputs, groups, batches, placement, options, base_loss, moe_layers, progress)
+    if options.plan_devices is not None:
+        report.plan = plan_placement(
+            {layer.layer: torch.tensor(layer.counts) for layer in layers}, options.plan_devices, options.redundant
+        )
+    return report
+
+
+def report_from_loads(loads: ExpertLoads, options: StatsOptions, source: str) -> ExpertStatsReport:
+    """The report of recorded loads (a loads file, a server's dump) without running the model.
+
+    Everything that counts alone determine is as :func:`collect_expert_stats` computes it: loads, their
+    metrics, device loads, the plan, and the dropped assignments per capacity factor with all the
+    recorded tokens as one drop batch (as ``batch_tokens`` ≥ the tokens gives on text). The paper's
+    per-sequence ``Σ f·P`` and which tokens lose assignments need the routing token by token: None.
+    """
+    for field, unset in (("apply_drop", options.apply_drop is None), ("top_tokens", not options.top_tokens)):
+        if not unset:
+            raise InputError(f"`{field}` needs the model run on text; {source} holds expert counts only")
+    if options.batch_tokens is not None:
+        raise InputError(
+            f"`batch_tokens` needs the routing token by token; {source} holds counts only",
+            hint="with a loads file all its tokens form one drop batch",
+        )
+    experts, top_k, tokens = loads.n_routed_experts, loads.top_k, loads.tokens
+    placement, max_devices = _check_options(
+        options, loads.n_group, loads.topk_method, loads.topk_group, experts, top_k, loads.layers
+    )
+    factors = list(dict.fromkeys(options.capacity_factors))
+    overall = {(p, cf): DropCounts(p, cf, options.drop_order if p == "expert" else None) for p in DROP_POLICIES for cf in factors}
+    layers = []
+    for layer, row in zip(loads.layers, loads.loads, strict=True):
+        counts = torch.tensor(row, dtype=torch.int64)  # [E]
+        per_device = device_loads(counts, placement.layout(layer))
+        buckets = {"device": per_device, "expert": counts}
+        drops = [d for p in DROP_POLICIES for d in drops_of_loads(buckets[p], tokens, top_k, p, factors, options.drop_order)]
+        for d in drops:
+            overall[(d.policy, d.capacity_factor)].add(d)
+        layers.append(
+            LayerStats(
+                layer=layer,
+                counts=list(row),
+                metrics=load_metrics(counts),
+                expert_balance=None,
+                device_balance=None,
+                communication_balance=None,
+                device_loads=per_device.tolist(),
+                device_balancedness=balancedness(per_device),
+                drop=drops,
+            )
+        )
+    report = ExpertStatsReport(
+        model=loads.model,
+        sequences=None,
+        tokens=tokens,
+        truncated=False,
+        top_k=top_k,
+        n_routed_experts=experts,
+        n_shared_experts=loads.n_shared_experts,
+        devices=placement.num_devices,
+        max_devices=max_devices,
+        placement=placement.source,
+        batch_tokens=tokens,
+        drop_batches=1,
+        capacity_factors=factors,
+        drop_order=options.drop_order,
+        layers=layers,
+        drop_overall=list(overall.values()),
+        seconds=0.0,
+        n_group=loads.n_group,
+        topk_group=loads.topk_group,
+        topk_method=loads.topk_method,
+        loads_file=source,
+    )
+    report.summary = summarise_layers(layers)
     if options.plan_devices is not None:
         report.plan = plan_placement(
             {layer.layer: torch.tensor(layer.counts) for layer in layers}, options.plan_devices, options.redundant

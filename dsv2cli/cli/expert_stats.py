@@ -12,8 +12,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from dsv2cli.analysis.expert_export import DOCUMENT_FORMATS, LOAD_WRITERS, report_document, write_loads, write_text
+from dsv2cli.analysis.expert_loads import read_loads
 from dsv2cli.analysis.expert_report import ExpertStatsReport
-from dsv2cli.analysis.expert_stats import DEFAULT_CAPACITY_FACTORS, StatsOptions, collect_expert_stats
+from dsv2cli.analysis.expert_stats import DEFAULT_CAPACITY_FACTORS, StatsOptions, collect_expert_stats, report_from_loads
 from dsv2cli.analysis.text_inputs import read_sequences
 from dsv2cli.checkpoint.resolve import DEMO_NAME, bundled_model_dir
 from dsv2cli.cli.common import err, handle_errors, pyplot_for
@@ -32,6 +33,7 @@ from dsv2cli.cli.options import (
 from dsv2cli.cli.torchrun import load, on_main_rank, torchrun_group
 from dsv2cli.commit import Output
 from dsv2cli.errors import InputError
+from dsv2cli.model import ForwardOptions
 from dsv2cli.parallel.expert_loads import gather_expert_loads
 
 EPILOG = (
@@ -42,9 +44,13 @@ EPILOG = (
     "  dsv2 expert-stats notes.txt --apply-drop 1.0 --top-tokens 5\n\n"
     "  dsv2 expert-stats corpus/ --plan-devices 8 --redundant 8 --save-loads loads.json --plot loads.png\n\n"
     "  dsv2 expert-stats corpus/ --format json --output stats.json\n\n"
+    "  curl -X POST localhost:8000/dump_expert_distribution_record -o dump.json\n\n"
+    "  dsv2 expert-stats --loads dump.json --plan-devices 8 --save-loads eplb.json\n\n"
     "  torchrun --nproc-per-node 8 -m dsv2cli expert-stats corpus/ --model ./DeepSeek-V2\n\n"
     "INPUT is text files or directories (each file tokenised and cut into --seq-len sequences) or .jsonl files with "
-    "'text' or 'prompt_token_ids' per line. With no INPUT the bundled demo model reads its bundled sample text."
+    "'text' or 'prompt_token_ids' per line. With no INPUT the bundled demo model reads its bundled sample text. "
+    "--loads reports loads recorded before (a --save-loads .json, a --format json report, or the dump of "
+    "dsv2 serve's expert record) without running a model."
 )
 
 SAMPLE_NAME = "sample.txt"
@@ -105,6 +111,12 @@ def expert_stats(
         None, "--save-loads", help="Write the \\[moe_layers, experts] load matrix (EPLB's input) as .json, .csv or .safetensors."
     ),
     plot: Path = typer.Option(None, "--plot", help="Draw the layers x experts heat map to a .png/.svg/.pdf (needs matplotlib)."),
+    loads: Path = typer.Option(
+        None,
+        "--loads",
+        help="Report recorded loads instead of running a model: a --save-loads .json, a --format json report, "
+        "or a dsv2 serve /dump_expert_distribution_record answer.",
+    ),
     device: DeviceOption = "auto",
     dtype: DtypeOption = Dtype.auto,
     threads: ThreadsOption = None,
@@ -112,17 +124,34 @@ def expert_stats(
 ) -> None:
     """Per-layer expert load of a DeepSeek-V2-family model on your own text: histograms, balance metrics (incl. the
     paper's expert/device/communication balance), token-drop rates per capacity factor, and a device placement."""
+    if loads is not None:
+        given = [
+            name
+            for name, value in (("INPUT", inputs), ("--model", model), ("--seq-len", seq_len), ("--max-tokens", max_tokens))
+            if value
+        ]
+        if given:
+            raise InputError(f"--loads reports recorded loads without running a model; leave out {', '.join(given)}")
+        outputs = _Outputs(format, output, save_loads, plot)
+        options = _options(
+            batch_size,
+            batch_tokens,
+            capacity_factors,
+            drop_order,
+            devices,
+            placement,
+            max_devices,
+            apply_drop,
+            apply_policy,
+            top_tokens,
+            plan_devices,
+            redundant,
+        )
+        report = report_from_loads(read_loads(loads), options, loads.name)
+        outputs.write(report, view)
+        return
     with torchrun_group(device, backend.value) as group:
-        document_format = _document_format(format, output)
-        for path in (save_loads, plot):
-            if path is not None and not path.parent.is_dir():
-                raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
-        if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
-            raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
-        pyplot = None if plot is None else pyplot_for(plot)  # before any work: a missing matplotlib fails at once
-        files = {
-            flag: Output.claim(path, kind="file", replace=True, what=flag) for flag, path in _files(output, save_loads, plot)
-        }
+        outputs = _Outputs(format, output, save_loads, plot)
         paths = on_main_rank(group, lambda: list(inputs or []) or [_default_sample(model)])  # rank 0 reads the input
         loaded = load(model, group, device, dtype.value, threads)
         config = loaded.model.config
@@ -130,20 +159,20 @@ def expert_stats(
         if length > config.max_position_embeddings:
             raise InputError(f"--seq-len {length} is longer than the model's context ({config.max_position_embeddings})")
         sequences = on_main_rank(group, lambda: read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens))
-        options = StatsOptions(
-            batch_size=batch_size,
-            batch_tokens=batch_tokens,
-            capacity_factors=tuple(capacity_factors) if capacity_factors else DEFAULT_CAPACITY_FACTORS,
-            drop_order=drop_order.value,
-            devices=devices,
-            placement_file=placement,
-            max_devices=max_devices,
-            apply_drop=apply_drop,
-            apply_policy=apply_policy.value,
-            top_tokens=top_tokens,
-            plan_devices=plan_devices,
-            redundant=redundant,
-            forward=loaded.options,
+        options = _options(
+            batch_size,
+            batch_tokens,
+            capacity_factors,
+            drop_order,
+            devices,
+            placement,
+            max_devices,
+            apply_drop,
+            apply_policy,
+            top_tokens,
+            plan_devices,
+            redundant,
+            loaded.options,
         )
         passes = 2 if apply_drop is not None else 1
         with _progress(sequences.tokens, passes) as advance:
@@ -159,22 +188,73 @@ def expert_stats(
             f"[dim]{report.tokens} tokens in {report.sequences} sequences, {report.seconds:.2f} s "
             f"({report.tokens_per_second:.0f} tokens/s)[/]"
         )
+        outputs.write(report, view)
 
-        document = None if document_format is None else report_document(report, document_format)
-        if output is not None and document is not None:
-            write_text(files["--output"], document)
-            err.print(f"wrote {output}")
-        if format == Format.text:
+
+def _options(
+    batch_size: int,
+    batch_tokens: int | None,
+    capacity_factors: list[float] | None,
+    drop_order: DropOrder,
+    devices: int | None,
+    placement: Path | None,
+    max_devices: int | None,
+    apply_drop: float | None,
+    apply_policy: DropPolicy,
+    top_tokens: int,
+    plan_devices: int | None,
+    redundant: int,
+    forward: ForwardOptions | None = None,
+) -> StatsOptions:
+    return StatsOptions(
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        capacity_factors=tuple(capacity_factors) if capacity_factors else DEFAULT_CAPACITY_FACTORS,
+        drop_order=drop_order.value,
+        devices=devices,
+        placement_file=placement,
+        max_devices=max_devices,
+        apply_drop=apply_drop,
+        apply_policy=apply_policy.value,
+        top_tokens=top_tokens,
+        plan_devices=plan_devices,
+        redundant=redundant,
+        forward=forward if forward is not None else ForwardOptions(),
+    )
+
+
+class _Outputs:
+    """The report's destinations, checked before any work: stdout (text, json or csv), --output, --save-loads, --plot."""
+
+    def __init__(self, format: Format, output: Path | None, save_loads: Path | None, plot: Path | None) -> None:
+        self.format, self.output, self.save_loads, self.plot = format, output, save_loads, plot
+        self.document_format = _document_format(format, output)
+        for path in (save_loads, plot):
+            if path is not None and not path.parent.is_dir():
+                raise InputError(f"cannot write {path}: directory {path.parent} does not exist")
+        if save_loads is not None and save_loads.suffix.lower() not in LOAD_WRITERS:
+            raise InputError(f"--save-loads writes {', '.join(LOAD_WRITERS)} files, not '{save_loads.name}'")
+        self.pyplot = None if plot is None else pyplot_for(plot)  # before any work: a missing matplotlib fails at once
+        self.files = {
+            flag: Output.claim(path, kind="file", replace=True, what=flag) for flag, path in _files(output, save_loads, plot)
+        }
+
+    def write(self, report: ExpertStatsReport, view: View) -> None:
+        document = None if self.document_format is None else report_document(report, self.document_format)
+        if self.output is not None and document is not None:
+            write_text(self.files["--output"], document)
+            err.print(f"wrote {self.output}")
+        if self.format == Format.text:
             render(report, heatmap=view == View.heatmap)
-        elif output is None and document is not None:
+        elif self.output is None and document is not None:
             sys.stdout.write(document)
             sys.stdout.flush()
-        if save_loads is not None:
-            write_loads(report, files["--save-loads"])
-            err.print(f"wrote {save_loads}")
-        if pyplot is not None:
-            _plot(pyplot, report, files["--plot"])
-            err.print(f"wrote {plot}")
+        if self.save_loads is not None:
+            write_loads(report, self.files["--save-loads"])
+            err.print(f"wrote {self.save_loads}")
+        if self.pyplot is not None:
+            _plot(self.pyplot, report, self.files["--plot"])
+            err.print(f"wrote {self.plot}")
 
 
 def _document_format(format: Format, output: Path | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -20,8 +21,13 @@ HEAT = ["#2c3e91", "#3b6fb6", "#4fa3c7", "#7cc6a4", "#b8d86b", "#f2d04a", "#f39c
 def render(report: ExpertStatsReport, heatmap: bool) -> None:
     """The whole report as rich text on stdout: loads (bars or a heat map), balance, drops, applied drop, tokens, plan."""
     shared = report.n_shared_experts
+    source = (
+        f"{report.tokens:,} tokens in {report.sequences} sequences"
+        if report.loads_file is None
+        else f"{report.tokens:,} tokens recorded in {escape(report.loads_file)}"
+    )
     out.print(
-        f"[bold]{report.model}[/] · {report.tokens:,} tokens in {report.sequences} sequences"
+        f"[bold]{escape(report.model)}[/] · {source}"
         + (" (cut by --max-tokens)" if report.truncated else "")
         + f" · {len(report.layers)} MoE layers · {report.n_routed_experts} routed experts, top-{report.top_k}"
         + f" · {shared} shared expert{'s' if shared != 1 else ''} (every token)"
@@ -114,15 +120,17 @@ def _render_metrics(report: ExpertStatsReport) -> None:
             f"{m.cv:.3f}",
             f"{m.normalized_entropy:.3f}",
             f"{m.balancedness:.3f}",
-            f"{layer.expert_balance:.3f}",
-            f"{layer.device_balance:.3f}",
-            f"{layer.communication_balance:.3f}",
+            _number(layer.expert_balance, ".3f"),
+            _number(layer.device_balance, ".3f"),
+            _number(layer.communication_balance, ".3f"),
             f"{layer.device_balancedness:.3f}",
         )
     out.print(table)
     out.print(
         "[dim]mean/max is the balancedness of vLLM and SGLang; entropy is normalised to 1; Σf·P is the paper's balance "
-        "quantity per sequence (1.0 = even), averaged over sequences; device mean/max uses the device loads.[/]",
+        "quantity per sequence (1.0 = even), averaged over sequences"
+        + (" (– : a loads file has no affinities)" if report.loads_file is not None else "")
+        + "; device mean/max uses the device loads.[/]",
         soft_wrap=True,
     )
     out.print()
@@ -138,6 +146,8 @@ def _render_summary(report: ExpertStatsReport) -> None:
 
 def _render_drops(report: ExpertStatsReport) -> None:
     batches = f"{report.batch_tokens} tokens" if report.batch_tokens else "one sequence"
+    if report.loads_file is not None:
+        batches = f"all {report.batch_tokens:,} recorded tokens"
     columns = ("policy", "order", "capacity\nfactor", "assignments\ndropped", "tokens\nhit", "tokens all\ndropped", "worst layer")
     table = _table(f"Token dropping simulated on this routing (budget per batch of {batches})", columns, left=2)
     for index, d in enumerate(report.drop_overall):
@@ -147,17 +157,24 @@ def _render_drops(report: ExpertStatsReport) -> None:
             d.order or "affinity",
             f"{d.capacity_factor:g}",
             f"{d.assignment_drop_rate:.2%}",
-            f"{d.token_drop_rate:.2%}",
-            f"{d.full_drop_rate:.2%}",
+            _number(d.token_drop_rate, ".2%"),
+            _number(d.full_drop_rate, ".2%"),
             f"L{worst.layer} {worst.drop[index].assignment_drop_rate:.2%}",
         )
     out.print(table)
     out.print(
         "[dim]device: budget ceil(cf·T·K/D) per device, lowest affinity dropped (DeepSeek-V2 §2.2.4); expert: "
-        "ceil(cf·T·K/E) per expert (GShard/Switch). tokens hit = at least one routed expert dropped.[/]",
+        "ceil(cf·T·K/E) per expert (GShard/Switch). tokens hit = at least one routed expert dropped"
+        + (" (– : a loads file does not say which tokens)" if report.loads_file is not None else "")
+        + ".[/]",
         soft_wrap=True,
     )
     out.print()
+
+
+def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted, or – where the report has none (a loads file lacks per-token routing)."""
+    return "–" if value is None else format(value, spec)
 
 
 def _render_top_tokens(report: ExpertStatsReport) -> None:

@@ -3,9 +3,10 @@
 ``POST /start_expert_distribution_record`` installs :class:`ExpertRecorder` as the routing hook of every
 forward (prefills and decode steps; steps then run eagerly, since a compiled step serves no hook);
 ``/stop_expert_distribution_record`` removes it; ``/dump_expert_distribution_record`` answers the counts as
-the document ``dsv2 expert-stats --save-loads FILE.json`` writes: ``{"layers", "n_routed_experts", "tokens",
-"top_k", "loads"}`` with ``loads[i][e]`` the tokens of MoE layer ``layers[i]`` routed to expert ``e``.
-Idle rows of the batch are not counted.
+the document ``dsv2 expert-stats --save-loads FILE.json`` writes and ``dsv2 expert-stats --loads FILE`` reads
+(:class:`dsv2cli.analysis.expert_loads.ExpertLoads`): ``{"model", "layers", "n_routed_experts",
+"n_shared_experts", "top_k", "n_group", "topk_group", "topk_method", "tokens", "loads"}`` with ``loads[i][e]``
+the tokens of MoE layer ``layers[i]`` routed to expert ``e``. Idle rows of the batch are not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dsv2cli.analysis.expert_loads import ExpertLoads
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.moe import RoutingDecision
 
@@ -22,7 +24,9 @@ from dsv2cli.model.moe import RoutingDecision
 class ExpertRecorder:
     """A routing hook counting, per MoE layer, the tokens routed to each expert (dropped assignments, id -1, are not)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, model: str = "") -> None:
+        self.config = config
+        self.model = model
         self.layers = config.moe_layer_indices
         self.index = {layer: i for i, layer in enumerate(self.layers)}
         self.experts = config.n_routed_experts or 0
@@ -49,10 +53,17 @@ class ExpertRecorder:
 
     def document(self) -> dict[str, Any]:
         with self.lock:
-            return {
-                "layers": list(self.layers),
-                "n_routed_experts": self.experts,
-                "tokens": self.tokens,
-                "top_k": self.top_k,
-                "loads": self.counts.tolist(),
-            }
+            loads, tokens = self.counts.tolist(), self.tokens
+        config = self.config
+        return ExpertLoads(
+            model=self.model,
+            layers=list(self.layers),
+            loads=loads,
+            tokens=tokens,
+            top_k=self.top_k,
+            n_routed_experts=self.experts,
+            n_shared_experts=config.n_shared_experts or 0,
+            n_group=config.n_group,
+            topk_group=config.topk_group,
+            topk_method=config.topk_method,
+        ).to_json()

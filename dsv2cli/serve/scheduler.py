@@ -121,7 +121,7 @@ class Scheduler:
 
     def start_recording(self) -> None:
         """Count expert loads from the next forward on (a new record; steps run eagerly meanwhile)."""
-        self.recorder = ExpertRecorder(self.loaded.model.config)
+        self.recorder = ExpertRecorder(self.loaded.model.config, self.loaded.name)
         self.batch.recorder = self.recorder
 
     def stop_recording(self) -> None:
