@@ -116,12 +116,19 @@ def test_text_report_views_and_placement(measured, tmp_path):
     for view in ("bars", "heatmap"):
         out = _from_loads(loads, "--view", view, "--plan-devices", "4").stdout
         assert "tokens recorded in loads.json" in out and "Across layers" in out and "Placement on 4 devices" in out
+        assert "measured on the same loads" in out
     placement = tmp_path / "p.json"
     placement.write_text(json.dumps({"devices": [[0, 2, 4, 6], [1, 3, 5, 7]]}))
     got = _report(loads, "--placement", placement)
     assert got["devices"] == 2 and got["placement"].endswith("p.json")
     csv = _from_loads(loads, "-f", "csv").stdout.splitlines()
     assert csv[0] == "layer,expert,count,load_fraction" and len(csv) == 1 + 2 * 8
+
+
+def test_help_shows_loads():
+    result = runner.invoke(app, ["expert-stats", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--loads" in result.stdout and "dsv2 expert-stats --loads dump.json" in result.stdout
 
 
 def test_a_hand_written_document_needs_only_the_sglang_fields(tmp_path):

@@ -209,6 +209,8 @@ def _render_plan(report: ExpertStatsReport) -> None:
     out.print(table)
     out.print(
         "[dim]The planned experts per device are in --format json (plan.layers[].devices); with --redundant 0 "
-        "that JSON file can be passed back as --placement. Planned and measured on the same text.[/]",
+        "that JSON file can be passed back as --placement. Planned and measured on the same "
+        + ("text" if report.loads_file is None else "loads")
+        + ".[/]",
         soft_wrap=True,
     )
