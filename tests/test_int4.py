@@ -418,13 +418,6 @@ def test_a_manifest_claiming_int4_over_int8_data_is_one_error_naming_the_tensor(
     assert "holds int8 data (I8" in line and "says int4" in line and "'layers.0.self_attn.q_a_proj.weight'" in line
 
 
-def test_torchrun_refuses_int4_before_reading(native):
-    from dsv2cli.parallel.loading import load_sharded
-
-    with pytest.raises(UnsupportedError, match="int4 weights, which multi-process"):
-        load_sharded(native, group=None)  # type: ignore[arg-type]  # refused before the group is used
-
-
 @needs_kernels(have_kernels, reason=KERNELS)
 def test_int4_on_the_demo_stays_within_the_issues_quality_bound():
     """docs/convert.md states the cost on the bundled demo (groups of 32): -0.0016 nats and 95.7 % top-1 over 255

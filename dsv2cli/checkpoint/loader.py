@@ -97,7 +97,7 @@ def load_checkpoint(
     share: Share | None = None,
     prepare: Callable[[DeepseekV2], DeepseekV2] | None = None,
 ) -> DeepseekV2:
-    """Load any checkpoint directory dsv2 understands: HF layout, or native (``manifest.json``, float or int8).
+    """Load any checkpoint directory dsv2 understands: HF layout, or native (``manifest.json``, float, int8 or int4).
 
     ``dtype=None`` keeps float32 for a HF checkpoint (the parity dtype) and the stored dtype for a
     native one (its files are mapped, not copied). An int8 checkpoint keeps int8 weights; ``dtype`` is

@@ -39,7 +39,10 @@ class Share(Protocol):
         ...
 
     def split_for(self, name: str) -> TensorSlice | None:
-        """The slice of the dsv2 tensor ``name`` this process holds, or None when it holds all of it."""
+        """The slice of the dsv2 tensor ``name`` this process holds, or None when it holds all of it.
+
+        In stored units: a packed int4 weight's input columns as bytes (two inputs each), its scale's as groups.
+        """
         ...
 
     def local_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

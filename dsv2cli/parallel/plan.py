@@ -16,6 +16,12 @@ An int8 weight's scale (``<module>.scale [O]``, experts' ``gate_up_proj_scale [E
 [E, D]``: one per output row) follows its weight: a split of the rows or experts slices it too, a split of
 the input columns (``o_proj``, ``down_proj``) leaves every rank the whole scale.
 
+An int4 checkpoint (``model/int4.py``; the plan's ``group_size`` is its) stores ``weight [..., O, I / 2]`` packed
+two inputs a byte and ``scale [..., O, I / group_size]``: rows and experts split as above (the scale with them);
+a split of the input columns is a slice of the packed bytes (half as many) and of the scale's groups, so each
+rank's input columns must be whole groups (and so whole 32-input packed blocks) -- :meth:`ShardPlan.check`
+names the first tensor whose columns are not.
+
 Every split must be even; :meth:`ShardPlan.check` names the first size that does not divide.
 """
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 from dsv2cli.config import ModelConfig
 from dsv2cli.errors import UnsupportedError
+from dsv2cli.model.int4 import BLOCK, GROUP_SIZES
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ _SCALE = re.compile(r"^(.*)(\.scale|_scale)$")
 
 
 def _scaled_weight(name: str) -> str | None:
-    """The weight an int8 scale belongs to (``o_proj.scale`` -> ``o_proj.weight``, ``experts.down_proj_scale`` ->
+    """The weight an int8 or int4 scale belongs to (``o_proj.scale`` -> ``o_proj.weight``, ``experts.down_proj_scale`` ->
     ``experts.down_proj``), or None when ``name`` is not a scale."""
     match = _SCALE.match(name)
     if match is None:
@@ -73,14 +80,15 @@ def _scaled_weight(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """The slices rank ``rank`` of ``world_size`` holds for ``config``."""
+    """The slices rank ``rank`` of ``world_size`` holds for ``config``; ``group_size``: an int4 checkpoint's (None otherwise)."""
 
     config: ModelConfig
     rank: int
     world_size: int
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
-        self.check(self.config, self.world_size)
+        self.check(self.config, self.world_size, self.group_size)
 
     @staticmethod
     def divided_sizes(config: ModelConfig) -> dict[str, int]:
@@ -94,14 +102,30 @@ class ShardPlan:
             sizes["intermediate_size"] = config.intermediate_size
         return sizes
 
-    @classmethod
-    def world_sizes(cls, config: ModelConfig, limit: int = 64) -> list[int]:
-        """World sizes up to ``limit`` that split this model evenly."""
-        common = math.gcd(*cls.divided_sizes(config).values())
-        return [n for n in range(1, limit + 1) if common % n == 0]
+    @staticmethod
+    def input_columns(config: ModelConfig) -> dict[str, int]:
+        """The input width of the first tensor of each kind whose input columns are split (row-parallel), by name."""
+        columns = {"layers.0.self_attn.o_proj.weight": config.num_attention_heads * config.v_head_dim}
+        dense = [i for i in range(config.num_hidden_layers) if i not in config.moe_layer_indices]
+        if dense:
+            columns[f"layers.{dense[0]}.mlp.down_proj.weight"] = config.intermediate_size
+        if config.moe_layer_indices and config.shared_intermediate_size:
+            name = f"layers.{config.moe_layer_indices[0]}.mlp.shared_experts.down_proj.weight"
+            columns[name] = config.shared_intermediate_size
+        return columns
 
     @classmethod
-    def check(cls, config: ModelConfig, world_size: int) -> None:
+    def world_sizes(cls, config: ModelConfig, limit: int = 64, group_size: int | None = None) -> list[int]:
+        """World sizes up to ``limit`` that split this model evenly (and, for int4 groups of ``group_size``, on group boundaries)."""
+        common = math.gcd(*cls.divided_sizes(config).values())
+        sizes = [n for n in range(1, limit + 1) if common % n == 0]
+        if group_size is None:
+            return sizes
+        columns = cls.input_columns(config).values()
+        return [n for n in sizes if all(width // n % group_size == 0 for width in columns)]
+
+    @classmethod
+    def check(cls, config: ModelConfig, world_size: int, group_size: int | None = None) -> None:
         if world_size < 1:
             raise UnsupportedError(f"world size must be at least 1, got {world_size}")
         for field_name, size in cls.divided_sizes(config).items():
@@ -110,6 +134,20 @@ class ShardPlan:
                 raise UnsupportedError(
                     f"cannot split {field_name} = {size} evenly across {world_size} ranks",
                     hint=f"world sizes that split this model evenly: {sizes}",
+                )
+        if group_size is None:
+            return
+        for name, width in cls.input_columns(config).items():
+            share = width // world_size
+            if share % group_size:
+                blocks = "" if share % BLOCK == 0 else f" (nor of {BLOCK}-input packed blocks)"
+                sizes = ", ".join(map(str, cls.world_sizes(config, group_size=group_size)))
+                smaller = [g for g in GROUP_SIZES if g < group_size and world_size in cls.world_sizes(config, world_size, g)]
+                regroup = f", or convert the float source again with `group_size` = {smaller[0]}" if smaller else ""
+                raise UnsupportedError(
+                    f"cannot split the int4 weight {name} across {world_size} ranks: each rank would hold {share} of its "
+                    f"{width} input columns, not a whole number of groups of {group_size}{blocks}",
+                    hint=f"world sizes that split this int4 checkpoint on group boundaries: {sizes}{regroup}",
                 )
 
     def _range(self, total: int) -> tuple[int, int]:
@@ -146,13 +184,24 @@ class ShardPlan:
         return self._range(c.intermediate_size)
 
     def split_for(self, name: str) -> Split | None:
-        """The slice of the dsv2 parameter ``name`` this rank holds, or None when every rank holds all of it."""
+        """The slice of the dsv2 tensor ``name`` this rank holds, or None when every rank holds all of it.
+
+        In stored units: an int4 weight's input columns as packed bytes, its scale's as groups.
+        """
         weight = _scaled_weight(name)
-        if weight is not None:
-            split = self.split_for(weight)
-            input_dim = 1 if weight.endswith(".weight") else 2  # linears [O, I], stacked experts [E, O, I]
-            # a scale is the weight's shape without its input dimension: it is split wherever the weight's rows are
-            return split if split is not None and split.dim < input_dim else None
+        split = self._element_split(weight or name)
+        if split is None:
+            return None
+        input_dim = 1 if (weight or name).endswith(".weight") else 2  # linears [O, I], stacked experts [E, O, I]
+        if split.dim < input_dim:
+            return split  # rows or experts: a scale is split with its weight's rows
+        if self.group_size is None:
+            return None if weight is not None else split  # an int8 scale is per row: every rank holds it whole
+        per = self.group_size if weight is not None else 2  # a scale's groups, or packed bytes (two inputs each)
+        return Split(split.dim, split.start // per, split.stop // per)
+
+    def _element_split(self, name: str) -> Split | None:
+        """The slice of the (unpacked) parameter ``name`` by :data:`_RULES`, in elements."""
         for pattern, dim, kind in _RULES:
             if pattern.search(name):
                 return Split(dim, *self._unit_range(kind))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.inference.session import LoadedModel, choose_dtype, configure_cpu, int8_options
 from dsv2cli.inference.tokenizer import TextTokenizer
+from dsv2cli.model.int4 import absorb_int4
 from dsv2cli.model.quantized import absorb_int8
 from dsv2cli.model.transformer import fuse_projections
 from dsv2cli.parallel.group import ParallelGroup, agree, from_main_rank
@@ -33,6 +34,7 @@ def load_model(
         model = fuse_projections(load_sharded(directory, group, torch_dtype))
         options = int8_options(model)
         absorb_int8(model, options.kernels)
+        absorb_int4(model, options.kernels)
         return LoadedModel(name, directory, model, TextTokenizer.from_directory(directory), group.device, torch_dtype, options)
 
     loaded = agree(group, load_shard)
