@@ -31,8 +31,9 @@ times, interleaved, and keeps its best: shared machines only ever slow a run dow
     python benchmarks/bench_vs_llamacpp.py --cache-dir /tmp/llamacpp --threads 4
 
 The first run downloads the sdist with pip and builds ``llama-bench`` (about 15 minutes on 2 cores);
-later runs reuse ``--cache-dir``. The converter copy the benchmark uses accepts the random
-tokenizer's unknown pre-tokenizer (it would otherwise refuse it); nothing else is changed.
+later runs reuse ``--cache-dir`` (``benchmarks/llamacpp.py``, shared with ``bench_serve.py``). The converter
+copy the benchmark uses accepts the random tokenizer's unknown pre-tokenizer (it would otherwise refuse
+it); nothing else is changed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -56,16 +56,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_generate import make_checkpoint, memory_bandwidth_gbs  # noqa: E402
+from llamacpp import (  # noqa: E402  (bench_convert.py imports converter and llama_source from here)
+    DEFAULT_CACHE,
+    converter,
+    llama_bench_binary,
+    llama_source,
+    log,
+    same_page_cache_state,
+    to_gguf,
+)
 
 from dsv2cli.analysis.params import count_params  # noqa: E402
 from dsv2cli.config import ModelConfig, load_config  # noqa: E402
 
-LLAMA_CPP_PYTHON = "0.3.36"
 PRESET = "bench-300m"
 DEMO = ROOT / "dsv2cli" / "assets" / "demo"
-# The converter refuses tokenizers it does not know; the benchmark's copy treats them as the default one.
-PRE_TOKENIZER_CHECK = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
-PRE_TOKENIZER_BYPASS = 'res = "default"  # dsv2 benchmark: random tokenizer'
 # precision[-eager][-bf16cache]: weights; decode steps compiled as `dsv2 generate` runs them by default, or eager
 # (--no-compile); a bfloat16 latent cache (--kv-cache-dtype bfloat16; llama.cpp's own default cache is F16)
 DSV2_MODES = (
@@ -80,11 +85,6 @@ DSV2_MODES = (
     "int8-bf16cache",
 )
 LLAMA_PRECISIONS = {"float32": "f32", "int8": "q8_0", "int4": "q4_0"}  # dsv2 precision -> GGUF type compared with it
-QUANTIZED_GGUF = {"q4_0": "Q4_0"}  # GGUF types llama-quantize makes from a bf16 GGUF (the converter writes the others)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_mode(mode: str) -> tuple[str, bool, torch.dtype | None]:
@@ -93,145 +93,7 @@ def parse_mode(mode: str) -> tuple[str, bool, torch.dtype | None]:
     return precision, "-eager" not in mode, torch.bfloat16 if mode.endswith("-bf16cache") else None
 
 
-def same_page_cache_state(files: list[Path]) -> None:
-    """Every engine starts from the same state: the page cache emptied (as root), then this engine's files read.
-
-    On a 24 GB machine the two engines' 16 GB copies cannot both stay cached; without this the one that ran
-    last would find its files in memory and the other would read some from disk.
-    """
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        log("cannot drop the page cache (not root): engines may start from different page-cache states")
-    for file in files:
-        with open(file, "rb") as handle:
-            while handle.read(1 << 24):
-                pass
-
-
-# ---- llama.cpp: build once, convert, bench -------------------------------------------------------------------
-
-
-def llama_source(cache: Path) -> Path:
-    """``vendor/llama.cpp`` of the llama-cpp-python sdist, downloaded with pip into ``cache`` once."""
-    source = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (source / "CMakeLists.txt").is_file():
-        return source
-    cache.mkdir(parents=True, exist_ok=True)
-    archive = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not archive.is_file():
-        log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist ...")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "-d",
-                str(cache),
-                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    with tarfile.open(archive) as tar:
-        tar.extractall(cache, filter="data")
-    return source
-
-
-def llama_bench_binary(source: Path, jobs: int) -> Path:
-    """Build ``llama-bench`` (CPU, native instructions, Release) unless the cached build has it."""
-    binary = source / "build" / "bin" / "llama-bench"
-    if binary.is_file():
-        return binary
-    log(f"building llama-bench in {source / 'build'} (once; ~15 minutes on 2 cores) ...")
-    configure = [
-        "cmake",
-        "-S",
-        str(source),
-        "-B",
-        str(source / "build"),
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DLLAMA_CURL=OFF",
-        "-DLLAMA_OPENSSL=OFF",
-        "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_BUILD_SERVER=OFF",
-        "-DGGML_NATIVE=ON",
-    ]
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"]
-    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["cmake", "--build", str(source / "build"), "--target", "llama-bench", "-j", str(jobs)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return binary
-
-
-def llama_quantize_binary(source: Path, jobs: int) -> Path:
-    """Build ``llama-quantize`` in the same build as ``llama-bench`` unless it is there."""
-    binary = source / "build" / "bin" / "llama-quantize"
-    if not binary.is_file():
-        log("building llama-quantize ...")
-        subprocess.run(
-            ["cmake", "--build", str(source / "build"), "--target", "llama-quantize", "-j", str(jobs)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    return binary
-
-
-def converter(source: Path, cache: Path) -> Path:
-    """A copy of ``convert_hf_to_gguf.py`` (and its ``conversion`` package) that accepts any pre-tokenizer."""
-    copy = cache / "converter"
-    script = copy / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    staging = cache / "converter.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shutil.copy2(source / "convert_hf_to_gguf.py", staging)
-    shutil.copytree(source / "conversion", staging / "conversion")
-    base = staging / "conversion" / "base.py"
-    text = base.read_text()
-    if PRE_TOKENIZER_CHECK not in text:
-        raise SystemExit(f"the pre-tokenizer check was not found in {base}; update PRE_TOKENIZER_CHECK")
-    base.write_text(text.replace(PRE_TOKENIZER_CHECK, PRE_TOKENIZER_BYPASS))
-    staging.rename(copy)
-    return script
-
-
-def to_gguf(script: Path, source: Path, checkpoint: Path, outtype: str) -> Path:
-    out = checkpoint.parent / f"{checkpoint.name}-{outtype}.gguf"
-    if out.is_file():
-        return out
-    if outtype in QUANTIZED_GGUF:  # llama.cpp's documented path: the converter to bf16, then llama-quantize
-        bf16 = to_gguf(script, source, checkpoint, "bf16")
-        log(f"llama-quantize to {QUANTIZED_GGUF[outtype]} ...")
-        partial = out.with_suffix(".partial")
-        quantize = llama_quantize_binary(source, max(1, os.cpu_count() or 1))
-        subprocess.run([str(quantize), str(bf16), str(partial), QUANTIZED_GGUF[outtype]], check=True, capture_output=True)
-        partial.rename(out)
-        bf16.unlink()  # made here only as the quantizer's input; as large as the checkpoint
-        return out
-    log(f"converting to GGUF {outtype} ...")
-    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-    partial = out.with_suffix(".partial")
-    subprocess.run(
-        [sys.executable, str(script), str(checkpoint), "--outtype", outtype, "--outfile", str(partial)],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    partial.rename(out)
-    return out
+# ---- llama.cpp: bench (built and converted by llamacpp.py) -------------------------------------------------
 
 
 def run_llama_bench(
@@ -556,7 +418,7 @@ def main() -> None:
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path.home() / ".cache" / "dsv2cli" / "llamacpp",
+        default=DEFAULT_CACHE,
         help="where the sdist, the llama.cpp build and the converter copy are kept",
     )
     parser.add_argument("--checkpoint", type=Path, help="keep the random checkpoint here (its conversions go beside it)")
