@@ -46,7 +46,8 @@ using dsv2cli::stacked_rows;
 namespace {
 
 constexpr int64_t kBlock = 32;           // inputs per packed block (16 bytes)
-constexpr int64_t kRowsPerBlock = 4;     // output rows whose sums are accumulated together
+constexpr int64_t kRowsPerBlock = 4;     // output rows of a block (dot_four_pair)
+constexpr int64_t kPrefetchRows = 8;     // how far ahead dot_row prefetches, in rows
 constexpr int64_t kRowsPerTask = 32;     // output rows per thread task
 
 #if defined(DSV2_INT4_AVX2)
@@ -127,61 +128,50 @@ inline float scale_value(const c10::Half* scale) {
   return _cvtsh_ss(raw);
 }
 
-// Sums of Rows weight rows (a block) against one prepared x row: out[k] = sum_g d[k, g] * sum_{i in g} x_i (q_ki - 8).
-template <int Rows>
-void dot_block(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
-               int64_t groups, int64_t width, float* sums) {
+// One weight row against one prepared x row: sum_g d[g] * sum_{i in g} x_i (q_i - 8). A block's rows are read one
+// after the other, in memory order, each prefetching the row kPrefetchRows ahead: one sequential stream reads
+// faster than rows interleaved chunk by chunk (19 against 14 GB/s for a decode step's experts on 2 Zen 2 cores;
+// without the prefetch, 9.5).
+float dot_row(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
+              int64_t groups, int64_t width) {
   const int64_t group = width / groups, chunks = width / 64;
   const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  __m256 acc[Rows];
-  for (int k = 0; k < Rows; ++k) acc[k] = _mm256_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(weight + kPrefetchRows * stride);
+  __m256 acc = _mm256_setzero_ps();
   if (group == 32) {
     for (int64_t c = 0; c < chunks; ++c) {
+      if (c % 2 == 0) _mm_prefetch(ahead + 32 * c, _MM_HINT_T0);
       const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c));
       const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c + 32));
-      for (int k = 0; k < Rows; ++k) {
-        const uint8_t* w = weight + k * stride + 32 * c;
-        if (c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + Rows * stride), _MM_HINT_T0);
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-        const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-        const __m256i sums32 = _mm256_sub_epi32(sum_pairs(low, x_low, high, x_high, ones), offset[c]);
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), two_scales(scale + k * groups + 2 * c, spread), acc[k]);
-      }
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + 32 * c));
+      const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+      const __m256i sums32 = _mm256_sub_epi32(sum_pairs(low, x_low, high, x_high, ones), offset[c]);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), two_scales(scale + 2 * c, spread), acc);
     }
     if (width % 64) {  // one block of 32 in input order, its lanes all in the last group
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * chunks));
-      for (int k = 0; k < Rows; ++k) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + k * stride + 32 * chunks));
-        const __m256i levels = _mm256_and_si256(
-            _mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low_mask);
-        const __m256i sums32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones), offset[chunks]);
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), _mm256_set1_ps(scale_value(scale + k * groups + groups - 1)), acc[k]);
-      }
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + 32 * chunks));
+      const __m256i levels = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low_mask);
+      const __m256i sums32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones), offset[chunks]);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), _mm256_set1_ps(scale_value(scale + groups - 1)), acc);
     }
   } else {
     const int64_t per_group = group / 64;
     for (int64_t g = 0; g < groups; ++g) {
-      __m256i isum[Rows];
-      for (int k = 0; k < Rows; ++k) isum[k] = _mm256_setzero_si256();
+      __m256i isum = _mm256_setzero_si256();
       for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        if (c % 2 == 0) _mm_prefetch(ahead + 32 * c, _MM_HINT_T0);
         const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c));
         const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c + 32));
-        for (int k = 0; k < Rows; ++k) {
-          const uint8_t* w = weight + k * stride + 32 * c;
-          if (c % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + Rows * stride), _MM_HINT_T0);
-          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-          const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-          isum[k] = _mm256_add_epi32(isum[k], sum_pairs(low, x_low, high, x_high, ones));
-        }
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + 32 * c));
+        const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+        isum = _mm256_add_epi32(isum, sum_pairs(low, x_low, high, x_high, ones));
       }
-      for (int k = 0; k < Rows; ++k) {
-        const __m256 d = _mm256_set1_ps(scale_value(scale + k * groups + g));
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[k], offset[g])), d, acc[k]);
-      }
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum, offset[g])), _mm256_set1_ps(scale_value(scale + g)), acc);
     }
   }
-  for (int k = 0; k < Rows; ++k) sums[k] = horizontal_sum(acc[k]);
+  return horizontal_sum(acc);
 }
 
 // Scales of 4 weight rows for one chunk of 64 inputs (group size 32: groups g = 2c and g + 1) in the order of
@@ -201,7 +191,7 @@ inline __m256i reduce_four(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
 // 32-byte load of levels is unpacked once for both, and the four rows' int32 sums of a chunk are reduced into one
 // vector (`reduce_four`), so the offset, the conversion to float and the scales cost one instruction per chunk
 // for four rows instead of one each. The scales of four chunks are read as four 16-byte rows and transposed.
-// (Against one row of x, dot_block<4> is as fast: a decode step is bound by reading the weights.)
+// (Against one row of x the rows are read one at a time, `dot_row`: a decode step is bound by reading the weights.)
 void dot_four_pair(const int8_t* const* x, const __m256i* const* offset, const uint8_t* weight, int64_t stride,
                    const c10::Half* scale, int64_t groups, int64_t width, float* const* sums) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -249,12 +239,7 @@ void dot_four_pair(const int8_t* const* x, const __m256i* const* offset, const u
 
 void dot_rows(const int8_t* x, const __m256i* offset, const uint8_t* weight, int64_t stride, const c10::Half* scale,
               int64_t groups, int64_t count, int64_t width, float* sums) {
-  switch (count) {
-    case 4: return dot_block<4>(x, offset, weight, stride, scale, groups, width, sums);
-    case 3: return dot_block<3>(x, offset, weight, stride, scale, groups, width, sums);
-    case 2: return dot_block<2>(x, offset, weight, stride, scale, groups, width, sums);
-    default: return dot_block<1>(x, offset, weight, stride, scale, groups, width, sums);
-  }
+  for (int64_t k = 0; k < count; ++k) sums[k] = dot_row(x, offset, weight + k * stride, stride, scale + k * groups, groups, width);
 }
 #else
 void dot_rows(const int8_t* x, const void*, const uint8_t* weight, int64_t stride, const c10::Half* scale, int64_t groups,
