@@ -500,14 +500,17 @@ def test_prefix_cache_blocks_and_lru():
     assert cache.lookup(tokens + [99]).shape[1] == 4  # the prefix's first block outlived its second
 
 
-@needs_kernels(compiler_available(), reason="int8 checkpoints run through dsv2's kernels")
-def test_int8_checkpoint_batches_like_it_runs_alone(model_dir, tmp_path):
+@needs_kernels(compiler_available(), reason="int8 and int4 checkpoints run through dsv2's kernels")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_checkpoint_batches_like_it_runs_alone(model_dir, tmp_path, quantize):
     if not kernels.load().available:
-        skip_without_kernels("int8 checkpoints run through dsv2's kernels")
+        skip_without_kernels("int8 and int4 checkpoints run through dsv2's kernels")
     from dsv2cli.checkpoint.convert import convert_checkpoint
+    from dsv2cli.checkpoint.resolve import bundled_model_dir
 
-    convert_checkpoint(str(model_dir), tmp_path / "int8", quantize="int8", probe=False)
-    loaded = load_for_generation(str(tmp_path / "int8"), "cpu", "float32", read_weights=False)
+    source = model_dir if quantize == "int8" else bundled_model_dir()  # int4 groups of 32: the tiny model has a width of 24
+    convert_checkpoint(str(source), tmp_path / quantize, quantize=quantize, probe=False)
+    loaded = load_for_generation(str(tmp_path / quantize), "cpu", "float32", read_weights=False)
     jobs = [(PROMPTS[i], 4 + 3 * i) for i in range(6)]
 
     def ask(url, job):
