@@ -124,6 +124,8 @@ def expert_stats(
 ) -> None:
     """Per-layer expert load of a DeepSeek-V2-family model on your own text: histograms, balance metrics (incl. the
     paper's expert/device/communication balance), token-drop rates per capacity factor, and a device placement."""
+    choices = (batch_size, batch_tokens, capacity_factors, drop_order, devices, placement, max_devices, apply_drop)
+    choices += (apply_policy, top_tokens, plan_devices, redundant)  # _options' arguments, with or without a model run
     if loads is not None:
         given = [
             name
@@ -133,20 +135,7 @@ def expert_stats(
         if given:
             raise InputError(f"--loads reports recorded loads without running a model; leave out {', '.join(given)}")
         outputs = _Outputs(format, output, save_loads, plot)
-        options = _options(
-            batch_size,
-            batch_tokens,
-            capacity_factors,
-            drop_order,
-            devices,
-            placement,
-            max_devices,
-            apply_drop,
-            apply_policy,
-            top_tokens,
-            plan_devices,
-            redundant,
-        )
+        options = _options(*choices)
         report = report_from_loads(read_loads(loads), options, loads.name)
         outputs.write(report, view)
         return
@@ -159,21 +148,7 @@ def expert_stats(
         if length > config.max_position_embeddings:
             raise InputError(f"--seq-len {length} is longer than the model's context ({config.max_position_embeddings})")
         sequences = on_main_rank(group, lambda: read_sequences(paths, loaded.tokenizer, config.vocab_size, length, max_tokens))
-        options = _options(
-            batch_size,
-            batch_tokens,
-            capacity_factors,
-            drop_order,
-            devices,
-            placement,
-            max_devices,
-            apply_drop,
-            apply_policy,
-            top_tokens,
-            plan_devices,
-            redundant,
-            loaded.options,
-        )
+        options = _options(*choices, loaded.options)
         passes = 2 if apply_drop is not None else 1
         with _progress(sequences.tokens, passes) as advance:
             report = collect_expert_stats(loaded.model, loaded.tokenizer, loaded.name, sequences, options, advance)

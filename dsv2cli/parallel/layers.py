@@ -204,7 +204,21 @@ def _local_ids(expert_ids: torch.Tensor, first: int, count: int) -> torch.Tensor
     return local.masked_fill((local < 0) | (local >= count), -1)
 
 
-class LocalExperts(RoutedExperts):
+class _LocalBlock:
+    """What the blocks of experts below share: ``forward`` takes global expert ids and runs this rank's
+    ``[first, first + num_experts)`` through the stack's own forward (float, int8 or int4)."""
+
+    first: int
+    num_experts: int
+
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> torch.Tensor:
+        """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
+        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)  # type: ignore[misc]
+
+
+class LocalExperts(_LocalBlock, RoutedExperts):
     """Routed experts ``[first, first + E/W)`` of a layer, stacked like :class:`RoutedExperts`.
 
     Assignments to other ranks' experts are turned into drops (id -1), so they contribute zero here;
@@ -218,18 +232,12 @@ class LocalExperts(RoutedExperts):
         self.gate_up_proj = gate_up_proj  # [E / W, 2I, D]
         self.down_proj = down_proj  # [E / W, D, I]
 
-    def forward(
-        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
-    ) -> torch.Tensor:
-        """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)
-
 
 # A quantized stack's tensors, int8 or int4: each split by experts (dim 0)
 _EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale")
 
 
-class LocalInt8Experts(Int8RoutedExperts):
+class LocalInt8Experts(_LocalBlock, Int8RoutedExperts):
     """:class:`LocalExperts` for int8 experts: a block of :class:`Int8RoutedExperts` with their per-row scales.
 
     Each expert is whole on its rank, so its products (and, on CPU, the quantized token) are exactly one
@@ -243,14 +251,8 @@ class LocalInt8Experts(Int8RoutedExperts):
         for name in _EXPERT_TENSORS:
             self.register_buffer(name, parts[name])  # [E / W, 2I, D], [E / W, 2I], [E / W, D, I], [E / W, D]
 
-    def forward(
-        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
-    ) -> torch.Tensor:
-        """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)
 
-
-class LocalInt4Experts(Int4RoutedExperts):
+class LocalInt4Experts(_LocalBlock, Int4RoutedExperts):
     """:class:`LocalExperts` for int4 experts: a block of :class:`Int4RoutedExperts`, packed rows with their group scales.
 
     Each expert is whole on its rank, so its products (and, on CPU, the quantized token) are exactly one
@@ -265,12 +267,6 @@ class LocalInt4Experts(Int4RoutedExperts):
         # [E / W, 2M, D / 2], [E / W, 2M, D / g], [E / W, D, M / 2], [E / W, D, M / g]
         for name in _EXPERT_TENSORS:
             self.register_buffer(name, parts[name])
-
-    def forward(
-        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, kernels: Kernels = NO_KERNELS
-    ) -> torch.Tensor:
-        """x ``[N, D]``, global expert_ids/weights ``[N, K]`` -> this rank's share of the weighted sum ``[N, D]``."""
-        return super().forward(x, _local_ids(expert_ids, self.first, self.num_experts), weights, kernels)
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
