@@ -237,36 +237,33 @@ class LocalExperts(_LocalBlock, RoutedExperts):
 _EXPERT_TENSORS = ("gate_up_proj", "gate_up_proj_scale", "down_proj", "down_proj_scale")
 
 
-class LocalInt8Experts(_LocalBlock, Int8RoutedExperts):
-    """:class:`LocalExperts` for int8 experts: a block of :class:`Int8RoutedExperts` with their per-row scales.
+class _LocalQuantizedBlock(_LocalBlock):
+    """A block of whole quantized experts (int8 or int4), its :data:`_EXPERT_TENSORS` as one rank's parts of them.
 
     Each expert is whole on its rank, so its products (and, on CPU, the quantized token) are exactly one
     process's.
     """
 
     def __init__(self, parts: dict[str, torch.Tensor], first: int) -> None:
-        nn.Module.__init__(self)  # the parent's __init__ would allocate all E experts
+        nn.Module.__init__(self)  # type: ignore[arg-type]  # the stack's __init__ would allocate all E experts
         self.num_experts = parts["gate_up_proj"].shape[0]
         self.first = first
         for name in _EXPERT_TENSORS:
-            self.register_buffer(name, parts[name])  # [E / W, 2I, D], [E / W, 2I], [E / W, D, I], [E / W, D]
+            self.register_buffer(name, parts[name])  # type: ignore[attr-defined]
 
 
-class LocalInt4Experts(_LocalBlock, Int4RoutedExperts):
-    """:class:`LocalExperts` for int4 experts: a block of :class:`Int4RoutedExperts`, packed rows with their group scales.
+class LocalInt8Experts(_LocalQuantizedBlock, Int8RoutedExperts):
+    """:class:`LocalExperts` for int8 experts: ``[E / W, 2I, D]``, ``[E / W, 2I]``, ``[E / W, D, I]``, ``[E / W, D]``
+    with their per-row scales."""
 
-    Each expert is whole on its rank, so its products (and, on CPU, the quantized token) are exactly one
-    process's.
-    """
+
+class LocalInt4Experts(_LocalQuantizedBlock, Int4RoutedExperts):
+    """:class:`LocalExperts` for int4 experts: packed rows with their group scales, ``[E / W, 2M, D / 2]``,
+    ``[E / W, 2M, D / g]``, ``[E / W, D, M / 2]``, ``[E / W, D, M / g]``."""
 
     def __init__(self, parts: dict[str, torch.Tensor], first: int) -> None:
-        nn.Module.__init__(self)  # the parent's __init__ would allocate all E experts
-        self.num_experts = parts["gate_up_proj"].shape[0]
+        super().__init__(parts, first)
         self.group_size = 2 * parts["gate_up_proj"].shape[-1] // parts["gate_up_proj_scale"].shape[-1]
-        self.first = first
-        # [E / W, 2M, D / 2], [E / W, 2M, D / g], [E / W, D, M / 2], [E / W, D, M / g]
-        for name in _EXPERT_TENSORS:
-            self.register_buffer(name, parts[name])
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
