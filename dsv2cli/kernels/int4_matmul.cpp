@@ -76,6 +76,12 @@ inline __m256i sum_pairs(__m256i low_levels, __m256i x_low, __m256i high_levels,
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(low_levels, x_low), _mm256_maddubs_epi16(high_levels, x_high)), ones);
 }
 
+// The int32 lanes of four rows' sums for one chunk (lanes 0-3 of each: group g, 4-7: group g + 1) reduced to
+// [row 0..3 of group g, row 0..3 of group g + 1].
+inline __m256i reduce_four(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+  return _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+}
+
 Prepared prepare(const int8_t* x, int64_t rows, int64_t width, int64_t group) {
   Prepared p;
   const int64_t chunks = width / 64, tail = width % 64;
@@ -100,7 +106,7 @@ Prepared prepare(const int8_t* x, int64_t rows, int64_t width, int64_t group) {
       const __m256i eight_x = sum_pairs(eights, low, eights, high, ones);
       if (group == 32) {
         offset[c] = eight_x;
-        p.reduced[r * chunks + c] = _mm256_hadd_epi32(_mm256_hadd_epi32(eight_x, eight_x), _mm256_hadd_epi32(eight_x, eight_x));
+        p.reduced[r * chunks + c] = reduce_four(eight_x, eight_x, eight_x, eight_x);
       } else {
         const int64_t g = 64 * c / group;
         offset[g] = (64 * c) % group == 0 ? eight_x : _mm256_add_epi32(offset[g], eight_x);
@@ -179,12 +185,6 @@ float dot_row(const int8_t* x, const __m256i* offset, const uint8_t* weight, int
 // float16 scales in its 32-bit lane k.
 inline __m256 four_scales(__m128i raw) {
   return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(raw), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-}
-
-// The int32 lanes of four rows' sums for one chunk (lanes 0-3 of each: group g, 4-7: group g + 1) reduced to
-// [row 0..3 of group g, row 0..3 of group g + 1].
-inline __m256i reduce_four(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
-  return _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
 }
 
 // Four weight rows (group size 32, I a multiple of 64) against two rows of x (prefills, decode batches): each
