@@ -120,6 +120,30 @@ def test_another_cache_shape_compiles_its_own_graph(compiled):
             token = expected[:, -1:].argmax(-1)
 
 
+@needs_compiler
+@pytest.mark.slow  # compiles two more cache shapes
+def test_steps_skip_guards_yet_each_cache_shape_runs_its_own_graph(compiled):
+    """Steps run only the guards that tell compiled graphs apart: caches of three shapes (batch size, capacity)
+    stepped in turn each get their own graph, and a shape never prepared is compiled by its first step."""
+    model, decoder = compiled
+    generator = torch.Generator().manual_seed(6)
+    shapes = [(1, CAPACITY_STEP), (2, CAPACITY_STEP), (1, 3 * CAPACITY_STEP)]
+    with torch.inference_mode():
+        caches = []
+        for batch, capacity in shapes:
+            prompt = torch.randint(0, 160, (batch, 7), generator=generator)
+            eager_cache, compiled_cache = model.new_cache(batch, capacity), model.new_cache(batch, capacity)
+            logits = model(prompt, cache=eager_cache, last_only=True)
+            model(prompt, cache=compiled_cache, last_only=True)
+            caches.append([eager_cache, compiled_cache, logits[:, -1:].argmax(-1)])
+        for _ in range(3):
+            for entry in caches:  # never prepared: (1, 3 * CAPACITY_STEP) compiles in its first step
+                eager_cache, compiled_cache, token = entry
+                expected = model(token, cache=eager_cache)
+                torch.testing.assert_close(decoder.step(token, compiled_cache), expected, rtol=1e-5, atol=1e-5)
+                entry[2] = expected[:, -1:].argmax(-1)
+
+
 @needs_compiler  # the compiled fixture builds a CompiledDecoder
 def test_steps_it_serves(compiled):
     model, decoder = compiled

@@ -112,8 +112,17 @@ class CompiledDecoder:
         return time.perf_counter() - start
 
     def step(self, tokens: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
-        """tokens ``[B, 1]`` -> logits ``[B, 1, vocab]``; writes the next slot of ``cache`` and advances it."""
-        logits = self._run(tokens, cache)
+        """tokens ``[B, 1]`` -> logits ``[B, 1, vocab]``; writes the next slot of ``cache`` and advances it.
+
+        Steps skip dynamo's guard checks (~0.2 ms a block, 5 ms a step of V2-Lite's 27 blocks): only the
+        guards that tell apart graphs compiled so far run. That is sound because every step of a prepared
+        cache shape traces the same graph: static shapes read no Python state that changes between steps
+        (``LatentKVCache.layer_views``), the options are constants and the model does not change. A shape
+        not yet prepared is compiled first, under every guard.
+        """
+        self.prepare(cache)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            logits = self._run(tokens, cache)
         cache.advance(1)
         return logits
 
