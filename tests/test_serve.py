@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import openai
 import pytest
+import torch
 import uvicorn
 from typer.testing import CliRunner
 
@@ -23,8 +24,10 @@ from dsv2cli import kernels
 from dsv2cli.cli.main import app as cli_app
 from dsv2cli.inference.compiled import CompiledDecoder, compiler_available
 from dsv2cli.inference.engine import Generation, GenerationOptions, GenerationRequest
+from dsv2cli.inference.sampling import SamplingParams
 from dsv2cli.inference.session import load_for_generation
 from dsv2cli.serve.app import HTTPSettings, create_app
+from dsv2cli.serve.batch import RunningBatch, ServeRequest, TokenOut
 from dsv2cli.serve.metrics import Metrics
 from dsv2cli.serve.scheduler import Limits, Scheduler
 from tests.helpers import (  # noqa: F401
@@ -191,6 +194,52 @@ def test_concurrent_greedy_requests_match_running_alone(loaded):
         assert metric(url, "dsv2_batch_rows_sum") > metric(url, "dsv2_batch_rows_count")  # steps did run several rows
     assert together == alone
     assert [n for _, n in alone] == [n for _, n in jobs]
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_forward_as_each_alone(loaded):
+    """Requests waiting when the scheduler turns are prefilled in one left-padded forward: the same first-token
+    logits and latent entries as each prompt alone, and then the same greedy tokens."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3], [40, 41, 42, 43]]
+    batch = RunningBatch(loaded.model, loaded.options)
+    with torch.inference_mode():
+        together = batch.prefill_together(prompts)
+        for tokens, (logits, entries) in zip(prompts, together, strict=True):
+            alone_logits, alone_entries = batch.prefill(tokens)
+            assert entries.shape == alone_entries.shape
+            torch.testing.assert_close(logits, alone_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(entries, alone_entries, rtol=1e-5, atol=1e-5)
+
+    def run(requests_at_once):
+        metrics = Metrics()
+        scheduler = Scheduler(loaded, loaded.options, None, Limits(max_concurrent=4, prefix_cache_bytes=0), metrics)
+        outputs = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+
+        def emit(i, event):
+            if isinstance(event, TokenOut):
+                outputs[i].append(event.token_id)
+            else:
+                done.release()
+
+        requests = [
+            ServeRequest(tokens, 6, lambda event, i=i: emit(i, event), SamplingParams(temperature=0.0), ignore_eos=True)
+            for i, tokens in enumerate(prompts)
+        ]
+        for group in [requests] if requests_at_once else [[r] for r in requests]:
+            for request in group:
+                scheduler.submit(request)
+            if not scheduler.thread.is_alive():
+                scheduler.start()
+            for _ in group:
+                assert done.acquire(timeout=60)
+        scheduler.stop()
+        rendered = metrics.render().decode()
+        return outputs, rendered
+
+    alone, _ = run(requests_at_once=False)
+    together_tokens, rendered = run(requests_at_once=True)
+    assert together_tokens == alone
+    assert "dsv2_prefill_prompts_count 1.0" in rendered and "dsv2_prefill_prompts_sum 4.0" in rendered
 
 
 def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(loaded):

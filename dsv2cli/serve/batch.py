@@ -2,14 +2,15 @@
 
 Shape legend: L layers, B rows, T slots, C + R one latent entry (``kv_lora_rank + qk_rope_head_dim``), V vocabulary.
 
-A request's prompt is prefilled alone (its own one-row cache, the path ``Generation`` takes for one prompt); its
-latent entries then move into the batch's cache ``[L, B, capacity, C + R]``, right-aligned at the batch's
-current length: the slots before them are the row's left padding (``cache.pad``), masked out, with positions
-counted after them — the layout ``Generation`` uses for prompts of different lengths, so a row computes what it
-would alone. A row that leaves becomes idle (fully padded, fed token 0) until a later request takes its place;
-when no idle row can take a request (its prompt is longer than the batch's length, or the capacity is short),
-the cache is laid out anew with every live row's entries copied over. With compiled steps, row counts are
-powers of two and capacities multiples of ``CAPACITY_STEP``, so a few graphs serve every batch.
+A request's prompt is prefilled in a cache of its own (the path ``Generation`` takes; requests admitted together
+are prefilled together, left-padded, in one forward); its latent entries then move into the batch's cache
+``[L, B, capacity, C + R]``, right-aligned at the batch's current length: the slots before them are the row's left
+padding (``cache.pad``), masked out, with positions counted after them — the layout ``Generation`` uses for prompts
+of different lengths, so a row computes what it would alone. A row that leaves becomes idle (fully padded, fed
+token 0) until a later request takes its place; when no idle row can take a request (its prompt is longer than the
+batch's length, or the capacity is short), the cache is laid out anew with every live row's entries copied over.
+With compiled steps, row counts are powers of two and capacities multiples of ``CAPACITY_STEP``, so a few graphs
+serve every batch.
 """
 
 from __future__ import annotations
@@ -186,6 +187,23 @@ class RunningBatch:
             recorder.next_forward(None)
         logits = self.model(new, cache=cache, attention=attention, routing_hook=recorder, last_only=True, options=self.forward)
         return logits[0, -1], cache.entries[:, 0]
+
+    def prefill_together(self, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill several prompts (nothing cached of them) in one forward, left-padded to the longest.
+
+        Returns each prompt's next-token logits ``[V]`` and its entries ``[L, N_i, C + R]``: what
+        :meth:`prefill` returns for it alone (padding is masked out and positions start after it, as in
+        ``Generation``), from one read of the weights instead of one per prompt.
+        """
+        longest = max(len(tokens) for tokens in prompts)
+        pad = [longest - len(tokens) for tokens in prompts]
+        cache = self.model.new_cache(len(prompts), longest, pad=pad, dtype=self.cache_dtype)
+        new = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for i, tokens in enumerate(prompts):
+            new[i, pad[i] :] = torch.tensor(tokens)
+        attention = prefill_attention("absorbed", longest)
+        logits = self.model(new.to(cache.entries.device), cache=cache, attention=attention, last_only=True, options=self.forward)
+        return [(logits[i, -1], cache.entries[:, i, pad[i] :]) for i in range(len(prompts))]
 
     def remove(self, row: Row) -> None:
         self.rows[self.rows.index(row)] = None

@@ -34,6 +34,12 @@ class Metrics:
             "dsv2_inter_token_latency_seconds", "Between two tokens of one request.", buckets=ITL_BUCKETS, registry=r
         )
         self.step_rows = Histogram("dsv2_batch_rows", "Live rows per decode step.", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.prefill_prompts = Histogram(
+            "dsv2_prefill_prompts",
+            "Prompts per prefill forward (admitted together).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.expert_load = Gauge(
             "dsv2_expert_load",
             "Tokens routed to each expert of each MoE layer by the current (or last) expert record.",

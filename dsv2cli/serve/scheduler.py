@@ -1,10 +1,10 @@
 """Continuous batching: one thread owns the model, admits waiting requests between steps and decodes them together.
 
 Each turn of the loop: drop rows whose clients left, admit waiting requests while fewer than ``max_concurrent``
-rows decode (each prompt is prefilled alone, after whatever the prefix cache holds of it, and its first token
-chosen), then run one decode step of the whole batch and hand each row its token. A request leaves the batch
-at the step that finishes it. Prefills run between steps, so a long prompt delays the other rows' next token
-by its prefill (there is no chunked prefill).
+rows decode (prompts the prefix cache knows nothing of are prefilled together in one forward, the others alone
+after what the cache holds of them; each gets its first token), then run one decode step of the whole batch and
+hand each row its token. A request leaves the batch at the step that finishes it. Prefills run between steps, so
+a long prompt delays the other rows' next token by its prefill (there is no chunked prefill).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from dsv2cli.serve.experts import ExpertRecorder
 from dsv2cli.serve.metrics import Metrics
 from dsv2cli.serve.prefix_cache import PrefixCache
 from dsv2cli.serve.protocol import APIError
+
+# Waiting requests admitted together are prefilled in one forward of at most this many (left-padded) tokens:
+# one read of the weights serves them all, instead of one read per prompt.
+PREFILL_GROUP_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,8 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopping:
                     return
-            while (request := self._next_admitted()) is not None:
-                self._admit(request)
+            while group := self._next_group():
+                self._admit(group)
             for row in self.batch.live:
                 if row.request.cancelled.is_set():
                     self._end(row, "cancelled")
@@ -167,42 +171,72 @@ class Scheduler:
             self.metrics.running.set(len(self.batch.live))
             self.metrics.cache_bytes.set(self.batch.cache_bytes())
 
-    def _next_admitted(self) -> ServeRequest | None:
-        """The first waiting request, when a row is free and its cache fits in memory beside the running rows."""
+    def _next_group(self) -> list[ServeRequest]:
+        """Waiting requests to admit together, first come first: while rows are free, their left-padded prompts
+        stay within :data:`PREFILL_GROUP_TOKENS` and the batch laid out anew with them fits in memory."""
+        group: list[ServeRequest] = []
         with self.cond:
-            if self.stopping or not self.waiting or len(self.batch.live) >= self.limits.max_concurrent:
-                return None
-            request = self.waiting[0]
-            if self.batch.live and not self._fits_beside_batch(request):
-                return None  # it waits for rows to leave (alone it fitted when it came)
-            self.waiting.popleft()
+            while not self.stopping and self.waiting and len(self.batch.live) + len(group) < self.limits.max_concurrent:
+                candidate = [*group, self.waiting[0]]
+                if group and len(candidate) * max(len(r.prompt_token_ids) for r in candidate) > PREFILL_GROUP_TOKENS:
+                    break
+                if (self.batch.live or group) and not self._fits_beside_batch(candidate):
+                    break  # they wait for rows to leave (alone each fitted when it came)
+                group.append(self.waiting.popleft())
             self.metrics.queue.set(len(self.waiting))
-            return request
+        return group
 
-    def _fits_beside_batch(self, request: ServeRequest) -> bool:
-        """Whether the batch laid out anew with ``request`` in it (the larger case) fits in what memory is left."""
+    def _fits_beside_batch(self, requests: list[ServeRequest]) -> bool:
+        """Whether the batch laid out anew with ``requests`` in it (the larger case) fits in what memory is left."""
         batch, config = self.batch, self.loaded.model.config
-        prompt = len(request.prompt_token_ids)
-        rows = batch.row_count(len(batch.live) + 1)
+        prompt = max(len(request.prompt_token_ids) for request in requests)
+        rows = batch.row_count(len(batch.live) + len(requests))
         length = max(batch.cache.length if batch.cache is not None else 0, prompt)
-        capacity = round_capacity(max([length + request.max_tokens] + [length + row.remaining_steps for row in batch.live]))
-        need = working_bytes(config, self.cache_dtype, rows, prompt, capacity, slack=0)
+        steps = [request.max_tokens for request in requests] + [row.remaining_steps for row in batch.live]
+        need = working_bytes(config, self.cache_dtype, rows, prompt, round_capacity(length + max(steps)), slack=0)
         return fit_of(MemoryNeed(0, 0, need), self.loaded.device).fits
 
-    def _admit(self, request: ServeRequest) -> None:
-        if request.cancelled.is_set():
-            self._cancelled_waiting(request)
-            return
+    def _admit(self, group: list[ServeRequest]) -> None:
+        """Prefill ``group`` (prompts with nothing in the prefix cache together, in one forward), choose each
+        one's first token and put the unfinished ones in the batch."""
+        alone: list[tuple[ServeRequest, torch.Tensor | None]] = []
+        together: list[ServeRequest] = []
+        for request in group:
+            if request.cancelled.is_set():
+                self._cancelled_waiting(request)
+                continue
+            prefix = self.prefix.lookup(request.prompt_token_ids) if self.prefix is not None else None
+            if prefix is None and self.batch.recorder is None:  # a record counts each prompt's own tokens
+                together.append(request)
+            else:
+                alone.append((request, prefix))
+        if len(together) > 1:
+            self.metrics.prefill_prompts.observe(len(together))
+            try:
+                prefilled = self.batch.prefill_together([request.prompt_token_ids for request in together])
+            except (DSV2Error, RuntimeError) as exc:  # RuntimeError: the allocator could not give the prompts' cache
+                for request in together:
+                    request.emit(Failed(503, f"the prompt could not run: {exc}"))
+                prefilled = []
+            for request, (logits, entries) in zip(together, prefilled, strict=False):
+                self._start(request, 0, logits, entries)
+        else:
+            alone += [(request, None) for request in together]
+        for request, prefix in alone:
+            self.metrics.prefill_prompts.observe(1)
+            try:
+                logits, entries = self.batch.prefill(request.prompt_token_ids, prefix)
+            except (DSV2Error, RuntimeError) as exc:
+                request.emit(Failed(503, f"the prompt could not run: {exc}"))
+                continue
+            self._start(request, 0 if prefix is None else prefix.shape[1], logits, entries)
+
+    def _start(self, request: ServeRequest, cached_tokens: int, logits: torch.Tensor, entries: torch.Tensor) -> None:
+        """A prefilled request: its first token from ``logits [V]``, then its row joins the batch with ``entries``."""
         model = self.loaded.model
         row = Row(request, self.loaded.tokenizer, model.config.vocab_size, self.loaded.eos_token_ids, self.loaded.device)
         tokens = request.prompt_token_ids
-        try:
-            prefix = self.prefix.lookup(tokens) if self.prefix is not None else None
-            logits, entries = self.batch.prefill(tokens, prefix)
-        except (DSV2Error, RuntimeError) as exc:  # RuntimeError: the allocator could not give the prompt's cache
-            request.emit(Failed(503, f"the prompt could not run: {exc}"))
-            return
-        row.cached_tokens = 0 if prefix is None else prefix.shape[1]
+        row.cached_tokens = cached_tokens
         self.metrics.prompt_tokens.inc(len(tokens))
         self.metrics.cached_tokens.inc(row.cached_tokens)
         self.prompt_tokens += len(tokens)
