@@ -164,6 +164,9 @@ def test_settings_are_checked_before_loading_and_take_the_checkpoints_sampling()
     assert default_sampling(sampled) == SamplingParams(temperature=0.6, top_p=0.9)
     assert default_sampling({"temperature": 0.6}) == SamplingParams()  # no do_sample: greedy
     assert default_sampling(sampled, temperature=0.0, top_p=1.0).greedy
+    penalised = {"repetition_penalty": 1.3}  # applied with or without do_sample, unless asked otherwise
+    assert default_sampling(penalised) == SamplingParams(repetition_penalty=1.3)
+    assert default_sampling(penalised, repetition_penalty=1.0) == SamplingParams()
 
 
 def test_conversation_keeps_the_history(checkpoint):

@@ -90,7 +90,11 @@ def generate(
         None, "--top-p", help="Nucleus sampling mass in (0, 1] (default: generation_config, else 1 = off)."
     ),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 = off)."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."),
+    repetition_penalty: float = typer.Option(
+        None,
+        "--repetition-penalty",
+        help="> 1 discourages repeats, 1 = off. Default: the checkpoint's generation_config, else 1.",
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling: the same seed gives the same output."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the text is cut before it."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating after the end-of-sequence token."),

@@ -36,16 +36,19 @@ def default_sampling(
     top_k: int = 0,
     top_p: float | None = None,
     min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
 ) -> SamplingParams:
     """The sampling asked for; ``temperature`` / ``top_p`` left None come from the checkpoint's generation_config.json
-    when it samples (``do_sample``), else greedy decoding with top-p off."""
+    when it samples (``do_sample``), else greedy decoding with top-p off. ``repetition_penalty`` left None comes
+    from generation_config.json whether or not it samples (as transformers applies it), else 1 (off)."""
     sampled = bool(generation_defaults.get("do_sample"))
     if temperature is None:
         temperature = float(generation_defaults.get("temperature", 1.0)) if sampled else 0.0
     if top_p is None:
         top_p = float(generation_defaults.get("top_p", 1.0)) if sampled else 1.0
+    if repetition_penalty is None:
+        repetition_penalty = float(generation_defaults.get("repetition_penalty", 1.0))
     return SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
 
 
@@ -58,7 +61,7 @@ class GenerateSettings:
     top_k: int = 0
     top_p: float | None = None  # None: the checkpoint's generation_config, else off
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None  # None: the checkpoint's generation_config, else off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
