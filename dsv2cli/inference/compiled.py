@@ -92,10 +92,11 @@ class CompiledDecoder:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _GRAPHS_PER_BLOCK)
         self.blocks = [torch.compile(block, fullgraph=True, dynamic=False, options=options) for block in model.layers]
         self._compiled_shapes: set[tuple] = set()  # cache shapes and dtypes compiled for
+        self._stacked = _stacked_modules(model)  # walking every module costs ~1-3 ms a step on V2-Lite's 27 layers
 
     def serves(self, cache: LatentKVCache, routing_hook: object = None) -> bool:
         """Whether the next step on ``cache`` can run compiled (else the caller decodes eagerly)."""
-        return routing_hook is None and cache.entries.device.type == "cpu" and _stacks_current(self.model)
+        return routing_hook is None and cache.entries.device.type == "cpu" and _stacks_current(self._stacked)
 
     def prepare(self, cache: LatentKVCache) -> float:
         """Compile for ``cache``'s shape and dtype now; returns the seconds it took (0 when already compiled).
@@ -132,14 +133,15 @@ class CompiledDecoder:
         return self.model(tokens, cache=cache, static_shapes=True, blocks=self.blocks, options=self.options)
 
 
-def _stacks_current(model: DeepseekV2) -> bool:
-    """The compiled blocks use the fused stacks (``fuse_projections``) without checking them each step."""
-    for module in model.modules():
-        stack: FusedLinears | None = None
-        if isinstance(module, MultiHeadLatentAttention):
-            stack = module.fused_input
-        elif isinstance(module, MLP):
-            stack = module.fused_gate_up
+def _stacked_modules(model: DeepseekV2) -> list[MultiHeadLatentAttention | MLP]:
+    """The modules that may hold fused stacks (``fuse_projections``): found once, checked every step."""
+    return [module for module in model.modules() if isinstance(module, (MultiHeadLatentAttention, MLP))]
+
+
+def _stacks_current(modules: list[MultiHeadLatentAttention | MLP]) -> bool:
+    """The compiled blocks use the fused stacks without checking them each step: they must still be current."""
+    for module in modules:
+        stack: FusedLinears | None = module.fused_input if isinstance(module, MultiHeadLatentAttention) else module.fused_gate_up
         if stack is not None and not stack.current():
             return False
     return True
