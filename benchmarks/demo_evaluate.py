@@ -198,10 +198,8 @@ def main() -> None:
                 }
                 grid.append(row)
                 log(json.dumps(row))
-        # dsv2 generate takes temperature and top_p from generation_config.json (not the penalty): choose among those.
-        best = max(
-            (r for r in grid if r["repetition_penalty"] == 1.0), key=lambda r: r["first_statement_compiles"] - r["repeated_lines"]
-        )
+        # dsv2 generate takes temperature, top_p and the repetition penalty from generation_config.json.
+        best = max(grid, key=lambda r: r["first_statement_compiles"] - r["repeated_lines"])
         report["sampling_grid"] = {"rows": grid, "chosen": best, "rule": "most first statements compiling minus repeated lines"}
         log(f"chosen: {best}")
         if args.write:
@@ -211,12 +209,15 @@ def main() -> None:
                 "temperature": best["temperature"],
                 "top_p": best["top_p"],
             }
+            generation.pop("repetition_penalty", None)
+            if best["repetition_penalty"] != 1.0:
+                generation["repetition_penalty"] = best["repetition_penalty"]
             path.write_text(json.dumps(generation, indent=2) + "\n")
-        defaults = {"temperature": best["temperature"], "top_p": best["top_p"]}
+        defaults = {k: best[k] for k in ("temperature", "top_p", "repetition_penalty")}
     else:
         defaults = loaded.tokenizer.special.generation_defaults
     temperature, top_p = float(defaults.get("temperature", 1.0)), float(defaults.get("top_p", 1.0))
-    penalty = 1.0
+    penalty = float(defaults.get("repetition_penalty", 1.0))
     corpus = "\n\x00".join(p.read_text(encoding="utf-8") for p in sorted((args.corpus / "train").rglob("*.py")))
     prompts = list(SIGNATURES + OPENINGS)
     sampled = generate(loaded, prompts, 128, temperature, top_p, penalty, 0)
