@@ -12,7 +12,6 @@ Module docstrings, comments and the kept fifth still teach the prose; the held-o
 """
 
 import ast
-
 import hashlib
 import json
 import re
