@@ -46,6 +46,17 @@ class GenerationOptions:
 PREFILL_EXPAND_MIN_TOKENS = 64
 
 
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """Prompts as one batch ``[B, longest]`` of token ids, each right-aligned after left padding (id 0), and each
+    row's padding (the cache's ``pad``: its positions start after it and attention masks it out)."""
+    longest = max(len(tokens) for tokens in prompts)
+    pad = [longest - len(tokens) for tokens in prompts]
+    batch = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        batch[row, pad[row] :] = torch.tensor(tokens)
+    return batch, pad
+
+
 def prefill_attention(requested: str, new_tokens: int) -> str:
     """The attention path for a prefill of ``new_tokens`` when the user asked for ``requested``."""
     if requested == "absorbed" and new_tokens >= PREFILL_EXPAND_MIN_TOKENS:
@@ -216,11 +227,8 @@ class Generation:
         model, options = self.model, self.options
         device = model.embed_tokens.weight.device
         lengths = [len(r.prompt_token_ids) for r in self.requests]
-        longest, rows = max(lengths), len(self.requests)
-        pad = [longest - n for n in lengths]
-        tokens = torch.zeros(rows, longest, dtype=torch.long)
-        for row, r in enumerate(self.requests):
-            tokens[row, pad[row] :] = torch.tensor(r.prompt_token_ids)
+        tokens, pad = left_padded([r.prompt_token_ids for r in self.requests])
+        rows, longest = tokens.shape
         capacity = longest + max(self.limits)
         if self.decoder is not None:
             capacity = round_capacity(capacity)  # similar lengths share one compiled graph

@@ -23,7 +23,7 @@ from threading import Event
 import torch
 
 from dsv2cli.inference.compiled import CompiledDecoder, round_capacity
-from dsv2cli.inference.engine import RowText, prefill_attention
+from dsv2cli.inference.engine import RowText, left_padded, prefill_attention
 from dsv2cli.inference.sampling import SamplingParams, apply_frequency_penalties, choose_tokens, row_generators
 from dsv2cli.inference.tokenizer import TextTokenizer
 from dsv2cli.model import DeepseekV2, ForwardOptions
@@ -195,12 +195,9 @@ class RunningBatch:
         :meth:`prefill` returns for it alone (padding is masked out and positions start after it, as in
         ``Generation``), from one read of the weights instead of one per prompt.
         """
-        longest = max(len(tokens) for tokens in prompts)
-        pad = [longest - len(tokens) for tokens in prompts]
+        new, pad = left_padded(prompts)
+        longest = new.shape[1]
         cache = self.model.new_cache(len(prompts), longest, pad=pad, dtype=self.cache_dtype)
-        new = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for i, tokens in enumerate(prompts):
-            new[i, pad[i] :] = torch.tensor(tokens)
         attention = prefill_attention("absorbed", longest)
         logits = self.model(new.to(cache.entries.device), cache=cache, attention=attention, last_only=True, options=self.forward)
         return [(logits[i, -1], cache.entries[:, i, pad[i] :]) for i in range(len(prompts))]
