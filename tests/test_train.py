@@ -220,3 +220,49 @@ def test_routing_hook_drops_and_adds_losses():
     assert dropping.record.dropped > 0 and torch.isfinite(logits).all()
     with torch.no_grad():
         assert not torch.allclose(logits, model(tokens))
+
+
+def test_init_from_starts_at_the_source_model(trained, tmp_path):
+    # A new run on other text from a trained model: its architecture, tokenizer and weights, not fresh ones.
+    source, _, _ = trained
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    for f in sorted(Path(CORPUS).parent.joinpath("inference").glob("*.py")):
+        (corpus / f.name).write_text(f.read_text())
+    fresh = settings(tmp_path / "x", inputs=[str(corpus)], overrides={}, max_steps=1, eval_every=1, lr=1e-12)
+    started = train(dataclasses.replace(fresh, output=str(tmp_path / "tuned"), init_from=str(source)))
+    assert (tmp_path / "tuned" / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    before = load_file(str(source / "trainer" / "model.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "trainer" / "model.safetensors"))
+    for name in before:  # one step at a negligible learning rate
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-9, msg=name)
+    # Without the trainer's master weights, the exported model.safetensors is read (a model from elsewhere).
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (exported / name).write_bytes((source / name).read_bytes())
+    again = train(dataclasses.replace(fresh, output=str(tmp_path / "tuned2"), init_from=str(exported)))
+    assert again.eval_loss == pytest.approx(started.eval_loss, abs=1e-5)
+    scratch = train(dataclasses.replace(fresh, output=str(tmp_path / "scratch"), overrides=TINY))
+    assert started.eval_loss < scratch.eval_loss - 0.5  # a fresh model of the same shape knows nothing yet
+    # A resumed run keeps its own weights and architecture, even once the source is gone.
+    stopped = train(dataclasses.replace(fresh, output=str(tmp_path / "parts"), init_from=str(exported), max_steps=3, stop_after=1))
+    assert stopped.steps == 1
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (exported / name).unlink()
+    resumed = train(TrainSettings(inputs=[], output=str(tmp_path / "parts")), resume=True)
+    assert resumed.resumed_from == 1 and resumed.steps == 3
+
+
+def test_init_from_refuses_what_it_cannot_start_from(trained, tmp_path):
+    source, _, _ = trained
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        train(settings(tmp_path / "a", init_from=str(no_tokenizer)))
+    (no_tokenizer / "tokenizer.json").write_text((source / "tokenizer.json").read_text())
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        train(settings(tmp_path / "b", init_from=str(no_tokenizer)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

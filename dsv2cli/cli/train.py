@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dsv2cli.checkpoint.resolve import resolve_checkpoint
 from dsv2cli.cli.common import emit_json, err, handle_errors, human_count, out
 from dsv2cli.cli.options import Format, TextOrJson, ThreadsOption
 from dsv2cli.errors import InputError
@@ -25,6 +26,7 @@ EPILOG = (
     "  dsv2 train 'notes/**/*.md' --out ./m --experts 16 --top-k 2 --devices 4 --max-devices-per-token 2 "
     "--expert-alpha 0.01 --device-alpha 0.05 --comm-alpha 0.02 --capacity-factor 1.0\n\n"
     "  dsv2 train --resume ./tiny-code --max-time 600\n\n"
+    "  dsv2 train ./more_code --include '*.py' --init-from ./tiny-code --out ./tiny-code-2 --lr 5e-4 --max-steps 200\n\n"
     "The output directory is in Hugging Face layout (config.json, model.safetensors, tokenizer.json): "
     "`dsv2 generate --model DIR` and transformers' DeepseekV2ForCausalLM load it. See docs/train.md."
 )
@@ -63,6 +65,12 @@ def train_command(
     inputs: list[str] = typer.Argument(None, help="Text files, directories (walked recursively) or globs.", show_default=False),
     output: Path = typer.Option(None, "--out", "-o", help="Output directory (HF layout + trainer state)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this output directory exactly where it stopped."),
+    init_from: Path = typer.Option(
+        None,
+        "--init-from",
+        help="Start from this trained model (a float HF-layout directory, or demo): its architecture, tokenizer and weights.",
+        show_default=False,
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out directory."),
     include: list[str] = typer.Option([], "--include", help="Only files matching this glob inside directories (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip paths matching this glob (repeatable)."),
@@ -131,6 +139,8 @@ def train_command(
         import torch
 
         torch.set_num_threads(threads)
+    if resume is not None and init_from is not None:
+        raise InputError("--init-from starts a new run; --resume continues one", hint="pass one of them")
     if resume is not None:
         settings = TrainSettings(inputs=[], output=str(resume), max_time=max_time)
     else:
@@ -142,6 +152,9 @@ def train_command(
         sizes |= {"moe_intermediate_size": moe_intermediate_size, "experts": experts, "shared_experts": shared_experts}
         sizes |= {"top_k": top_k, "first_dense": first_dense, "kv_lora_rank": kv_lora_rank, "q_lora_rank": q_lora_rank}
         overrides = {_SIZE_FLAGS[k]: v for k, v in sizes.items() if v is not None}
+        if init_from is not None:
+            _check_init_from(overrides, set_, tokenizer, preset)
+            init_from = resolve_checkpoint(str(init_from), download=False, what="`init_from`")[1]
         if overrides.get("q_lora_rank") == 0:
             overrides["q_lora_rank"] = None
         if "num_attention_heads" in overrides:
@@ -154,6 +167,7 @@ def train_command(
             overrides=overrides,
             vocab_size=vocab_size,
             tokenizer=str(tokenizer) if tokenizer else None,
+            init_from=str(init_from) if init_from else None,
             include=list(include),
             exclude=list(exclude),
             held_out=held_out,
@@ -198,6 +212,17 @@ def train_command(
         emit_json(result.to_json())
     else:
         _render(result)
+
+
+def _check_init_from(sizes: dict[str, Any], set_: list[str], tokenizer: Path | None, preset: str) -> None:
+    """A run that starts from a trained model takes its architecture and tokenizer as they are."""
+    given = [f"--{k.replace('_', '-')}" for k, v in _SIZE_FLAGS.items() if v in sizes]
+    given += ["--set"] * bool(set_) + ["--tokenizer"] * (tokenizer is not None) + ["--preset"] * (preset != "tiny")
+    if given:
+        raise InputError(
+            f"{', '.join(dict.fromkeys(given))} cannot change a model that --init-from starts from",
+            hint="its architecture and tokenizer come from its config.json and tokenizer.json",
+        )
 
 
 def _summary(r: StepReport) -> str:

@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv2cli.checkpoint.hf_keys import hf_name
+from dsv2cli.checkpoint.loader import load_hf_checkpoint
+from dsv2cli.checkpoint.native import is_native
 from dsv2cli.commit import Output
-from dsv2cli.config import ModelConfig
+from dsv2cli.config import ModelConfig, load_config
 from dsv2cli.errors import CheckpointError, InputError
 from dsv2cli.model import DeepseekV2
 from dsv2cli.untrusted import Fields, is_int, is_number, read_json
@@ -173,13 +175,7 @@ def restore_training(output: Path, model: DeepseekV2, optimizer: torch.optim.Opt
     """Load master weights, optimizer moments and the RNG state saved by :func:`save_checkpoint`."""
     trainer = output / TRAINER_DIR
     try:
-        weights = load_file(str(trainer / "model.safetensors"))
-        if model.config.tie_word_embeddings and "embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        own = model.state_dict()
-        if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-            raise ValueError("model.safetensors does not hold this run's weights")
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
+        _load_weights(model, load_file(str(trainer / "model.safetensors")))
         tensors = load_file(str(trainer / "optimizer.safetensors"))
         rng = tensors.pop("rng.torch", None)
         if rng is None or rng.dtype != torch.uint8:
@@ -190,4 +186,51 @@ def restore_training(output: Path, model: DeepseekV2, optimizer: torch.optim.Opt
         raise CheckpointError(
             f"the trainer checkpoint in {trainer} cannot be restored: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="it is damaged or from another run; start a new run with another `out`",
+        ) from None
+
+
+def _load_weights(model: DeepseekV2, weights: dict[str, torch.Tensor]) -> None:
+    """dsv2-named ``weights`` into ``model`` in its own dtypes; a missing, extra or misshapen tensor raises ValueError."""
+    if model.config.tie_word_embeddings and "embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    own = model.state_dict()
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise ValueError("model.safetensors does not hold this model's weights")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
+
+
+def check_init_source(source: Path) -> ModelConfig:
+    """The config of a model that ``--init-from`` can start from: a float HF-layout directory with a tokenizer."""
+    if not (source / "config.json").is_file():
+        raise InputError(f"{source} has no config.json", hint="`init_from` takes the directory of a trained model")
+    if is_native(source):
+        raise InputError(
+            f"{source} is a dsv2 native (converted) checkpoint",
+            hint="start from the float model it was converted from, e.g. a directory written by dsv2 train",
+        )
+    if not (source / "tokenizer.json").is_file():
+        raise InputError(f"{source} has no tokenizer.json", hint="a run that starts from a model keeps its tokenizer")
+    return load_config(source)
+
+
+def read_initial_weights(source: Path, model: DeepseekV2) -> str:
+    """Copy a trained model's weights into ``model`` and return the file read.
+
+    A directory written by ``dsv2 train`` has float32 master weights (``trainer/model.safetensors``); they
+    are read in preference to the exported ``model.safetensors``, which may have been rounded to bfloat16.
+    """
+    master = source / TRAINER_DIR / "model.safetensors"
+    try:
+        if master.is_file():
+            _load_weights(model, load_file(str(master)))
+            return str(master.relative_to(source))
+        loaded = load_hf_checkpoint(source, torch.float32, config=model.config)
+        _load_weights(model, dict(loaded.state_dict()))
+        return "model.safetensors"
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors, torch and our own checks
+        raise CheckpointError(
+            f"the weights of {source} cannot be used to start this run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="`init_from` takes a float model whose shapes are its own config.json's",
         ) from None

@@ -31,6 +31,7 @@ class TrainSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # HF config.json fields on top of the preset
     vocab_size: int = 4096
     tokenizer: str | None = None  # reuse this tokenizer instead of training one
+    init_from: str | None = None  # start from this trained model's weights, architecture and tokenizer
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     held_out: float = 0.05
@@ -106,9 +107,12 @@ def typed_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
     return values
 
 
-def build_config(settings: TrainSettings, vocab_size: int, bos_id: int | None, eos_id: int | None) -> ModelConfig:
-    """Preset + overrides + tokenizer ids + device-limited routing (``group_limited_greedy`` with D groups, M kept)."""
-    hf = preset_hf_config(settings.preset)
+def build_config(
+    settings: TrainSettings, vocab_size: int, bos_id: int | None, eos_id: int | None, base: dict[str, Any] | None = None
+) -> ModelConfig:
+    """Preset (or ``base``, the config.json of ``init_from``) + overrides + tokenizer ids + device-limited routing
+    (``group_limited_greedy`` with D groups, M kept)."""
+    hf = dict(base) if base is not None else preset_hf_config(settings.preset)
     hf.update(settings.overrides)
     hf.update(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id)
     hf["max_position_embeddings"] = max(int(hf.get("max_position_embeddings") or 0), settings.seq_len)

@@ -124,8 +124,13 @@ def train(
         if resumed_state["step"] > settings.max_steps:
             raise CheckpointError(f"{output}: the saved step {resumed_state['step']} is past max_steps {settings.max_steps}")
     validate(settings)
+    base = None  # the architecture of a run that starts from a trained model: its config.json (after a resume: ours)
+    if settings.init_from is not None:
+        source = output if resumed_state is not None else Path(settings.init_from)
+        base = checkpointing.check_init_source(source).to_hf("deepseek")
     target = Output.claim(output, kind="dir", replace=resume or overwrite, what="`out`", allow_empty=True)
-    check_memory(build_config(settings, max(settings.vocab_size, 2), 0, 1), settings)  # before any slow work
+    vocab = int(base["vocab_size"]) if base is not None else max(settings.vocab_size, 2)
+    check_memory(build_config(settings, vocab, 0, 1, base), settings)  # before any slow work
 
     corpus = load_corpus(settings.inputs, settings.held_out, settings.seed, settings.include, settings.exclude)
     emit(TrainEvent("info", f"{len(corpus.train)} training files, {len(corpus.held_out)} held out, {corpus.skipped} skipped"))
@@ -133,6 +138,8 @@ def train(
         raise InputError("the training files changed since the checkpoint was written", hint="resume needs the same text")
     if resumed_state is not None:
         text_tokenizer = TextTokenizer.from_path(output)
+    elif settings.init_from is not None:
+        text_tokenizer = TextTokenizer.from_path(Path(settings.init_from))
     elif settings.tokenizer:
         text_tokenizer = TextTokenizer.from_path(Path(settings.tokenizer))
     else:
@@ -151,7 +158,9 @@ def train(
     unigram = unigram_cross_entropy(train_rows, eval_rows[:, 1:], tokenizer.get_vocab_size())
     emit(TrainEvent("info", f"{train_rows.numel():,} training tokens, {eval_rows[:, 1:].numel():,} evaluation tokens"))
 
-    config = build_config(settings, tokenizer.get_vocab_size(), bos_id, eos_id)
+    config = build_config(settings, tokenizer.get_vocab_size(), bos_id, eos_id, base)
+    if base is not None and config.vocab_size != base["vocab_size"]:
+        raise InputError(f"{settings.init_from}: its tokenizer has {config.vocab_size} entries, its config {base['vocab_size']}")
     dtype = parse_dtype(settings.dtype)
     export_name = settings.save_dtype or settings.dtype
     generator = torch.Generator().manual_seed(settings.seed)
@@ -170,6 +179,9 @@ def train(
         betas=(settings.beta1, settings.beta2),
     )
     start, history, elapsed_before = 0, [], 0.0
+    if settings.init_from is not None and resumed_state is None:
+        read = checkpointing.read_initial_weights(Path(settings.init_from), model)
+        emit(TrainEvent("info", f"starting from the weights of {settings.init_from} ({read})"))
     if resumed_state is not None:
         checkpointing.restore_training(output, model, optimizer, resumed_state)
         start, elapsed_before = resumed_state["step"], resumed_state["seconds"]
