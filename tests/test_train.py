@@ -247,7 +247,9 @@ def test_init_from_starts_at_the_source_model(trained, tmp_path):
     scratch = train(dataclasses.replace(fresh, output=str(tmp_path / "scratch"), overrides=TINY))
     assert started.eval_loss < scratch.eval_loss - 0.5  # a fresh model of the same shape knows nothing yet
     # A resumed run keeps its own weights and architecture, even once the source is gone.
-    stopped = train(dataclasses.replace(fresh, output=str(tmp_path / "parts"), init_from=str(exported), max_steps=3, stop_after=1))
+    stopped = train(
+        dataclasses.replace(fresh, output=str(tmp_path / "parts"), init_from=str(exported), max_steps=3, stop_after=1)
+    )
     assert stopped.steps == 1
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (exported / name).unlink()
