@@ -1,6 +1,6 @@
 """Measure the bundled demo model against issue #24's targets and write its ``evaluation.json``.
 
-Usage: python benchmarks/demo_evaluate.py MODEL_DIR CORPUS_DIR [--choose-sampling] [--write]
+Usage: python benchmarks/demo_evaluate.py MODEL_DIR CORPUS_DIR [--also-trained-on CORPUS_DIR] [--choose-sampling] [--write]
 
 CORPUS_DIR is what ``benchmarks/demo_corpus.py`` built: ``train/<package>/`` (trained on) and
 ``held_out/<package>/`` (whole packages never trained on). Measured:
@@ -129,6 +129,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", type=Path)
     parser.add_argument("corpus", type=Path)
+    parser.add_argument(
+        "--also-trained-on",
+        type=Path,
+        action="append",
+        default=[],
+        help="another corpus directory whose train/ the model saw (a run started with --init-from): copies of it count too",
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--choose-sampling", action="store_true")
     parser.add_argument("--write", action="store_true", help="write MODEL/evaluation.json (and the chosen sampling)")
@@ -218,7 +225,8 @@ def main() -> None:
         defaults = loaded.tokenizer.special.generation_defaults
     temperature, top_p = float(defaults.get("temperature", 1.0)), float(defaults.get("top_p", 1.0))
     penalty = float(defaults.get("repetition_penalty", 1.0))
-    corpus = "\n\x00".join(p.read_text(encoding="utf-8") for p in sorted((args.corpus / "train").rglob("*.py")))
+    trained_on = [args.corpus, *args.also_trained_on]
+    corpus = "\n\x00".join(p.read_text(encoding="utf-8") for c in trained_on for p in sorted((c / "train").rglob("*.py")))
     prompts = list(SIGNATURES + OPENINGS)
     sampled = generate(loaded, prompts, 128, temperature, top_p, penalty, 0)
     shared = [longest_shared(p + t, corpus) for p, t in zip(prompts, sampled, strict=True)]
