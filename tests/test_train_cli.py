@@ -54,6 +54,7 @@ def test_tiny_run_json_and_resume(tmp_path):
         ([CORPUS, "--out", "{out}", "--expert-alpha", "-1"], "must not be negative"),
         (["--resume", "{empty}"], "no resumable trainer state"),
         ([CORPUS, "--out", "{out}", "--init-from", "demo", "--layers", "3"], "--layers cannot change"),
+        ([CORPUS, "--out", "{out}", "--init-from", "demo", "--vocab-size", "300"], "--vocab-size cannot change"),
         ([CORPUS, "--out", "{out}", "--init-from", "/nonexistent/model"], "--init-from '/nonexistent/model' not found"),
         ([CORPUS, "--out", "{out}", "--init-from", "{empty}"], "no config.json"),
         (["--resume", "{empty}", "--init-from", "demo"], "--init-from starts a new run"),

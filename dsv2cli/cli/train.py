@@ -153,7 +153,7 @@ def train_command(
         sizes |= {"top_k": top_k, "first_dense": first_dense, "kv_lora_rank": kv_lora_rank, "q_lora_rank": q_lora_rank}
         overrides = {_SIZE_FLAGS[k]: v for k, v in sizes.items() if v is not None}
         if init_from is not None:
-            _check_init_from(overrides, set_, tokenizer, preset)
+            _check_init_from(overrides, set_, tokenizer, preset, vocab_size)
             init_from = resolve_checkpoint(str(init_from), download=False, what="`init_from`")[1]
         if overrides.get("q_lora_rank") == 0:
             overrides["q_lora_rank"] = None
@@ -214,10 +214,11 @@ def train_command(
         _render(result)
 
 
-def _check_init_from(sizes: dict[str, Any], set_: list[str], tokenizer: Path | None, preset: str) -> None:
+def _check_init_from(sizes: dict[str, Any], set_: list[str], tokenizer: Path | None, preset: str, vocab_size: int) -> None:
     """A run that starts from a trained model takes its architecture and tokenizer as they are."""
     given = [f"--{k.replace('_', '-')}" for k, v in _SIZE_FLAGS.items() if v in sizes]
     given += ["--set"] * bool(set_) + ["--tokenizer"] * (tokenizer is not None) + ["--preset"] * (preset != "tiny")
+    given += ["--vocab-size"] * (vocab_size != 4096)  # the option's default
     if given:
         raise InputError(
             f"{', '.join(dict.fromkeys(given))} cannot change a model that --init-from starts from",
