@@ -146,15 +146,28 @@ float dot_row(const int8_t* x, const __m256i* offset, const uint8_t* weight, int
   const char* ahead = reinterpret_cast<const char*>(weight + kPrefetchRows * stride);
   __m256 acc = _mm256_setzero_ps();
   if (group == 32) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (c % 2 == 0) _mm_prefetch(ahead + 32 * c, _MM_HINT_T0);
+    // Two sums, even and odd chunks, so that consecutive chunks' FMAs do not wait on each other (one chain
+    // allows a chunk per FMA latency, about what one core must stream).
+    __m256 odd = _mm256_setzero_ps();
+    const auto chunk = [&](int64_t c, __m256 sum) {
       const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c));
       const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * c + 32));
       const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight + 32 * c));
       const __m256i low = _mm256_and_si256(packed, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
       const __m256i sums32 = _mm256_sub_epi32(sum_pairs(low, x_low, high, x_high, ones), offset[c]);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), two_scales(scale + 2 * c, spread), acc);
+      return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), two_scales(scale + 2 * c, spread), sum);
+    };
+    int64_t c = 0;
+    for (; c + 1 < chunks; c += 2) {
+      _mm_prefetch(ahead + 32 * c, _MM_HINT_T0);
+      acc = chunk(c, acc);
+      odd = chunk(c + 1, odd);
     }
+    if (c < chunks) {
+      _mm_prefetch(ahead + 32 * c, _MM_HINT_T0);
+      acc = chunk(c, acc);
+    }
+    acc = _mm256_add_ps(acc, odd);
     if (width % 64) {  // one block of 32 in input order, its lanes all in the last group
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * chunks));
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + 32 * chunks));
