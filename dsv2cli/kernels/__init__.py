@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp", "int4_matmul.cpp")]
-_HEADERS = [Path(__file__).with_name("stacked_rows.h")]  # included by the sources
+_HEADERS = [Path(__file__).with_name(name) for name in ("stacked_rows.h", "lane_sums.h")]  # included by the sources
 _NAME = "dsv2cli_kernels"
 log = logging.getLogger(__name__)
 

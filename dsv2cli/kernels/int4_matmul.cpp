@@ -22,6 +22,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "lane_sums.h"
 #include "stacked_rows.h"
 
 using dsv2cli::StackedRows;
@@ -51,12 +52,7 @@ constexpr int64_t kPrefetchRows = 8;     // how far ahead dot_row prefetches, in
 constexpr int64_t kRowsPerTask = 32;     // output rows per thread task
 
 #if defined(DSV2_INT4_AVX2)
-inline float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
-}
+using dsv2cli::horizontal_sum;
 
 // A row of x laid out for 32-byte weight loads. 32 bytes of packed levels are two blocks: their low nibbles are
 // inputs 0-15 and 32-47 of a chunk of 64, their high nibbles inputs 16-31 and 48-63. So per chunk the row is

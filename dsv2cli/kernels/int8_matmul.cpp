@@ -20,11 +20,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lane_sums.h"
 #include "stacked_rows.h"
 
 using dsv2cli::StackedRows;
 using dsv2cli::Task;
 using dsv2cli::stacked_rows;
+#if defined(__AVX2__)
+using dsv2cli::horizontal_sum;
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -40,13 +44,6 @@ constexpr int64_t kRowsPerBlock = 8;     // output rows whose sums are accumulat
 constexpr int64_t kBlocksPerTask = 4;    // 32 output rows per thread task
 
 #if defined(__AVX2__)
-inline int32_t horizontal_sum(__m256i v) {
-  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));
-  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(sum);
-}
-
 // Products of 32 int8 pairs, summed in pairs of pairs into 8 int32 lanes.
 inline __m256i dot32(__m256i x_abs, __m256i x, __m256i w, __m256i ones) {
   const __m256i products = _mm256_maddubs_epi16(x_abs, _mm256_sign_epi8(w, x));  // |x| * (w * sign x): 16 int16

@@ -50,6 +50,8 @@
 #if !DSV2_AVX512 && defined(CPU_CAPABILITY_AVX2)
 #define DSV2_AVX2 1
 #include <immintrin.h>
+
+#include "lane_sums.h"
 #else
 #define DSV2_AVX2 0
 #endif
@@ -212,24 +214,18 @@ void score_block(const Group& group, int64_t width, const at::BFloat16* block, i
 #endif
 
 #if DSV2_AVX2
-inline float horizontal_sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
-}
+using dsv2cli::horizontal_sum;
 
 // With AVX2 and bfloat16 entries, broadcasting each entry value against a column of 8 rows widens one
 // value per FMA; instead a tile of kScoreRows rows x kScoreEntries entries runs along the width, 8 values
 // at a time, each entry vector widened once for 4 rows, and each sum is reduced across its lanes at the
 // end (8.0 against 11.1 ms at 4096 entries). Float32 entries keep the generic broadcast scores, which
 // measured faster than this (7.6 against 8.6 ms).
-template <typename T>
-void score_block_avx2(const Group& group, int64_t width, const T* block, int64_t stride, int64_t count, float scale, Vec* scores) {
+void score_block(const Group& group, int64_t width, const at::BFloat16* block, int64_t stride, int64_t count, float scale, Vec* scores) {
   float* out = reinterpret_cast<float*>(scores);  // [count][L]
   const int64_t vector_end = width - width % L;
   for (int64_t e0 = 0; e0 < count; e0 += kScoreEntries) {
-    const T* entry[kScoreEntries];
+    const at::BFloat16* entry[kScoreEntries];
     for (int64_t j = 0; j < kScoreEntries; ++j) entry[j] = block + std::min(e0 + j, count - 1) * stride;
     for (int64_t r0 = 0; r0 < L; r0 += kScoreRows) {
       if (r0 >= group.count) {  // lanes of rows the group does not have: never read, kept finite
@@ -258,10 +254,6 @@ void score_block_avx2(const Group& group, int64_t width, const T* block, int64_t
       }
     }
   }
-}
-
-void score_block(const Group& group, int64_t width, const at::BFloat16* block, int64_t stride, int64_t count, float scale, Vec* scores) {
-  score_block_avx2(group, width, block, stride, count, scale, scores);
 }
 #endif
 
