@@ -31,6 +31,8 @@ EPILOG = (
     "`dsv2 generate --model DIR` and transformers' DeepseekV2ForCausalLM load it. See docs/train.md."
 )
 
+VOCAB_SIZE = 4096  # --vocab-size's default
+
 # CLI flag -> HF config.json field.
 _SIZE_FLAGS = {
     "hidden_size": "hidden_size",
@@ -88,7 +90,7 @@ def train_command(
     kv_lora_rank: int = typer.Option(None, "--kv-lora-rank", help="MLA latent size.", show_default=False),
     q_lora_rank: int = typer.Option(None, "--q-lora-rank", help="MLA query compression (0 = none).", show_default=False),
     set_: list[str] = typer.Option([], "--set", help="Any config.json field, KEY=VALUE (JSON value; repeatable)."),
-    vocab_size: int = typer.Option(4096, "--vocab-size", help="Size of the byte-level BPE vocabulary to train."),
+    vocab_size: int = typer.Option(VOCAB_SIZE, "--vocab-size", help="Size of the byte-level BPE vocabulary to train."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Reuse this tokenizer.json (or a directory holding one)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training sequence."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
@@ -218,7 +220,7 @@ def _check_init_from(sizes: dict[str, Any], set_: list[str], tokenizer: Path | N
     """A run that starts from a trained model takes its architecture and tokenizer as they are."""
     given = [f"--{k.replace('_', '-')}" for k, v in _SIZE_FLAGS.items() if v in sizes]
     given += ["--set"] * bool(set_) + ["--tokenizer"] * (tokenizer is not None) + ["--preset"] * (preset != "tiny")
-    given += ["--vocab-size"] * (vocab_size != 4096)  # the option's default
+    given += ["--vocab-size"] * (vocab_size != VOCAB_SIZE)
     if given:
         raise InputError(
             f"{', '.join(dict.fromkeys(given))} cannot change a model that --init-from starts from",

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsv2cli.checkpoint.files import inspect_checkpoint
 from dsv2cli.checkpoint.hf_keys import hf_name
-from dsv2cli.checkpoint.loader import load_hf_checkpoint
+from dsv2cli.checkpoint.loader import read_hf_state_dict
 from dsv2cli.checkpoint.native import is_native
 from dsv2cli.commit import Output
 from dsv2cli.config import ModelConfig, load_config
@@ -224,8 +225,7 @@ def read_initial_weights(source: Path, model: DeepseekV2) -> str:
         if master.is_file():
             _load_weights(model, load_file(str(master)))
             return str(master.relative_to(source))
-        loaded = load_hf_checkpoint(source, torch.float32, config=model.config)
-        _load_weights(model, dict(loaded.state_dict()))
+        _load_weights(model, read_hf_state_dict(inspect_checkpoint(source, model.config), model.config, torch.float32))
         return "model.safetensors"
     except CheckpointError:
         raise
