@@ -35,9 +35,10 @@ def _expected(query: torch.Tensor, entries: torch.Tensor, filled: int, rank: int
     return (probs @ kept[:, :rank]).float()
 
 
-# (rows, rank, rope, filled): a row group of 16 and ragged ones, one entry, a block's tail, several
+# (rows, rank, rope, filled): a row group of 16 and ragged ones (20: two groups and a ragged one with AVX2;
+# 32: two pairs of groups), one entry, a block's tail, several
 # blocks, and enough entries for each thread to take a range of its own.
-SHAPES = [(16, 512, 64, 1), (16, 512, 64, 7), (16, 512, 64, 200), (5, 32, 16, 99), (20, 64, 2, 650), (3, 16, 8, 1000)]
+SHAPES = [(16, 512, 64, 1), (16, 512, 64, 7), (16, 512, 64, 200), (5, 32, 16, 99), (20, 64, 2, 650), (3, 16, 8, 1000), (32, 128, 16, 300)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])

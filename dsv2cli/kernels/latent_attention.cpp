@@ -25,7 +25,9 @@
 //
 // With AVX2 (8 lanes: two groups for 16 heads) a thread scores and accumulates a block of entries for
 // every group before reading the next, so each entry comes from memory once however many groups there
-// are; scores of bfloat16 entries run along the width, a tile of 4 rows x 2 entries at a time.
+// are, and groups go in pairs: a broadcast entry value feeds the products of both (score_pair), and the
+// outputs of both are accumulated 4 rows x 24 columns at a time, 12 sums in flight (accumulate_pair);
+// scores of bfloat16 entries run along the width, a tile of 4 rows x 2 entries at a time.
 //
 // Built at run time by dsv2cli/kernels/__init__.py with the vector flags inductor uses.
 
@@ -96,7 +98,8 @@ struct Group {
   std::vector<float> columns;
   std::vector<int32_t> units;
   std::vector<float> rows;
-  int64_t count = 0;  // the group's rows (the last group may have fewer than L)
+  std::vector<float> paired;  // AVX2, float32 entries, even groups followed by another: [width][2L], this group's columns then the next's
+  int64_t count = 0;          // the group's rows (the last group may have fewer than L)
 };
 
 // What one thread keeps for one group over its range of entries: per lane the running max and sum
@@ -255,6 +258,71 @@ void score_block(const Group& group, int64_t width, const at::BFloat16* block, i
     }
   }
 }
+
+// Two groups (16 rows) at once, float32 entries: each broadcast entry value feeds two products, one per group,
+// so a step of kPairEntries entries loads 2 + 6 values for 12 FMAs with 12 sums in flight (one group at a time
+// loads 9 for 8, and 8 sums cover less than the FMAs' latency x throughput). A microbenchmark of the bare loops
+// on one Zen 2 core, cache from memory: 41 against 28 G multiply-adds/s. probs [count][2] (group, then the next).
+constexpr int64_t kPairEntries = 6;
+
+void score_pair(const Group& group, int64_t width, const float* block, int64_t stride, int64_t count, float scale, Vec* scores) {
+  const float* query = group.paired.data();
+  for (int64_t e0 = 0; e0 < count; e0 += kPairEntries) {
+    const float* entry[kPairEntries];
+    for (int64_t j = 0; j < kPairEntries; ++j) entry[j] = block + std::min(e0 + j, count - 1) * stride;
+    __m256 first[kPairEntries], second[kPairEntries];
+    for (int64_t j = 0; j < kPairEntries; ++j) first[j] = second[j] = _mm256_setzero_ps();
+    // The tile after next, a line every other step (a tile is kPairEntries * width * 4 bytes, 24 per step).
+    const char* ahead = reinterpret_cast<const char*>(block + (e0 + 2 * kPairEntries) * stride);
+    for (int64_t d = 0; d < width; ++d) {
+      if (d % 2 == 0) _mm_prefetch(ahead + d * static_cast<int64_t>(sizeof(float)) * kPairEntries, _MM_HINT_T0);
+      const __m256 q_first = _mm256_loadu_ps(query + d * 2 * L), q_second = _mm256_loadu_ps(query + d * 2 * L + L);
+      for (int64_t j = 0; j < kPairEntries; ++j) {
+        const __m256 value = _mm256_broadcast_ss(entry[j] + d);
+        first[j] = _mm256_fmadd_ps(value, q_first, first[j]);
+        second[j] = _mm256_fmadd_ps(value, q_second, second[j]);
+      }
+    }
+    const __m256 factor = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < kPairEntries && e0 + j < count; ++j) {
+      scores[2 * (e0 + j)] = Vec(_mm256_mul_ps(first[j], factor));
+      scores[2 * (e0 + j) + 1] = Vec(_mm256_mul_ps(second[j], factor));
+    }
+  }
+}
+
+// outs[g][i][c] += sum_e probs[e][g][i] * c_e[c] for the 16 rows of two groups: tiles of 4 rows x 3 vectors of 8
+// columns (12 sums, 3 + 4 loads for 12 FMAs; in the microbenchmark 4 x 3 beat 8 x 1, 4 x 2, 3 x 4 and 2 x 6).
+constexpr int64_t kPairRows = 4, kPairVectors = 3;
+
+template <int64_t Vectors, typename T>
+inline void accumulate_pair_tile(const float* probs, const T* block, int64_t stride, int64_t count, int64_t r0, int64_t c0, float* out,
+                                 int64_t rank) {
+  Vec acc[kPairRows][Vectors];
+  for (int64_t i = 0; i < kPairRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = Vec::loadu(out + i * rank + c0 + v * L);
+  for (int64_t e = 0; e < count; ++e) {
+    Vec value[Vectors];
+    for (int64_t v = 0; v < Vectors; ++v) value[v] = load_as_float(block + e * stride + c0 + v * L);
+    for (int64_t i = 0; i < kPairRows; ++i) {
+      const Vec weight(probs[e * 2 * L + r0 + i]);
+      for (int64_t v = 0; v < Vectors; ++v) acc[i][v] = at::vec::fmadd(weight, value[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < kPairRows; ++i)
+    for (int64_t v = 0; v < Vectors; ++v) acc[i][v].store(out + i * rank + c0 + v * L);
+}
+
+template <typename T>
+void accumulate_pair(const Vec* probs, const T* block, int64_t stride, int64_t count, int64_t rank, float* first, float* second) {
+  const float* p = reinterpret_cast<const float*>(probs);  // [count][2L]
+  for (int64_t r0 = 0; r0 < 2 * L; r0 += kPairRows) {
+    float* out = (r0 < L ? first : second) + (r0 % L) * rank;  // a tile's rows lie in one group
+    int64_t c0 = 0;
+    for (; c0 + kPairVectors * L <= rank; c0 += kPairVectors * L) accumulate_pair_tile<kPairVectors>(p, block, stride, count, r0, c0, out, rank);
+    for (; c0 < rank; c0 += L) accumulate_pair_tile<1>(p, block, stride, count, r0, c0, out, rank);  // rank is a multiple of 16
+  }
+}
 #endif
 
 // out[l] += sum_e probs[e][l] * c_e for the group's rows l < rows, over the block's `count` entries.
@@ -364,45 +432,67 @@ void accumulate_block(const Vec* probs, int64_t, const at::BFloat16* block, int6
 }
 #endif
 
+// The online softmax of one group over a block: its `count` scores (every `step`-th vector of `scores`) become
+// probabilities against the running max, which moves up to the block's; rows whose max grew rescale their outputs.
+void softmax_block(Vec* scores, int64_t step, int64_t count, bool first_block, int64_t rows, int64_t rank, Partial& partial) {
+  Vec block_max = scores[0];
+  for (int64_t e = 1; e < count; ++e) block_max = at::vec::maximum(block_max, scores[e * step]);
+  const Vec new_max = first_block ? block_max : at::vec::maximum(partial.max, block_max);
+  Vec block_sum(0.0f);
+  for (int64_t e = 0; e < count; ++e) {
+    scores[e * step] = (scores[e * step] - new_max).exp_u20();
+    block_sum = block_sum + scores[e * step];
+  }
+  if (first_block) {
+    partial.sum = block_sum;
+  } else {
+    const Vec correction = (partial.max - new_max).exp_u20();
+    partial.sum = partial.sum * correction + block_sum;
+    float factors[L];
+    correction.store(factors);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (factors[r] == 1.0f) continue;
+      float* o = partial.out.data() + r * rank;
+      for (int64_t c = 0; c < rank; c += L) (Vec::loadu(o + c) * Vec(factors[r])).store(o + c);
+    }
+  }
+  partial.max = new_max;
+}
+
 // The partial results of `sets` consecutive groups over entries [begin, end): each block of entries is
-// read from memory once and then served to every group from the CPU's caches.
+// read from memory once and then served to every group from the CPU's caches (with AVX2, two groups at a time
+// where there are two: score_pair, accumulate_pair).
 template <typename T>
 void attend_range(const Group* groups, int64_t sets, int64_t width, const T* entries, int64_t stride, int64_t begin, int64_t end,
                   int64_t rank, float scale, Partial* partials) {
   for (int64_t g = 0; g < sets; ++g) partials[g].out.assign(L * rank, 0.0f);
-  Vec probs[kBlock];
+  Vec probs[2 * kBlock];
   for (int64_t first = begin; first < end; first += kBlock) {
     const int64_t count = std::min(kBlock, end - first);
     const T* block = entries + first * stride;
-    for (int64_t g = 0; g < sets; ++g) {
-      const Group& group = groups[g];
-      Partial& partial = partials[g];
-      const int64_t rows = group.count;
-      score_block(group, width, block, stride, count, scale, probs);
-      // Online softmax, every row at once; rows whose max grows rescale their running outputs.
-      Vec block_max = probs[0];
-      for (int64_t e = 1; e < count; ++e) block_max = at::vec::maximum(block_max, probs[e]);
-      const Vec new_max = first == begin ? block_max : at::vec::maximum(partial.max, block_max);
-      Vec block_sum(0.0f);
-      for (int64_t e = 0; e < count; ++e) {
-        probs[e] = (probs[e] - new_max).exp_u20();
-        block_sum = block_sum + probs[e];
-      }
-      if (first == begin) {
-        partial.sum = block_sum;
-      } else {
-        const Vec correction = (partial.max - new_max).exp_u20();
-        partial.sum = partial.sum * correction + block_sum;
-        float factors[L];
-        correction.store(factors);
-        for (int64_t r = 0; r < rows; ++r) {
-          if (factors[r] == 1.0f) continue;
-          float* o = partial.out.data() + r * rank;
-          for (int64_t c = 0; c < rank; c += L) (Vec::loadu(o + c) * Vec(factors[r])).store(o + c);
+    int64_t g = 0;
+#if DSV2_AVX2
+    for (; g + 1 < sets; g += 2) {
+      if constexpr (std::is_same_v<T, float>) {
+        score_pair(groups[g], width, block, stride, count, scale, probs);
+      } else {  // bfloat16 scores run along the width, a group at a time; the pair shares the accumulation
+        Vec scores[2][kBlock];
+        score_block(groups[g], width, block, stride, count, scale, scores[0]);
+        score_block(groups[g + 1], width, block, stride, count, scale, scores[1]);
+        for (int64_t e = 0; e < count; ++e) {
+          probs[2 * e] = scores[0][e];
+          probs[2 * e + 1] = scores[1][e];
         }
       }
-      partial.max = new_max;
-      accumulate_block(probs, rows, block, stride, count, rank, partial.out.data());
+      softmax_block(probs, 2, count, first == begin, groups[g].count, rank, partials[g]);
+      softmax_block(probs + 1, 2, count, first == begin, groups[g + 1].count, rank, partials[g + 1]);
+      accumulate_pair(probs, block, stride, count, rank, partials[g].out.data(), partials[g + 1].out.data());
+    }
+#endif
+    for (; g < sets; ++g) {
+      score_block(groups[g], width, block, stride, count, scale, probs);
+      softmax_block(probs, 1, count, first == begin, groups[g].count, rank, partials[g]);
+      accumulate_block(probs, groups[g].count, block, stride, count, rank, partials[g].out.data());
     }
   }
 }
@@ -459,6 +549,18 @@ at::Tensor latent_attention(const at::Tensor& query, const at::Tensor& entries, 
   for (int64_t g = 0; g < groups; ++g)
     query_groups.push_back(
         make_group(q.data_ptr<float>() + g * L * width, std::min(L, rows - g * L), width, entries.scalar_type() == at::kBFloat16));
+#if DSV2_AVX2
+  if (entries.scalar_type() == at::kFloat) {
+    for (int64_t g = 0; g + 1 < groups; g += 2) {
+      std::vector<float>& paired = query_groups[g].paired;
+      paired.resize(width * 2 * L);
+      for (int64_t d = 0; d < width; ++d) {
+        std::memcpy(paired.data() + d * 2 * L, query_groups[g].columns.data() + d * L, L * sizeof(float));
+        std::memcpy(paired.data() + d * 2 * L + L, query_groups[g + 1].columns.data() + d * L, L * sizeof(float));
+      }
+    }
+  }
+#endif
   // Ranges of entries for the threads (flash-decoding), at least a block each.
   const int64_t attended = length - first_entry;
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (attended + kBlock - 1) / kBlock));
