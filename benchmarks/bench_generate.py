@@ -75,6 +75,19 @@ def memory_bandwidth_gbs(threads: int) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def read_bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth (bytes read / s) of a sum over 1 GiB of float32, best of 5: what a decode step that only
+    streams weights could reach at most (a copy also writes, and reads more slowly beside its writes)."""
+    torch.set_num_threads(threads)
+    src = torch.ones(256 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * 4 / best / 1e9
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_generate import make_checkpoint, memory_bandwidth_gbs  # noqa: E402
+from bench_generate import make_checkpoint, memory_bandwidth_gbs, read_bandwidth_gbs  # noqa: E402
 from llamacpp import (  # noqa: E402  (bench_convert.py imports converter and llama_source from here)
     DEFAULT_CACHE,
     converter,
@@ -220,7 +220,8 @@ def active_bytes(config: ModelConfig, precision: str) -> float:
     """Weight bytes one decoded token reads (the embedding row is left out).
 
     int8: one byte per value of every quantized matrix (their float32 row scales, well under 1 MB,
-    are left out); the router and ``kv_b_proj`` stay float32 (see ``dsv2cli/model/quantized.py``).
+    are left out); the router stays float32, and ``kv_b_proj``, float32 too, is read in decode through its
+    int8 copies, one byte per value (``Int8Absorbed`` in ``dsv2cli/model/quantized.py``; int4 models too).
     """
     params = count_params(config).active_without_embedding
     if precision == "float32":
@@ -230,9 +231,8 @@ def active_bytes(config: ModelConfig, precision: str) -> float:
     layers, moe_layers = config.num_hidden_layers, sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     kv_b = layers * config.kv_lora_rank * config.num_attention_heads * (config.qk_nope_head_dim + config.v_head_dim)
     router = moe_layers * (config.n_routed_experts or 0) * config.hidden_size
-    float_values = kv_b + router
     per_value = 1 if precision == "int8" else 0.5 + 2 / 32  # int4: a nibble, and a float16 scale per 32 values
-    return (params - float_values) * per_value + float_values * 4
+    return (params - kv_b - router) * per_value + kv_b + router * 4
 
 
 def bytes_per_token(config: ModelConfig, mode: str, context: int, with_cache: bool) -> float:
@@ -244,12 +244,21 @@ def bytes_per_token(config: ModelConfig, mode: str, context: int, with_cache: bo
 
 
 def print_report(
-    results: dict, contexts: list[int], prefill: int, threads: int, bandwidths: list[float], config: ModelConfig, name: str
+    results: dict,
+    contexts: list[int],
+    prefill: int,
+    threads: int,
+    bandwidths: list[float],
+    reads: list[float],
+    config: ModelConfig,
+    name: str,
 ) -> None:
     bandwidth = max(bandwidths)
     print(f"\n{name}: random DeepSeek-V2-shaped model, {threads} threads, CPU")
     measured = ", ".join(f"{b:.1f}" for b in bandwidths)
-    print(f"memory bandwidth (large copy, read + write) {bandwidth:.1f} GB/s, the fastest of {measured} (one per round)\n")
+    print(f"memory bandwidth (large copy, read + write) {bandwidth:.1f} GB/s, the fastest of {measured} (one per round)")
+    read_measured = ", ".join(f"{b:.1f}" for b in reads)
+    print(f"read bandwidth (sum over 1 GiB) {max(reads):.1f} GB/s, the fastest of {read_measured} (one per round)\n")
     columns = [
         ("llama.cpp F32", "llama:f32"),
         ("dsv2 float32", "dsv2:float32"),
@@ -332,6 +341,44 @@ def print_report(
         "or weights plus the latent cache a step reads at that context; target for int8: <= 1.5\n"
     )
     print_paired_floors(results, contexts, config)
+    print_read_ceilings(results, contexts, config, max(reads))
+
+
+# (what, dsv2 engine, the engine it is compared with, the issue's target ratio)
+TARGETS = (
+    ("int8 >= 1.5 x llama.cpp Q8_0", "dsv2:int8", "llama:q8_0", 1.5),
+    ("int4 >= 1.5 x llama.cpp Q4_0", "dsv2:int4", "llama:q4_0", 1.5),
+    ("int4 >= 1.6 x dsv2 int8", "dsv2:int4", "dsv2:int8", 1.6),
+)
+
+
+def print_read_ceilings(results: dict, contexts: list[int], config: ModelConfig, read: float) -> None:
+    """The fastest decode each dsv2 mode could reach if a step did nothing but read its weights and the latent
+    cache at the read bandwidth, and what each decode target asks of it: a target above the ceiling cannot be
+    met on this machine by any kernel."""
+    print("| dsv2 mode | " + " | ".join(f"@{c} read ceiling tok/s | @{c} measured / ceiling" for c in contexts) + " |")
+    print("|---" * (1 + 2 * len(contexts)) + "|")
+    ceilings: dict[str, list[float]] = {}
+    for mode in DSV2_MODES:
+        key = f"dsv2:{mode}"
+        if key not in results:
+            continue
+        ceilings[key] = [read * 1e9 / bytes_per_token(config, mode, c, True) for c in contexts]
+        measured = [results[key]["decode_tokens_per_s"][str(c)] for c in contexts]
+        cells = [f"{ceiling:.1f} | {m / ceiling:.0%}" for ceiling, m in zip(ceilings[key], measured, strict=True)]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    print(
+        "\nread ceiling = read bandwidth / (weight + latent-cache bytes a step reads); attention arithmetic and everything else come on top\n"
+    )
+    for what, ours, theirs, target in TARGETS:
+        if ours not in ceilings or theirs not in results:
+            continue
+        for context, ceiling in zip(contexts, ceilings[ours], strict=True):
+            needed = target * results[theirs]["decode_tokens_per_s"][str(context)]
+            print(
+                f"{what} @{context}: needs {needed:.1f} tokens/s, {needed / ceiling:.0%} of {ours}'s read ceiling ({ceiling:.1f})"
+            )
+    print()
 
 
 def print_paired_floors(results: dict, contexts: list[int], config: ModelConfig) -> None:
@@ -479,6 +526,7 @@ def main() -> None:
             jobs.append((f"dsv2:{precision}", command))
         runs: dict[str, list[dict]] = {key: [] for key, _ in jobs}
         bandwidths: list[float] = []
+        reads: list[float] = []
         for round_index in range(args.rounds):
             for key, job in jobs:
                 log(f"round {round_index + 1}/{args.rounds}: {key} ...")
@@ -491,6 +539,7 @@ def main() -> None:
                     done = subprocess.run(job, capture_output=True, text=True, check=True)
                     runs[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
             bandwidths.append(memory_bandwidth_gbs(args.threads))
+            reads.append(read_bandwidth_gbs(args.threads))
         results = {key: best_of(value) for key, value in runs.items()}
         quality = {}
         checked = [
@@ -512,7 +561,7 @@ def main() -> None:
             for mode in checked:
                 for name, (directory, tokens) in samples.items():
                     quality[f"{mode}, {name}"] = decode_quality(directory, tokens, mode)
-    print_report(results, args.contexts, args.prefill, args.threads, bandwidths, config, checkpoint.name)
+    print_report(results, args.contexts, args.prefill, args.threads, bandwidths, reads, config, checkpoint.name)
     for name, q in quality.items():
         print(
             f"{name} decode path vs float32, {q['tokens']} teacher-forced tokens: "
