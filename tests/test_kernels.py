@@ -38,7 +38,15 @@ def _expected(query: torch.Tensor, entries: torch.Tensor, filled: int, rank: int
 # (rows, rank, rope, filled): a row group of 16 and ragged ones (20: two groups and a ragged one with AVX2;
 # 32: two pairs of groups), one entry, a block's tail, several
 # blocks, and enough entries for each thread to take a range of its own.
-SHAPES = [(16, 512, 64, 1), (16, 512, 64, 7), (16, 512, 64, 200), (5, 32, 16, 99), (20, 64, 2, 650), (3, 16, 8, 1000), (32, 128, 16, 300)]
+SHAPES = [
+    (16, 512, 64, 1),
+    (16, 512, 64, 7),
+    (16, 512, 64, 200),
+    (5, 32, 16, 99),
+    (20, 64, 2, 650),
+    (3, 16, 8, 1000),
+    (32, 128, 16, 300),
+]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -100,6 +108,33 @@ def test_what_it_serves(loaded):
     assert not kernels.NO_KERNELS.latent_attention_supported(query, torch.randn(10, 576), 512)
     assert not kernels.NO_KERNELS.int8_matmul_supported(torch.zeros(4, 8, dtype=torch.int8))
     assert kernels.load() is loaded  # one handle per process
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 2048, 64), (16, 2048, 64), (3, 100, 37), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_float_matmul_equals_a_float64_product(loaded, shape, threads):
+    """The router's product for a decode step's rows: any width and output count (a tail past the vectors)."""
+    rows, width, outputs = shape
+    generator = torch.Generator().manual_seed(width + outputs)
+    x = torch.randn(rows, width, generator=generator)
+    weight = torch.randn(outputs + 2, width, generator=generator)[1:-1]  # a view into a bigger tensor
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = loaded.float_matmul(x, weight)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.shape == (rows, outputs) and got.dtype == torch.float32
+    torch.testing.assert_close(got, (x.double() @ weight.double().t()).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_float_matmul_serves_decode_rows_only(loaded):
+    weight = torch.randn(64, 32)
+    assert loaded.float_matmul_supported(torch.randn(16, 32), weight)
+    assert not loaded.float_matmul_supported(torch.randn(17, 32), weight)  # a prefill: BLAS
+    assert not loaded.float_matmul_supported(torch.randn(1, 32).bfloat16(), weight.bfloat16())
+    assert not loaded.float_matmul_supported(torch.randn(1, 32), torch.randn(32, 64).t())  # rows strided
+    assert not kernels.NO_KERNELS.float_matmul_supported(torch.randn(1, 32), weight)
 
 
 def test_a_failed_build_is_logged_once_and_reported_as_unavailable(monkeypatch, caplog):

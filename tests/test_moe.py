@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from dsv2cli import kernels
 from dsv2cli.config import ModelConfig
 from dsv2cli.model.moe import MoE, Router, RoutingDecision, run_experts, select_experts
-from tests.helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
+from tests.helpers import one_thread_per_module, skip_without_kernels  # noqa: F401 (autouse fixture)
 
 
 def _config(**changes) -> ModelConfig:
@@ -248,3 +249,32 @@ def test_run_experts_runs_each_chosen_expert_once_on_its_tokens():
     assert calls == [(0, [1.0, 10.0, 100.0]), (2, [1.0, 100.0])]  # experts 1 and 3 untouched, -1 skipped
     # Token 0: 0.5 x 3 x 1 + 0.25 x 1 x 1; token 1: 1.0 x 10; token 2: 2 x 3 x 100 + 1 x 100.
     assert out[:, 0].tolist() == [1.75, 10.0, 700.0]
+
+
+def test_router_of_a_decode_step_takes_the_float_kernel_and_chooses_the_same():
+    """With dsv2's kernels, the few rows of a decode step go through ``float_matmul``; the router's choice
+    is the one F.linear's logits give (the sums differ in order only)."""
+    loaded = kernels.load()
+    if not loaded.available:
+        skip_without_kernels(f"dsv2's kernels do not build here ({loaded.error})")
+    config = _config(hidden_size=256, n_routed_experts=64, num_experts_per_tok=6)
+    router = Router(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(64, 256, generator=generator) / 16)
+    x = torch.randn(16, 256, generator=generator)
+    calls = []
+    original = kernels.Kernels.float_matmul
+
+    def counted(self, *args):
+        calls.append(args[0].shape)
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.Kernels, "float_matmul", counted)
+        logits, scores, ids, weights = router(x, loaded)
+    expected_logits, _, expected_ids, expected_weights = router(x)
+    assert calls == [torch.Size([16, 256])]
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)

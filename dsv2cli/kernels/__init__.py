@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp", "int4_matmul.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("latent_attention.cpp", "int8_matmul.cpp", "int4_matmul.cpp", "float_matmul.cpp")
+]
 _HEADERS = [Path(__file__).with_name(name) for name in ("stacked_rows.h", "lane_sums.h")]  # included by the sources
 _NAME = "dsv2cli_kernels"
 log = logging.getLogger(__name__)
@@ -104,6 +106,26 @@ class Kernels:
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         return torch.ops.dsv2cli.int4_matmul(x, step.reshape(-1), weight, scale.half(), empty if ids is None else ids)
 
+    def float_matmul_supported(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the float32 kernel serves ``x [R, I] @ weight [O, I]^T``: a decode step's few rows (up to
+        ``FLOAT_MATMUL_ROWS``) on CPU, float32, the weight's rows contiguous; BLAS does better with more rows."""
+        return (
+            self.available
+            and x.device.type == "cpu"
+            and x.dim() == 2
+            and x.shape[0] <= FLOAT_MATMUL_ROWS
+            and x.dtype == weight.dtype == torch.float32
+            and weight.dim() == 2
+            and weight.stride(-1) == 1
+        )
+
+    def float_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x [R, I] @ weight [O, I]^T`` -> ``[R, O]`` float32 with float32 sums, threads splitting the rows of ``weight``."""
+        return torch.ops.dsv2cli.float_matmul(x, weight)
+
+
+# Rows of x up to which float_matmul serves a product (decode steps; a server's batch is at most 16 rows by default).
+FLOAT_MATMUL_ROWS = 16
 
 # The handle of a forward that was given no kernels: torch's own operators only.
 NO_KERNELS = Kernels(error="not loaded (dsv2cli.kernels.load() gives the kernels)")
@@ -204,3 +226,7 @@ def _build_and_load() -> None:
     @torch.library.register_fake("dsv2cli::int4_matmul")
     def _(x, step, weight, scale, ids):
         return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("dsv2cli::float_matmul")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)

@@ -109,9 +109,15 @@ class Router(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids)."""
-        logits = F.linear(cast(x, torch.float32), cast(self.weight, torch.float32))
+    def forward(
+        self, x: torch.Tensor, kernels: Kernels = NO_KERNELS
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids).
+
+        ``kernels``: a decode step's few rows go through dsv2's float32 kernel (both threads read the
+        weight; BLAS runs a product this small on one)."""
+        x, weight = cast(x, torch.float32), cast(self.weight, torch.float32)
+        logits = kernels.float_matmul(x, weight) if kernels.float_matmul_supported(x, weight) else F.linear(x, weight)
         return (logits, *self.choose(logits))
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,7 +268,7 @@ class MoE(nn.Module):
         """x ``[B, S, D]`` -> ``[B, S, D]``; ``kernels``: what int8 experts and projections may use."""
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
-        logits, scores, ids, weights = self.gate(flat)
+        logits, scores, ids, weights = self.gate(flat, kernels)
         if routing_hook is not None:
             decision = RoutingDecision(self.layer_idx, (batch, seq), logits, scores, ids, weights)
             changed = routing_hook(decision)

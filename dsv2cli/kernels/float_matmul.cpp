@@ -1,0 +1,74 @@
+// float32 products of a few rows (decode steps) against a float32 matrix: out[r, o] = sum_i x[r, i] * weight[o, i].
+//
+// For the router of a decode step (64 x 2048 float32 on DeepSeek-V2-Lite, 0.5 MB a layer, read from memory
+// because the experts streamed through the caches since the last step): BLAS runs a product this small on
+// one thread, and the other waits. Here threads split blocks of output rows, each row of the matrix is read
+// once for every row of x (sums in float32, four vectors of them per dot product), and rows ahead are
+// prefetched. Built at run time with the other kernels by dsv2cli/kernels/__init__.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kSums = 4;            // vectors of partial sums per dot product
+constexpr int64_t kRowsPerTask = 8;     // output rows per thread task
+constexpr int64_t kPrefetchRows = 2;    // how far ahead a row prefetches, in rows
+
+float dot(const float* x, const float* w, int64_t width, const char* ahead) {
+  constexpr int64_t step = kSums * Vec::size();
+  Vec acc[kSums];
+  for (int64_t k = 0; k < kSums; ++k) acc[k] = Vec(0.0f);
+  int64_t i = 0;
+  for (; i + step <= width; i += step) {
+    __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)));
+    __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)) + 64);
+    for (int64_t k = 0; k < kSums; ++k)
+      acc[k] = at::vec::fmadd(Vec::loadu(x + i + k * Vec::size()), Vec::loadu(w + i + k * Vec::size()), acc[k]);
+  }
+  for (int64_t k = 1; k < kSums; ++k) acc[0] = acc[0] + acc[k];
+  float lanes[Vec::size()];
+  acc[0].store(lanes);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+  for (; i < width; ++i) sum += x[i] * w[i];
+  return sum;
+}
+
+// x [R, I] float32, weight [O, I] float32 (rows contiguous) -> [R, O] float32.
+at::Tensor float_matmul(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "float_matmul: x must be float32 [R, I]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(1) == x.size(1) && weight.stride(1) == 1,
+              "float_matmul: weight must be float32 [O, I] with contiguous rows matching x");
+  const at::Tensor xs = x.contiguous();
+  const int64_t rows = xs.size(0), width = xs.size(1), outputs = weight.size(0), stride = weight.stride(0);
+  at::Tensor out = at::empty({rows, outputs}, xs.options());
+  const float* x_data = xs.data_ptr<float>();
+  const float* w_data = weight.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t tasks = (outputs + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t o = first * kRowsPerTask; o < std::min(outputs, last * kRowsPerTask); ++o) {
+      const float* w = w_data + o * stride;
+      const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * stride);
+      for (int64_t r = 0; r < rows; ++r) out_data[r * outputs + o] = dot(x_data + r * width, w, width, r == 0 ? ahead : reinterpret_cast<const char*>(w));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsv2cli, m) {
+  m.def("float_matmul(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv2cli, CPU, m) {
+  m.impl("float_matmul", &float_matmul);
+}
