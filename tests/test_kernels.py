@@ -36,7 +36,7 @@ def _expected(query: torch.Tensor, entries: torch.Tensor, filled: int, rank: int
 
 
 # (rows, rank, rope, filled): a row group of 16 and ragged ones (20: two groups and a ragged one with AVX2;
-# 32: two pairs of groups), one entry, a block's tail, several
+# 32: two pairs of groups; 12: a pair whose second group is ragged), one entry, a block's tail, several
 # blocks, and enough entries for each thread to take a range of its own.
 SHAPES = [
     (16, 512, 64, 1),
@@ -46,6 +46,7 @@ SHAPES = [
     (20, 64, 2, 650),
     (3, 16, 8, 1000),
     (32, 128, 16, 300),
+    (12, 64, 16, 300),
 ]
 
 
