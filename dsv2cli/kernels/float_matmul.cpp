@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -21,22 +22,24 @@ constexpr int64_t kSums = 4;            // vectors of partial sums per dot produ
 constexpr int64_t kRowsPerTask = 8;     // output rows per thread task
 constexpr int64_t kPrefetchRows = 2;    // how far ahead a row prefetches, in rows
 
+// x . w over `width` values; with Prefetch (the first row of x against this row of the matrix) the row
+// `ahead` is prefetched along the way, so it arrives before its turn.
+template <bool Prefetch>
 float dot(const float* x, const float* w, int64_t width, const char* ahead) {
   constexpr int64_t step = kSums * Vec::size();
   Vec acc[kSums];
   for (int64_t k = 0; k < kSums; ++k) acc[k] = Vec(0.0f);
   int64_t i = 0;
   for (; i + step <= width; i += step) {
-    __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)));
-    __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)) + 64);
+    if constexpr (Prefetch) {
+      __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)));
+      __builtin_prefetch(ahead + i * static_cast<int64_t>(sizeof(float)) + 64);
+    }
     for (int64_t k = 0; k < kSums; ++k)
       acc[k] = at::vec::fmadd(Vec::loadu(x + i + k * Vec::size()), Vec::loadu(w + i + k * Vec::size()), acc[k]);
   }
   for (int64_t k = 1; k < kSums; ++k) acc[0] = acc[0] + acc[k];
-  float lanes[Vec::size()];
-  acc[0].store(lanes);
-  float sum = 0.0f;
-  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[0]);
   for (; i < width; ++i) sum += x[i] * w[i];
   return sum;
 }
@@ -52,12 +55,14 @@ at::Tensor float_matmul(const at::Tensor& x, const at::Tensor& weight) {
   const float* x_data = xs.data_ptr<float>();
   const float* w_data = weight.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
+  if (rows == 0) return out;
   const int64_t tasks = (outputs + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
     for (int64_t o = first * kRowsPerTask; o < std::min(outputs, last * kRowsPerTask); ++o) {
       const float* w = w_data + o * stride;
       const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * stride);
-      for (int64_t r = 0; r < rows; ++r) out_data[r * outputs + o] = dot(x_data + r * width, w, width, r == 0 ? ahead : reinterpret_cast<const char*>(w));
+      out_data[o] = dot<true>(x_data, w, width, ahead);
+      for (int64_t r = 1; r < rows; ++r) out_data[r * outputs + o] = dot<false>(x_data + r * width, w, width, ahead);
     }
   });
   return out;
