@@ -112,9 +112,11 @@ def test_what_it_serves(loaded):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 2048, 64), (16, 2048, 64), (3, 100, 37), (1, 8, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(1, 2048, 64), (16, 2048, 64), (3, 100, 37), (1, 8, 1), (300, 256, 64)], ids=lambda s: "x".join(map(str, s))
+)
 def test_float_matmul_equals_a_float64_product(loaded, shape, threads):
-    """The router's product for a decode step's rows: any width and output count (a tail past the vectors)."""
+    """The router's product: decode rows and a prefill's, any width and output count (a tail past the vectors)."""
     rows, width, outputs = shape
     generator = torch.Generator().manual_seed(width + outputs)
     x = torch.randn(rows, width, generator=generator)
@@ -129,10 +131,21 @@ def test_float_matmul_equals_a_float64_product(loaded, shape, threads):
     torch.testing.assert_close(got, (x.double() @ weight.double().t()).float(), rtol=1e-5, atol=1e-4)
 
 
-def test_float_matmul_serves_decode_rows_only(loaded):
+def test_float_matmul_rows_do_not_depend_on_each_other(loaded):
+    """A row gives the same bits alone and among others (a sequence routes alike alone, batched or prefilled)."""
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(40, 2048, generator=generator), torch.randn(64, 2048, generator=generator)
+    together = loaded.float_matmul(x, weight)
+    for row in (0, 1, 17, 39):
+        assert torch.equal(loaded.float_matmul(x[row : row + 1], weight), together[row : row + 1])
+    assert torch.equal(loaded.float_matmul(x[5:21], weight), together[5:21])
+    assert loaded.float_matmul(x[:0], weight).shape == (0, 64)
+
+
+def test_what_float_matmul_serves(loaded):
     weight = torch.randn(64, 32)
     assert loaded.float_matmul_supported(torch.randn(16, 32), weight)
-    assert not loaded.float_matmul_supported(torch.randn(17, 32), weight)  # a prefill: BLAS
+    assert loaded.float_matmul_supported(torch.randn(512, 32), weight)  # a prefill too: rows must not route by batch
     assert not loaded.float_matmul_supported(torch.randn(1, 32).bfloat16(), weight.bfloat16())
     assert not loaded.float_matmul_supported(torch.randn(1, 32), torch.randn(32, 64).t())  # rows strided
     assert not kernels.NO_KERNELS.float_matmul_supported(torch.randn(1, 32), weight)

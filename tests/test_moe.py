@@ -252,8 +252,8 @@ def test_run_experts_runs_each_chosen_expert_once_on_its_tokens():
 
 
 def test_router_of_a_decode_step_takes_the_float_kernel_and_chooses_the_same():
-    """With dsv2's kernels, the few rows of a decode step go through ``float_matmul``; the router's choice
-    is the one F.linear's logits give (the sums differ in order only)."""
+    """With dsv2's kernels, the router's rows go through ``float_matmul``; its choice is the one F.linear's
+    logits give (the sums differ in order only)."""
     loaded = kernels.load()
     if not loaded.available:
         skip_without_kernels(f"dsv2's kernels do not build here ({loaded.error})")

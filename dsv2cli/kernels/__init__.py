@@ -107,25 +107,21 @@ class Kernels:
         return torch.ops.dsv2cli.int4_matmul(x, step.reshape(-1), weight, scale.half(), empty if ids is None else ids)
 
     def float_matmul_supported(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether the float32 kernel serves ``x [R, I] @ weight [O, I]^T``: a decode step's few rows (up to
-        ``FLOAT_MATMUL_ROWS``) on CPU, float32, the weight's rows contiguous; BLAS does better with more rows."""
+        """Whether the float32 kernel serves ``x [R, I] @ weight [O, I]^T``: on CPU, float32, the weight's rows contiguous."""
         return (
             self.available
             and x.device.type == "cpu"
             and x.dim() == 2
-            and x.shape[0] <= FLOAT_MATMUL_ROWS
             and x.dtype == weight.dtype == torch.float32
             and weight.dim() == 2
             and weight.stride(-1) == 1
         )
 
     def float_matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x [R, I] @ weight [O, I]^T`` -> ``[R, O]`` float32 with float32 sums, threads splitting the rows of ``weight``."""
+        """``x [R, I] @ weight [O, I]^T`` -> ``[R, O]`` float32 with float32 sums, threads splitting the rows of ``weight``;
+        a row's result does not depend on the other rows of ``x``."""
         return torch.ops.dsv2cli.float_matmul(x, weight)
 
-
-# Rows of x up to which float_matmul serves a product (decode steps; a server's batch is at most 16 rows by default).
-FLOAT_MATMUL_ROWS = 16
 
 # The handle of a forward that was given no kernels: torch's own operators only.
 NO_KERNELS = Kernels(error="not loaded (dsv2cli.kernels.load() gives the kernels)")

@@ -1,10 +1,11 @@
-// float32 products of a few rows (decode steps) against a float32 matrix: out[r, o] = sum_i x[r, i] * weight[o, i].
+// float32 rows against a small float32 matrix: out[r, o] = sum_i x[r, i] * weight[o, i].
 //
-// For the router of a decode step (64 x 2048 float32 on DeepSeek-V2-Lite, 0.5 MB a layer, read from memory
-// because the experts streamed through the caches since the last step): BLAS runs a product this small on
-// one thread, and the other waits. Here threads split blocks of output rows, each row of the matrix is read
-// once for every row of x (sums in float32, four vectors of them per dot product), and rows ahead are
-// prefetched. Built at run time with the other kernels by dsv2cli/kernels/__init__.py.
+// For the MoE router (64 x 2048 float32 on DeepSeek-V2-Lite, 0.5 MB a layer, read from memory in a decode step
+// because the experts streamed through the caches since the last one): BLAS runs a product this small on one
+// thread, and the other waits. Here threads split the matrix's rows, each thread's rows are read from memory
+// once (the first row of x, prefetching ahead) and stay in its cache for the other rows of x. Every row of
+// x is summed the same way whatever rows come with it (four float32 vectors of sums, then the lanes), so a
+// sequence routes its tokens the same alone, in a decode batch or in a prefill. Built at run time with the other kernels by dsv2cli/kernels/__init__.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -58,12 +59,13 @@ at::Tensor float_matmul(const at::Tensor& x, const at::Tensor& weight) {
   if (rows == 0) return out;
   const int64_t tasks = (outputs + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t o = first * kRowsPerTask; o < std::min(outputs, last * kRowsPerTask); ++o) {
+    const int64_t begin = first * kRowsPerTask, end = std::min(outputs, last * kRowsPerTask);
+    for (int64_t o = begin; o < end; ++o) {  // the first row of x reads the matrix rows from memory, prefetching ahead
       const float* w = w_data + o * stride;
-      const char* ahead = reinterpret_cast<const char*>(w + kPrefetchRows * stride);
-      out_data[o] = dot<true>(x_data, w, width, ahead);
-      for (int64_t r = 1; r < rows; ++r) out_data[r * outputs + o] = dot<false>(x_data + r * width, w, width, ahead);
+      out_data[o] = dot<true>(x_data, w, width, reinterpret_cast<const char*>(w + kPrefetchRows * stride));
     }
+    for (int64_t r = 1; r < rows; ++r)  // the others find them in the cache
+      for (int64_t o = begin; o < end; ++o) out_data[r * outputs + o] = dot<false>(x_data + r * width, w_data + o * stride, width, nullptr);
   });
   return out;
 }

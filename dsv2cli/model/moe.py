@@ -114,8 +114,9 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x ``[N, D]`` -> logits, scores ``[N, E]`` and ids, weights ``[N, K]`` (all float32 but ids).
 
-        ``kernels``: a decode step's few rows go through dsv2's float32 kernel (both threads read the
-        weight; BLAS runs a product this small on one)."""
+        ``kernels``: the rows go through dsv2's float32 kernel: both threads read the weight (BLAS runs a
+        decode step's product on one), and a row's logits do not depend on the rows beside it, so a sequence
+        routes alike alone, in a decode batch or in a prefill."""
         x, weight = cast(x, torch.float32), cast(self.weight, torch.float32)
         logits = kernels.float_matmul(x, weight) if kernels.float_matmul_supported(x, weight) else F.linear(x, weight)
         return (logits, *self.choose(logits))
