@@ -131,6 +131,32 @@ def test_float_matmul_equals_a_float64_product(loaded, shape, threads):
     torch.testing.assert_close(got, (x.double() @ weight.double().t()).float(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2048, 1408, 4), (16, 1408, 64, 4), (7, 100, 13, 3), (3, 30, 5, 2), (40, 192, 41, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_int8_matmul_is_exact_on_ragged_shapes(loaded, shape, threads):
+    """Exact int32 sums whatever the width (vector tails), output count (short blocks), rows sharing a matrix
+    (the weight sums of the offset VNNI path reused) and rows with no matrix (id -1: zeros)."""
+    rows, width, outputs, experts = shape
+    generator = torch.Generator().manual_seed(rows * width + outputs)
+    x = torch.randint(-127, 128, (rows, width), dtype=torch.int8, generator=generator)
+    weight = torch.randint(-127, 128, (experts, outputs, width), dtype=torch.int8, generator=generator)
+    step, scale = torch.rand(rows, 1, generator=generator), torch.rand(experts, outputs, generator=generator)
+    ids = torch.randint(-1, experts, (rows,), generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = loaded.int8_matmul(x, step, weight, scale, ids)
+    finally:
+        torch.set_num_threads(previous)
+    sums = torch.einsum("ri,roi->ro", x.long(), weight[ids.clamp(min=0)].long())  # exact, in int64
+    expected = (sums.float() * scale[ids.clamp(min=0)] * step).masked_fill(ids[:, None] < 0, 0.0)
+    assert torch.equal(got, expected)
+
+
 def test_float_matmul_rows_do_not_depend_on_each_other(loaded):
     """A row gives the same bits alone and among others (a sequence routes alike alone, batched or prefilled)."""
     generator = torch.Generator().manual_seed(1)
