@@ -9,8 +9,9 @@
 // experts where they lie. Each group's sum is int32 and exact; the groups are then summed in float32.
 //
 // As in llama.cpp's Q4_0 x Q8_0 dot product, with AVX2 `maddubs` multiplies unsigned levels with the signed
-// x and `madd` sums pairs into int32. A 32-byte load holds 64 levels: one mask gives the low nibbles, a shift
-// and a mask the high ones, and each row of x is laid out once per call so that those meet their inputs
+// x and `madd` sums pairs into int32 (with AVX512-VNNI, one `dpbusd` does both on the same lanes). A 32-byte
+// load holds 64 levels: one mask gives the low nibbles, a shift and a mask the high ones, and each row of x is
+// laid out once per call so that those meet their inputs
 // (`prepare`). The offset 8 is taken out once per group: 8 * sum(x) is computed once per row of x and
 // subtracted lane by lane. Rows that share a matrix are processed together (each block of output
 // rows read from memory once, reused from L1 for every row; two rows of x at a time unpack each load once and
@@ -67,9 +68,25 @@ struct Prepared {
   int64_t units = 0;
 };
 
+// int32 lane j: sum of the products of bytes 4j..4j+3 (unsigned levels x signed x). With AVX512-VNNI one `dpbusd`;
+// otherwise `maddubs` then `madd` (the same exact sums: a maddubs lane is at most 2 * 15 * 127).
+inline __m256i sum_quads(__m256i levels, __m256i x, __m256i ones) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  (void)ones;
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), levels, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(levels, x), ones);
+#endif
+}
+
 inline __m256i sum_pairs(__m256i low_levels, __m256i x_low, __m256i high_levels, __m256i x_high, __m256i ones) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  (void)ones;
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low_levels, x_low), high_levels, x_high);
+#else
   // Each maddubs lane is at most 2 * 15 * 127, so two of them add up in int16 without saturating.
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(low_levels, x_low), _mm256_maddubs_epi16(high_levels, x_high)), ones);
+#endif
 }
 
 // The int32 lanes of four rows' sums for one chunk (lanes 0-3 of each: group g, 4-7: group g + 1) reduced to
@@ -111,7 +128,7 @@ Prepared prepare(const int8_t* x, int64_t rows, int64_t width, int64_t group) {
     if (tail) {
       std::copy(in + 64 * chunks, in + width, out + 64 * chunks);
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + 64 * chunks));
-      offset[chunks] = _mm256_madd_epi16(_mm256_maddubs_epi16(eights, xv), ones);
+      offset[chunks] = sum_quads(eights, xv, ones);
     }
   }
   return p;
@@ -168,7 +185,7 @@ float dot_row(const int8_t* x, const __m256i* offset, const uint8_t* weight, int
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * chunks));
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + 32 * chunks));
       const __m256i levels = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1), low_mask);
-      const __m256i sums32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(levels, xv), ones), offset[chunks]);
+      const __m256i sums32 = _mm256_sub_epi32(sum_quads(levels, xv, ones), offset[chunks]);
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums32), _mm256_set1_ps(scale_value(scale + groups - 1)), acc);
     }
   } else {
