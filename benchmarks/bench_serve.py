@@ -430,6 +430,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.llama_server and args.tokens + 64 > args.slot_context:
         parser.error("--slot-context must leave room for a prompt (64 tokens) besides --tokens")
+    # the servers and the generate run start in the repository root: paths given relative to here must still hold
+    if args.model and Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())
+    args.gguf, args.gguf_from = (path.resolve() if path else None for path in (args.gguf, args.gguf_from))
 
     llama = None
     if args.llama_server:

@@ -63,8 +63,9 @@ def no_int8_kernel() -> Kernels:
 
 @pytest.fixture(params=[False, True], ids=["no_avx512_bf16", "avx512_bf16"])
 def bfloat16_cpu(request, monkeypatch):
-    """Run a test as on a CPU without and with native bfloat16 products (the prefill path differs)."""
+    """Run a test as on a CPU without and with native bfloat16 products and AMX tiles (the prefill path differs)."""
     monkeypatch.setattr(quantized, "fast_cpu_bfloat16", lambda: request.param)
+    monkeypatch.setattr(quantized, "prefill_in_bfloat16", lambda: request.param)
     return request.param
 
 
@@ -245,9 +246,9 @@ def test_int8_absorbed_products_are_each_heads_int8_product(int8_kernel):
         (values, torch.einsum("bshc,hvc->bshv", latent, w[:, nope:])),
     ):
         assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
-    # A prefill takes them where int8_rows does: on CPUs without native bfloat16 products.
+    # A prefill takes them where int8_rows does: unless its rows run bfloat16 GEMMs (AMX).
     prefill = torch.randn(1, quantized.DECODE_ROWS + 1, heads, nope)
-    assert absorbed.serves(q_nope, int8_kernel) and absorbed.serves(prefill, int8_kernel) == (not quantized.fast_cpu_bfloat16())
+    assert absorbed.serves(q_nope, int8_kernel) and absorbed.serves(prefill, int8_kernel) == (not quantized.prefill_in_bfloat16())
 
 
 def test_transform_keeps_embeddings_norms_router_and_kv_b_in_float():

@@ -16,7 +16,7 @@ shift and one mask. Stored as ``weight [..., O, I / 2]`` uint8 and ``scale [...,
 
 Like ``quantized.py`` (int8) this is a transform applied to a built model (:func:`quantize_int4`); the same
 layers stay in floating point (embedding, norms, router, ``kv_b_proj``). On CPU the rows int8 weights run
-int8 x int8 (``quantized.int8_rows``: decode rows, and prefills too on CPUs without native bfloat16 products)
+int8 x int8 (``quantized.int8_rows``: decode rows, and prefills too on CPUs without AMX tiles)
 are quantized per row to int8 and multiplied int8 x int4 with int32 sums per group in dsv2's kernel
 (``dsv2cli/kernels/int4_matmul.cpp``), experts picked by id inside it; other rows (no kernels, other devices)
 dequantize one matrix, or one expert, to the activation dtype at a time.
@@ -93,7 +93,7 @@ def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 def through_int4_kernel(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
     """Whether ``x``'s rows against the packed ``weight`` run through dsv2's int4 kernel: the rows int8 products take
-    (``quantized.int8_rows``: decode rows, and every row on CPUs without native bfloat16 products) and ``kernels``
+    (``quantized.int8_rows``: decode rows, and every row on CPUs without AMX tiles) and ``kernels``
     that take ``weight``."""
     return int8_rows(x) and kernels.int4_matmul_supported(weight)
 
@@ -104,7 +104,7 @@ def int4_linear(
     """``x [..., I] @ W^T`` with ``W`` the dequantized int4 weight -> ``[..., O]`` in x's dtype.
 
     Rows on CPU through the kernel as :func:`through_int4_kernel` says (each row quantized to int8 with one step,
-    int32 sums per group); other rows (more than a decode step's on CPUs with AVX512-BF16, no kernels, other
+    int32 sums per group); other rows (more than a decode step's on CPUs with AMX tiles, no kernels, other
     devices) against the weight dequantized to x's dtype. ``amax``: as in ``quantized.int8_linear`` (the rows'
     largest ``|x|`` when ``x`` is one rank's share of their columns).
     """

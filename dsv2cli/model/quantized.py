@@ -14,11 +14,11 @@ too (it is the largest matrix a decode step reads) unless it is tied to the embe
 checkpoints written before it was quantized keep a float head (``quantize_head=False``).
 
 On CPU, the rows :func:`int8_rows` picks (decode rows, eager or compiled; every row on CPUs without
-native bfloat16 products) are quantized per row and run int8 x int8 through dsv2's kernel
+AMX tiles) are quantized per row and run int8 x int8 through dsv2's kernel
 (``dsv2cli/kernels/int8_matmul.cpp``) when the forward's options give the kernels (``model/options.py``;
-the int8 modules take them as an argument, ``takes_kernels``). More rows on a CPU with AVX512-BF16 run bfloat16 GEMMs on the
-int8 values. Where the kernels cannot be built, one token takes :func:`int8_row` (int8 x int8 with
-VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere), bfloat16 activations
+the int8 modules take them as an argument, ``takes_kernels``). More rows on a CPU with AMX tiles run
+bfloat16 GEMMs on the int8 values (:func:`prefill_in_bfloat16`). Where the kernels cannot be built, one token
+takes :func:`int8_row` (int8 x int8 with VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere), bfloat16 activations
 ``torch._weight_int8pack_mm`` and other activation dtypes dequantize the weight on the fly, one
 matrix (or one expert) at a time (``benchmarks/bench_int8_kernel.py`` and
 ``benchmarks/bench_vs_llamacpp.py`` measure them).
@@ -43,8 +43,8 @@ FLOAT_LINEARS = ("kv_b_proj",)
 
 # Up to this many rows (decode steps of a batch, short prompts), CPU products quantize each row to int8 and run
 # int8 x int8 (``dsv2cli/kernels/int8_matmul.cpp``): they read the weight at memory speed. More rows (a prefill)
-# are compute-bound: they run int8 x int8 too, twice the float32 rate on AVX2, except on CPUs with native
-# bfloat16 products (AVX512-BF16, AMX), whose bfloat16 GEMMs on the int8 values are faster still.
+# are compute-bound: they run int8 x int8 too (twice the float32 rate with AVX2, 64 products an instruction with
+# AVX512-VNNI), except on CPUs with AMX tiles, where bfloat16 GEMMs on the int8 values (:func:`prefill_in_bfloat16`).
 DECODE_ROWS = 16
 
 
@@ -70,9 +70,9 @@ def int8_linear(
 ) -> torch.Tensor:
     """``x [..., I] @ (q * scale)^T`` -> ``[..., O]`` in x's dtype.
 
-    On CPU, rows that :func:`int8_rows` picks (decode rows; every row where bfloat16 products are not native) are
+    On CPU, rows that :func:`int8_rows` picks (decode rows; every row on CPUs without AMX tiles) are
     quantized per row and run int8 x int8 through dsv2's kernel (from ``kernels``). Otherwise (more rows on a CPU
-    with AVX512-BF16, or without the kernels): one token takes :func:`int8_row`; several tokens on
+    with AMX tiles, or without the kernels): one token takes :func:`int8_row`; several tokens on
     a CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after; with
     bfloat16 activations torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
@@ -110,14 +110,27 @@ def fast_cpu_bfloat16() -> bool:
     return bool(probe and probe())
 
 
+@functools.cache
+def prefill_in_bfloat16() -> bool:
+    """Whether a prefill's rows (more than :data:`DECODE_ROWS`) run bfloat16 GEMMs on the int8 values rather than dsv2's
+    int8 kernel: on CPUs with AMX tiles only.
+
+    With AVX512-BF16 but no AMX (AMD Zen 4), the kernel's VNNI products are faster, and they read the int8 weight
+    as it lies where a bfloat16 GEMM first writes a bfloat16 copy of it: a V2-Lite int8 prefill of 16 prompts of
+    13 tokens took 3.0 s against 5.2 s, one of 512 tokens 7.1 s against 11.9 s (2 Zen 4 cores).
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe()) and fast_cpu_bfloat16()
+
+
 def _float_on_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def int8_rows(x: torch.Tensor) -> bool:
     """Whether the rows of ``x [..., I]`` (float activations on CPU) run int8 x int8: up to :data:`DECODE_ROWS` of
-    them, or any number on CPUs without native bfloat16 products."""
-    return _float_on_cpu(x) and (x.numel() <= DECODE_ROWS * x.shape[-1] or not fast_cpu_bfloat16())
+    them, or any number unless :func:`prefill_in_bfloat16`."""
+    return _float_on_cpu(x) and (x.numel() <= DECODE_ROWS * x.shape[-1] or not prefill_in_bfloat16())
 
 
 def through_int8_kernel(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
