@@ -228,7 +228,7 @@ def test_prompts_admitted_together_are_prefilled_in_one_forward_as_each_alone(lo
         for group in [requests] if requests_at_once else [[r] for r in requests]:
             for request in group:
                 scheduler.submit(request)
-            if not scheduler.thread.is_alive():
+            if not scheduler.started:
                 scheduler.start()
             for _ in group:
                 assert done.acquire(timeout=60)

@@ -14,6 +14,7 @@ from dsv2cli.inference.session import load_for_generation
 from dsv2cli.model.dtypes import DTYPES, parse_dtype
 from dsv2cli.serve.app import HTTPSettings, create_app, run_server
 from dsv2cli.serve.metrics import Metrics
+from dsv2cli.serve.model_thread import ModelThread
 from dsv2cli.serve.scheduler import Limits, Scheduler
 
 API_KEY_ENV = "DSV2_API_KEY"
@@ -72,14 +73,17 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"`port` must be in 1..65535, got {port}")
     limits = Limits(max_concurrent, max_queue, max_prompt_tokens, prefix_cache_bytes)
-    loaded = load_for_generation(model_argument or model, device, dtype.value, threads, progress=LoadStatus())
+    model_thread = ModelThread()  # loads the model and runs the scheduler: one OpenMP team (model_thread.py says why)
+    loaded = model_thread.call(
+        lambda: load_for_generation(model_argument or model, device, dtype.value, threads, progress=LoadStatus())
+    )
     loading = "dsv2 kernels: loading (the first time on this machine they are built, about 30 s) ..."
-    forward = choose_forward(loaded, attention_kernel, loading=lambda: err.status(loading))
-    decoder, eager_reason = choose_decoder(loaded, compile, forward)
+    forward = model_thread.call(lambda: choose_forward(loaded, attention_kernel, loading=lambda: err.status(loading)))
+    decoder, eager_reason = model_thread.call(lambda: choose_decoder(loaded, compile, forward))
     if eager_reason is not None:
         err.print(f"[dim]note: decoding eagerly: {eager_reason}[/]", soft_wrap=True)
     cache_dtype = None if kv_cache_dtype == "auto" else parse_dtype(kv_cache_dtype)
-    scheduler = Scheduler(loaded, forward, decoder, limits, Metrics(), cache_dtype)
+    scheduler = Scheduler(loaded, forward, decoder, limits, Metrics(), cache_dtype, model_thread)
     app = create_app(scheduler, HTTPSettings(api_key=api_key or os.environ.get(API_KEY_ENV) or None, grace_period=grace_period))
     err.print(f"[dim]serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops)[/]", soft_wrap=True)
     run_server(app, host, port, grace_period)

@@ -13,6 +13,8 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from dsv2cli.model import ForwardOptions
 from dsv2cli.serve.batch import Done, Failed, Row, RunningBatch, ServeRequest, TokenOut
 from dsv2cli.serve.experts import ExpertRecorder
 from dsv2cli.serve.metrics import Metrics
+from dsv2cli.serve.model_thread import ModelThread
 from dsv2cli.serve.prefix_cache import PrefixCache
 from dsv2cli.serve.protocol import APIError
 
@@ -62,7 +65,10 @@ class Scheduler:
         limits: Limits,
         metrics: Metrics,
         cache_dtype: torch.dtype | None = None,
+        thread: ModelThread | None = None,
     ) -> None:
+        """``thread``: where the loop runs, the thread that loaded the model (``model_thread.py`` says why); by default
+        a thread of its own, ended by :meth:`stop`."""
         self.loaded = loaded
         self.limits = limits
         self.metrics = metrics
@@ -75,24 +81,32 @@ class Scheduler:
         self.failure: str | None = None  # why the loop died, if it did
         self.prompt_tokens = 0
         self.recorder: ExpertRecorder | None = None
-        self.thread = threading.Thread(target=self._run, name="dsv2-scheduler", daemon=True)
+        self.model_thread = thread or ModelThread("dsv2-scheduler")
+        self._own_thread = thread is None
+        self.loop: Future[None] | None = None  # the loop's run on the model thread, once started
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and self.failure is None
+        return self.loop is not None and not self.loop.done() and self.failure is None
+
+    @property
+    def started(self) -> bool:
+        return self.loop is not None
 
     def start(self) -> None:
-        self.thread.start()
+        self.loop = self.model_thread.submit(self._run, report=True)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new requests, end waiting ones (503) and running ones (``cancelled``), and join the thread."""
+        """Refuse new requests, end waiting ones (503) and running ones (``cancelled``), and wait for the loop to end."""
         with self.cond:
             self.stopping = True
             while self.waiting:
                 self.waiting.popleft().emit(Failed(503, "the server is shutting down"))
             self.cond.notify_all()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
+        if self.loop is not None:
+            futures.wait([self.loop], timeout)
+        if self._own_thread:
+            self.model_thread.close()
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """503 when one request's cache and activations alone would not fit in memory."""
