@@ -12,7 +12,8 @@
 // from memory once and reused from L1 for every row, so a decode batch reads each weight once. Work
 // is split across threads by blocks of output rows of every matrix used. With AVX512-VNNI, 64 products
 // per instruction (`dpbusd`, unsigned x signed bytes: x is offset to x + 128 and 128 * sum(w) taken off
-// again, the weight sums computed with the block's first row and reused by its others); with AVX2, 32
+// again); the first row of x reads a block's weight rows one after the other, computing their sums, and the
+// others reuse both from L1; with AVX2, 32
 // products per instruction pair (`maddubs` on |x| and sign-adjusted w, then `madd` to int32, as
 // llama.cpp's Q8_0 dot products); elsewhere a plain loop the compiler vectorizes.
 //
@@ -96,43 +97,50 @@ inline void dot_rows(const int8_t* x, const int8_t* weight, int64_t stride, int6
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DSV2_INT8_VNNI 1
 
-// Sums of `count` (<= kRowsPerBlock) weight rows against one x row given as x + 128 (uint8), each of `width`
-// values: sums[k] = sum_i (x[i] + 128) * w[k, i] - 128 * weight_sums[k] = sum_i x[i] * w[k, i], exact in int32
-// (|sum| <= I * 255 * 128). With kWeightSums the pass also computes weight_sums[k] = sum_i w[k, i]; otherwise
-// it reads the ones an earlier row of the same block computed.
-template <bool kWeightSums>
-inline void dot_rows_vnni(const uint8_t* x, const int8_t* weight, int64_t stride, int64_t count, int64_t width, int32_t* sums,
-                          int32_t* weight_sums) {
+// x + 128 (uint8) against one weight row of `width` values: returns sum_i x[i] * w[i] and stores sum_i w[i] in
+// *weight_sum: sum_i (x[i] + 128) * w[i] - 128 * sum_i w[i], exact in int32 (|sum| <= I * 255 * 128). The row is
+// read front to back, one stream: on 2 Zen 4 cores 34 GB/s, where 8 rows read column by column reach 25.
+inline int32_t dot_row_vnni(const uint8_t* x, const int8_t* weight, int64_t width, int32_t* weight_sum) {
   const __m512i ones = _mm512_set1_epi8(1);
-  __m512i acc[kRowsPerBlock], weight_acc[kRowsPerBlock];
-  for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = weight_acc[k] = _mm512_setzero_si512();
+  __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, sum0 = acc0, sum1 = acc0;
+  int64_t i = 0;
+  for (; i + 128 <= width; i += 128) {
+    const __m512i w0 = _mm512_loadu_si512(weight + i), w1 = _mm512_loadu_si512(weight + i + 64);
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_loadu_si512(x + i), w0);
+    acc1 = _mm512_dpbusd_epi32(acc1, _mm512_loadu_si512(x + i + 64), w1);
+    sum0 = _mm512_dpbusd_epi32(sum0, ones, w0);
+    sum1 = _mm512_dpbusd_epi32(sum1, ones, w1);
+  }
+  for (; i < width; i += 64) {  // the rest with masked loads: lanes past the end read as 0
+    const __mmask64 mask = width - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (width - i)) - 1;
+    const __m512i w = _mm512_maskz_loadu_epi8(mask, weight + i);
+    acc0 = _mm512_dpbusd_epi32(acc0, _mm512_maskz_loadu_epi8(mask, x + i), w);
+    sum0 = _mm512_dpbusd_epi32(sum0, ones, w);
+  }
+  *weight_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(sum0, sum1));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - 128 * *weight_sum;
+}
+
+// x + 128 (uint8) against `count` (<= kRowsPerBlock) weight rows that the block's first row brought into L1,
+// column by column (each x vector loaded once for all of them), with their weight sums from that first pass.
+inline void dot_rows_vnni(const uint8_t* x, const int8_t* weight, int64_t stride, int64_t count, int64_t width,
+                          const int32_t* weight_sums, int32_t* sums) {
+  __m512i acc[kRowsPerBlock];
+  for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = _mm512_setzero_si512();
   const int64_t vector_end = width - width % 64;
   int64_t i = 0;
   if (count == kRowsPerBlock) {
     for (; i < vector_end; i += 64) {
       const __m512i xv = _mm512_loadu_si512(x + i);
-      for (int64_t k = 0; k < kRowsPerBlock; ++k) {
-        if (kWeightSums) _mm_prefetch(reinterpret_cast<const char*>(weight + (k + kRowsPerBlock) * stride + i), _MM_HINT_T0);
-        const __m512i w = _mm512_loadu_si512(weight + k * stride + i);
-        acc[k] = _mm512_dpbusd_epi32(acc[k], xv, w);
-        if (kWeightSums) weight_acc[k] = _mm512_dpbusd_epi32(weight_acc[k], ones, w);
-      }
+      for (int64_t k = 0; k < kRowsPerBlock; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], xv, _mm512_loadu_si512(weight + k * stride + i));
     }
   }
-  // the rest (a short block, or the last width % 64 values) with masked loads: lanes past the end read as 0
-  for (; i < width; i += 64) {
+  for (; i < width; i += 64) {  // a short block, or the last width % 64 values
     const __mmask64 mask = width - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (width - i)) - 1;
     const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + i);
-    for (int64_t k = 0; k < count; ++k) {
-      const __m512i w = _mm512_maskz_loadu_epi8(mask, weight + k * stride + i);
-      acc[k] = _mm512_dpbusd_epi32(acc[k], xv, w);
-      if (kWeightSums) weight_acc[k] = _mm512_dpbusd_epi32(weight_acc[k], ones, w);
-    }
+    for (int64_t k = 0; k < count; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], xv, _mm512_maskz_loadu_epi8(mask, weight + k * stride + i));
   }
-  for (int64_t k = 0; k < count; ++k) {
-    if (kWeightSums) weight_sums[k] = _mm512_reduce_add_epi32(weight_acc[k]);
-    sums[k] = _mm512_reduce_add_epi32(acc[k]) - 128 * weight_sums[k];
-  }
+  for (int64_t k = 0; k < count; ++k) sums[k] = _mm512_reduce_add_epi32(acc[k]) - 128 * weight_sums[k];
 }
 #else
 #define DSV2_INT8_VNNI 0
@@ -189,9 +197,9 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
           const int64_t r = order[j];
 #if DSV2_INT8_VNNI
           if (j == task.begin)
-            dot_rows_vnni<true>(x_offset.data() + r * width, w, w_row, count, width, sums, weight_sums);
+            for (int64_t k = 0; k < count; ++k) sums[k] = dot_row_vnni(x_offset.data() + r * width, w + k * w_row, width, &weight_sums[k]);
           else
-            dot_rows_vnni<false>(x_offset.data() + r * width, w, w_row, count, width, sums, weight_sums);
+            dot_rows_vnni(x_offset.data() + r * width, w, w_row, count, width, weight_sums, sums);
 #else
           dot_rows(x_data + r * width, w, w_row, count, width, sums);
 #endif
