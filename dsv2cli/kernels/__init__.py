@@ -68,9 +68,8 @@ class Kernels:
         """query ``[rows, C + R]`` over entries ``[T, C + R]`` -> ``[rows, C]`` float32.
 
         ``filled`` (int64): ``[end]`` attends to entries ``0..end-1``, ``[first, end]`` to ``first..end-1``:
-        ``softmax(scale * query @ entries[first:end]^T) @ entries[first:end, :C]`` with float32 sums; with a
-        bfloat16 cache on AVX512-BF16 CPUs the products round the query and the probabilities to bfloat16
-        (as the BLAS path's bfloat16 matmuls do).
+        ``softmax(scale * query @ entries[first:end]^T) @ entries[first:end, :C]`` with float32 products and sums
+        (a bfloat16 cache widened as it is read).
         """
         return torch.ops.dsv2cli.latent_attention(query.to(torch.float32), entries, filled, rank, scale)
 

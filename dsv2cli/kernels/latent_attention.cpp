@@ -12,9 +12,8 @@
 //
 // Layout: rows go in groups of L = Vec::size() (16 with AVX-512), one row per vector lane, so the
 // scores of an entry for a group are one vector and the softmax is vectorized across rows. Products
-// and sums are float32; a bfloat16 cache is widened as it is read, except on CPUs with AVX512-BF16,
-// where both products run as bfloat16 dot products with float32 sums (the query and the
-// probabilities rounded to bfloat16, as a bfloat16 matmul would do).
+// and sums are float32; a bfloat16 cache is widened as it is read (a path with AVX512-BF16 dot products,
+// the query and the probabilities rounded to bfloat16, is written but off: see DSV2_DOT_BF16).
 //
 // With AVX-512 the scores read each entry as 64-bit words (two float32 values, or two bfloat16
 // pairs): one broadcast word feeds two products, for rows 0-7 and rows 8-15, whose lanes hold
@@ -58,11 +57,11 @@
 #define DSV2_AVX2 0
 #endif
 
-#if DSV2_AVX512 && defined(__AVX512BF16__)
-#define DSV2_DOT_BF16 1
-#else
+// The AVX512-BF16 dot products for a bfloat16 cache (the query and the probabilities rounded to bfloat16) are
+// off: on the first AVX512-BF16 CPU the tests ran on (AMD Zen 4, 2026-12-06) they failed
+// tests/test_one_forward.py's eager 3-row bfloat16-weights path (error 0.22 against a bound of 0.06; every
+// other path passed). Until that is found, a bfloat16 cache is widened as it is read, as on other CPUs.
 #define DSV2_DOT_BF16 0
-#endif
 
 namespace {
 
