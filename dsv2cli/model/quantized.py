@@ -73,7 +73,7 @@ def int8_linear(
     On CPU, rows that :func:`int8_rows` picks (decode rows; every row on CPUs without AMX tiles) are
     quantized per row and run int8 x int8 through dsv2's kernel (from ``kernels``). Otherwise (more rows on a CPU
     with AMX tiles, or without the kernels): one token takes :func:`int8_row`; several tokens on
-    a CPU with AVX512-BF16 run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after; with
+    a CPU with AMX tiles run a bfloat16 GEMM on the int8 values (exact in bfloat16), scaled after; with
     bfloat16 activations torch's int8-weight kernel; with other dtypes the weight is dequantized.
     torch's CPU int8-weight kernel (2.13) needs I to be a multiple of 16 and the weight 16-byte aligned:
     otherwise it returns NaNs or crashes, so such weights take the dequantizing path. Every released
@@ -89,9 +89,11 @@ def int8_linear(
         row = x.reshape(1, -1)
         out = int8_row(row, q, scale, lambda: quantize_activation(row, amax))
         return cast(out, x.dtype).reshape(*x.shape[:-1], q.shape[0])
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and fast_cpu_bfloat16():
-        # int8 values are exact in bfloat16, and on AVX512-BF16 a bfloat16 GEMM runs ~4x faster than a float32 one
-        # and ~3x faster than torch's int8-weight kernel (float32 activations and outputs round to bfloat16).
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and prefill_in_bfloat16():
+        # int8 values are exact in bfloat16, and with AMX a bfloat16 GEMM runs ~4x faster than a float32 one and ~3x
+        # faster than torch's int8-weight kernel (float32 activations and outputs round to bfloat16). Not with
+        # AVX512-BF16 alone: there, under torchrun, each rank's partial sums rounded to bfloat16 changed greedy
+        # tokens against one process (tests/test_parallel_native.py, on Zen 4).
         return cast(F.linear(cast(x, torch.bfloat16), q.to(torch.bfloat16)), x.dtype) * cast(scale, x.dtype)
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and int8pack_ok(q):
         flat = x.reshape(-1, x.shape[-1])
