@@ -108,8 +108,8 @@ def generate(
         "auto",
         "--kv-cache-dtype",
         help="auto (the model's dtype), float32, bfloat16 or float16: the latent cache's values. bfloat16 halves "
-        "the cache; with float32 activations attention then runs in bfloat16 (faster at long contexts on CPUs "
-        "with AVX512-BF16; docs/generate.md states its cost).",
+        "the cache and the bytes attention reads (the attention kernel widens it to float32 as it reads; "
+        "without the kernel attention runs in bfloat16; docs/generate.md states the cost).",
     ),
     threads: ThreadsOption = None,
     batch_size: int = typer.Option(8, "--batch-size", help="Most prompts decoded together."),
