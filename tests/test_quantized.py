@@ -64,7 +64,6 @@ def no_int8_kernel() -> Kernels:
 @pytest.fixture(params=[False, True], ids=["no_avx512_bf16", "avx512_bf16"])
 def bfloat16_cpu(request, monkeypatch):
     """Run a test as on a CPU without and with native bfloat16 products and AMX tiles (the prefill path differs)."""
-    monkeypatch.setattr(quantized, "fast_cpu_bfloat16", lambda: request.param)
     monkeypatch.setattr(quantized, "prefill_in_bfloat16", lambda: request.param)
     return request.param
 

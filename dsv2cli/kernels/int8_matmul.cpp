@@ -13,9 +13,9 @@
 // is split across threads by blocks of output rows of every matrix used. With AVX512-VNNI, 64 products
 // per instruction (`dpbusd`, unsigned x signed bytes: x is offset to x + 128 and 128 * sum(w) taken off
 // again); the first row of x reads a block's weight rows one after the other, computing their sums, and the
-// others reuse both from L1; with AVX2, 32
-// products per instruction pair (`maddubs` on |x| and sign-adjusted w, then `madd` to int32, as
-// llama.cpp's Q8_0 dot products); elsewhere a plain loop the compiler vectorizes.
+// others reuse both from L1. With AVX2, 32 products per instruction pair (`maddubs` on |x| and
+// sign-adjusted w, then `madd` to int32, as llama.cpp's Q8_0 dot products); elsewhere a plain loop the
+// compiler vectorizes.
 //
 // Built at run time with latent_attention.cpp by dsv2cli/kernels/__init__.py.
 
@@ -35,6 +35,7 @@ using dsv2cli::horizontal_sum;
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -97,6 +98,11 @@ inline void dot_rows(const int8_t* x, const int8_t* weight, int64_t stride, int6
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DSV2_INT8_VNNI 1
 
+// The lanes of a 64-byte load that hold the `remaining` values left of a row (all of them from 64 on).
+inline __mmask64 lanes_left(int64_t remaining) {
+  return remaining >= 64 ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
+}
+
 // x + 128 (uint8) against one weight row of `width` values: returns sum_i x[i] * w[i] and stores sum_i w[i] in
 // *weight_sum: sum_i (x[i] + 128) * w[i] - 128 * sum_i w[i], exact in int32 (|sum| <= I * 255 * 128). The row is
 // read front to back, one stream: on 2 Zen 4 cores 34 GB/s, where 8 rows read column by column reach 25.
@@ -112,7 +118,7 @@ inline int32_t dot_row_vnni(const uint8_t* x, const int8_t* weight, int64_t widt
     sum1 = _mm512_dpbusd_epi32(sum1, ones, w1);
   }
   for (; i < width; i += 64) {  // the rest with masked loads: lanes past the end read as 0
-    const __mmask64 mask = width - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (width - i)) - 1;
+    const __mmask64 mask = lanes_left(width - i);
     const __m512i w = _mm512_maskz_loadu_epi8(mask, weight + i);
     acc0 = _mm512_dpbusd_epi32(acc0, _mm512_maskz_loadu_epi8(mask, x + i), w);
     sum0 = _mm512_dpbusd_epi32(sum0, ones, w);
@@ -136,7 +142,7 @@ inline void dot_rows_vnni(const uint8_t* x, const int8_t* weight, int64_t stride
     }
   }
   for (; i < width; i += 64) {  // a short block, or the last width % 64 values
-    const __mmask64 mask = width - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (width - i)) - 1;
+    const __mmask64 mask = lanes_left(width - i);
     const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + i);
     for (int64_t k = 0; k < count; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], xv, _mm512_maskz_loadu_epi8(mask, weight + k * stride + i));
   }
@@ -178,7 +184,8 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
   float* out_data = out.data_ptr<float>();
   const int64_t w_matrix = weight.stride(0), w_row = weight.stride(1);
 #if DSV2_INT8_VNNI
-  std::vector<uint8_t> x_offset(rows * width);  // x + 128, the unsigned operand of dpbusd
+  // x + 128, the unsigned operand of dpbusd (left uninitialized: every byte is written below)
+  const std::unique_ptr<uint8_t[]> x_offset(new uint8_t[rows * width]);
   for (int64_t j = 0; j < rows * width; ++j) x_offset[j] = static_cast<uint8_t>(x_data[j]) ^ 0x80;
 #endif
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first_task, int64_t last_task) {
@@ -197,9 +204,9 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& step, const at::Te
           const int64_t r = order[j];
 #if DSV2_INT8_VNNI
           if (j == task.begin)
-            for (int64_t k = 0; k < count; ++k) sums[k] = dot_row_vnni(x_offset.data() + r * width, w + k * w_row, width, &weight_sums[k]);
+            for (int64_t k = 0; k < count; ++k) sums[k] = dot_row_vnni(x_offset.get() + r * width, w + k * w_row, width, &weight_sums[k]);
           else
-            dot_rows_vnni(x_offset.data() + r * width, w, w_row, count, width, weight_sums, sums);
+            dot_rows_vnni(x_offset.get() + r * width, w, w_row, count, width, weight_sums, sums);
 #else
           dot_rows(x_data + r * width, w, w_row, count, width, sums);
 #endif

@@ -18,8 +18,8 @@ AMX tiles) are quantized per row and run int8 x int8 through dsv2's kernel
 (``dsv2cli/kernels/int8_matmul.cpp``) when the forward's options give the kernels (``model/options.py``;
 the int8 modules take them as an argument, ``takes_kernels``). More rows on a CPU with AMX tiles run
 bfloat16 GEMMs on the int8 values (:func:`prefill_in_bfloat16`). Where the kernels cannot be built, one token
-takes :func:`int8_row` (int8 x int8 with VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere), bfloat16 activations
-``torch._weight_int8pack_mm`` and other activation dtypes dequantize the weight on the fly, one
+takes :func:`int8_row` (int8 x int8 with VNNI, torch's int8-weight kernel on the bfloat16 token elsewhere),
+bfloat16 activations ``torch._weight_int8pack_mm`` and other activation dtypes dequantize the weight on the fly, one
 matrix (or one expert) at a time (``benchmarks/bench_int8_kernel.py`` and
 ``benchmarks/bench_vs_llamacpp.py`` measure them).
 """
